@@ -1,0 +1,1 @@
+"""Device drivers: a pure protocol core and thin transports per device kind."""

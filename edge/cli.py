@@ -1,0 +1,188 @@
+"""`feedback-edge`: run the daemon, check a config, show status.
+
+Exit codes: 0 fine, 1 runtime failure, 2 a user's mistake (bad config, bad
+arguments) -- always with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = Path("/etc/feedback-edge/edge.toml")
+EXIT_USAGE = 2
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"feedback-edge: config error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config_file)
+    print(f"{args.config_file}: ok (site {cfg.site}, edge {cfg.edge}, broker "
+          f"{cfg.broker.host}:{cfg.broker.port}, {len(cfg.devices)} device(s), store "
+          f"{cfg.store.path})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(levelname)s %(name)s: %(message)s")
+    from edge.control import ControlServer  # noqa: PLC0415 - keep `check-config` light
+    from edge.daemon import Daemon  # noqa: PLC0415
+    from edge.store import StoreError  # noqa: PLC0415
+
+    try:
+        daemon = Daemon(cfg)
+    except (StoreError, OSError) as e:
+        print(f"feedback-edge: cannot open the store {cfg.store.path}: {e}", file=sys.stderr)
+        return 1
+    control = ControlServer(cfg.control_socket, lambda box: daemon.inbox.put(
+        _status_request(box)))
+    control.start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        daemon.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.run()
+    finally:
+        control.stop()
+    return 0
+
+
+def _status_request(box: Any) -> object:
+    from edge.daemon import StatusRequest  # noqa: PLC0415
+
+    return StatusRequest(box)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _render(st: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if not st.get("running"):
+        lines.append(f"daemon:   NOT RUNNING ({st.get('why', 'no answer')})")
+    else:
+        lines.append(f"daemon:   running, version {st['version']}, pid {st['pid']}, "
+                     f"up {_age(st['uptime_s'])}")
+    lines.append(f"site:     {st['site']} / edge {st['edge']}")
+    b = st.get("broker")
+    if b:
+        err = f" ({b['error']})" if b.get("error") else ""
+        lines.append(f"broker:   {b['host']}:{b['port']} {b['state'].upper()} since "
+                     f"{b['since']}{err}")
+    q = st["queue"]
+    lines.append(f"queue:    {q['depth']} pending, oldest {_age(q['oldest_pending_age_s'])}, "
+                 f"store {q['store_bytes'] / 1e6:.1f} MB, last seq {q['last_seq']}")
+    drops = st.get("drops") or {}
+    lines.append("drops:    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items()))
+                                 if drops else "none"))
+    devices = st.get("devices") or []
+    lines.append(f"devices:  {len(devices)}")
+    for d in devices:
+        extra = f", {d['presses']} presses" if "presses" in d else ""
+        errs = d.get("decode_errors") or {}
+        if errs:
+            extra += ", decode errors " + ", ".join(f"{k} {v}" for k, v in errs.items())
+        why = f" ({d['error']})" if d.get("error") else ""
+        lines.append(f"  {d['id']:<20} {d['kind']:<8} desk {d['desk']:<10} "
+                     f"{d['state'].upper()}{why}{extra}")
+    clock = st.get("clock")
+    if clock:
+        lines.append(f"clock:    {'synchronised' if clock['synced'] else 'NOT synchronised'}")
+    for alarm in st.get("alarms") or []:
+        lines.append(f"ALARM:    {alarm}")
+    return "\n".join(lines)
+
+
+def _offline_status(cfg: Config, why: str) -> dict[str, Any]:
+    import time  # noqa: PLC0415
+
+    from edge.store import read_stats  # noqa: PLC0415
+
+    stats = read_stats(cfg.store.path)
+    now_ms = time.time_ns() // 1_000_000
+    return {
+        "running": False, "why": why, "site": cfg.site, "edge": cfg.edge,
+        "queue": {
+            "depth": stats.depth if stats else 0,
+            "oldest_pending_age_s": (now_ms - stats.oldest_created_ms) / 1000
+            if stats and stats.oldest_created_ms is not None else None,
+            "store_bytes": stats.file_bytes if stats else 0,
+            "last_seq": stats.last_seq if stats else 0,
+        },
+        "drops": stats.drops if stats else {},
+        "devices": [{"id": d.id, "kind": d.kind, "desk": d.desk, "serial": d.serial,
+                     "state": "unknown"} for d in cfg.devices],
+    }
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    from edge.control import query  # noqa: PLC0415
+
+    try:
+        st = query(cfg.control_socket)
+    except (OSError, ValueError) as e:
+        st = _offline_status(cfg, f"no answer on {cfg.control_socket}: "
+                             f"{getattr(e, 'strerror', None) or e}")
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(_render(st))
+    return 0 if st.get("running") else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="feedback-edge", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"feedback-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument("--log-level", default="INFO",
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config_file", type=Path)
+    check.set_defaults(func=_cmd_check)
+    status = sub.add_parser("status", help="queue, broker, devices and drops of the daemon")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

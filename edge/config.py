@@ -1,0 +1,413 @@
+"""The daemon's configuration: one TOML file, `edge.toml`.
+
+Every mistake is reported as a `ConfigError` naming the key, the value found
+and what is allowed, so an installer can fix the file without reading code.
+Unknown keys are errors too (with a "did you mean" hint): a misspelt key that
+is silently ignored is how a site ends up on the wrong broker.
+
+Example::
+
+    site = "clinic-3"
+    edge = "reception-1"
+
+    [broker]
+    host = "mqtt.example.org"
+    port = 8883
+    username = "reception-1"
+    password_file = "/etc/feedback-edge/mqtt-password"
+    [broker.tls]
+    ca_file = "/etc/feedback-edge/ca.pem"
+
+    [store]
+    path = "/var/lib/feedback-edge/outbox.sqlite"
+    max_events = 500000
+    max_bytes = 200000000
+
+    [desks.desk-2]
+    operator = "op-17"        # fixed operator, lowest precedence
+
+    [[devices]]
+    kind = "console"
+    serial = "00A1B2C3D4E5"
+    desk = "desk-2"
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "BrokerConfig",
+    "Config",
+    "ConfigError",
+    "DeskConfig",
+    "DeviceConfig",
+    "StoreConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_config",
+]
+
+NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}$")
+SERIAL_RE: Final = re.compile(r"^[0-9A-F]{12}$")
+DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEVICE_KINDS: Final = ("console",)
+CONSOLE_VID: Final = 0x1209
+CONSOLE_PID: Final = 0xFB02
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration, phrased for the person who wrote it."""
+
+    def __init__(self, key: str, value: object, allowed: str, source: str = "") -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        self.source = source
+        shown = "(missing)" if value is _MISSING else repr(value)
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key} = {shown}: {allowed}")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+_MISSING: Final = _Missing()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str
+    port: int
+    client_id: str
+    keepalive_s: int
+    username: str | None
+    password: str | None = field(repr=False)
+    tls: TlsConfig | None
+    window: int
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    path: Path
+    max_events: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeskConfig:
+    name: str
+    operator: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    id: str
+    kind: str
+    desk: str
+    serial: str | None
+    transport: str
+    socket: Path | None
+    vid: int
+    pid: int
+    labels: tuple[str, ...] | None
+    scores: tuple[int | None, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    site: str
+    edge: str
+    broker: BrokerConfig
+    store: StoreConfig
+    desks: dict[str, DeskConfig]
+    devices: tuple[DeviceConfig, ...]
+    control_socket: Path
+    health_interval_s: float
+    led_ms: int
+    source: str = ""
+
+    @property
+    def topic_root(self) -> str:
+        return f"feedback/v1/{self.site}/{self.edge}"
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, data: dict[str, Any], path: str, source: str) -> None:
+        self.data = data
+        self.path = path
+        self.source = source
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, value: object, allowed: str) -> ConfigError:
+        return ConfigError(self.key(name), value, allowed, self.source)
+
+    def get(self, name: str) -> object:
+        self.used.add(name)
+        return self.data.get(name, _MISSING)
+
+    def string(self, name: str, *, default: str | None | _Missing = _MISSING,
+               pattern: re.Pattern[str] | None = None, allowed: str = "") -> str | None:
+        value = self.get(name)
+        if value is _MISSING:
+            if isinstance(default, _Missing):
+                raise self.error(name, value, f"required; {allowed or 'a string'}")
+            return default
+        if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+            raise self.error(name, value, allowed or "must be a string")
+        return value
+
+    def required_string(self, name: str, *, pattern: re.Pattern[str] | None = None,
+                        allowed: str = "") -> str:
+        value = self.string(name, pattern=pattern, allowed=allowed)
+        assert value is not None  # noqa: S101 - string() raises when a required key is missing
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(name, value, f"must be an integer from {low} to {high}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.get(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not low <= value <= high:
+            raise self.error(name, value, f"must be a number from {low} to {high}")
+        return float(value)
+
+    def path_value(self, name: str, *, must_exist: bool = False) -> Path | None:
+        value = self.string(name, default=None, allowed="must be a file path (a string)")
+        if value is None:
+            return None
+        if not value:
+            raise self.error(name, value, "must be a non-empty file path")
+        p = Path(value)
+        if must_exist and not p.is_file():
+            raise self.error(name, value, "must name an existing, readable file")
+        return p
+
+    def table(self, name: str) -> _Table | None:
+        value = self.get(name)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(name, value, "must be a table ([" + self.key(name) + "])")
+        return _Table(value, self.key(name), self.source)
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                hint = difflib.get_close_matches(name, sorted(self.used), n=1)
+                allowed = f"unknown key; did you mean {hint[0]!r}?" if hint else \
+                    f"unknown key; allowed here: {', '.join(sorted(self.used))}"
+                raise self.error(name, self.data[name], allowed)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_broker(t: _Table, site: str, edge: str) -> BrokerConfig:
+    host = t.required_string("host", allowed="a host name or IP address")
+    port = t.integer("port", 1883, 1, 65535)
+    client_id = t.string("client_id", default=f"feedback-edge-{site}-{edge}",
+                         pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
+                         allowed="1 to 64 letters, digits, '_', '.', '-'")
+    keepalive = t.integer("keepalive_s", 30, 5, 600)
+    username = t.string("username", default=None)
+    password = t.string("password", default=None)
+    password_file = t.path_value("password_file", must_exist=True)
+    if password is not None and password_file is not None:
+        raise t.error("password", "***", "give either password or password_file, not both")
+    if password_file is not None:
+        password = password_file.read_text(encoding="utf-8").strip()
+    if password is not None and username is None:
+        raise t.error("username", _MISSING, "required when a password is given")
+    tls_table = t.table("tls")
+    tls: TlsConfig | None = None
+    if tls_table is not None:
+        tls = TlsConfig(
+            ca_file=tls_table.path_value("ca_file", must_exist=True),
+            cert_file=tls_table.path_value("cert_file", must_exist=True),
+            key_file=tls_table.path_value("key_file", must_exist=True),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise tls_table.error("key_file", str(tls.key_file),
+                                  "cert_file and key_file go together: give both or neither")
+        tls_table.finish()
+    plaintext_ok = t.get("allow_plaintext")
+    if plaintext_ok is not _MISSING and not isinstance(plaintext_ok, bool):
+        raise t.error("allow_plaintext", plaintext_ok, "must be true or false")
+    if tls is None and not _is_loopback(host) and plaintext_ok is not True:
+        raise t.error("host", host, "plain TCP is allowed only to localhost; add [broker.tls] "
+                      "or set allow_plaintext = true to accept an unencrypted link")
+    window = t.integer("window", 20, 1, 1000)
+    rmin = t.number("reconnect_min_s", 0.5, 0.05, 60)
+    rmax = t.number("reconnect_max_s", 60, 0.1, 3600)
+    if rmax < rmin:
+        raise t.error("reconnect_max_s", rmax, f"must be at least reconnect_min_s ({rmin})")
+    t.finish()
+    return BrokerConfig(host, port, str(client_id), keepalive, username, password, tls,
+                        window, rmin, rmax)
+
+
+def _parse_labels(t: _Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
+    labels = t.get("labels")
+    scores = t.get("scores")
+    if labels is _MISSING:
+        if scores is not _MISSING:
+            raise t.error("scores", scores, "needs labels (one score per label)")
+        return None, None
+    if not isinstance(labels, list) or not 1 <= len(labels) <= 16 or not all(
+            isinstance(x, str) and re.match(r"^[a-z0-9_-]{1,32}$", x) for x in labels):
+        raise t.error("labels", labels,
+                      "must be a list of 1 to 16 labels like \"good\" ([a-z0-9_-], 1-32 chars)")
+    if scores is _MISSING:
+        return tuple(labels), None
+    if not isinstance(scores, list) or len(scores) != len(labels) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in scores):
+        raise t.error("scores", scores, f"must be a list of {len(labels)} integers, "
+                      "one per label")
+    return tuple(labels), tuple(scores)
+
+
+def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
+    kind = t.required_string("kind", allowed=f"one of {', '.join(DEVICE_KINDS)}")
+    if kind not in DEVICE_KINDS:
+        raise t.error("kind", kind, f"must be one of {', '.join(DEVICE_KINDS)}")
+    desk = t.required_string("desk", pattern=DESK_RE,
+                             allowed="a desk name: 1 to 64 letters, digits, '_', '.', '-'")
+    if desks and desk not in desks:
+        raise t.error("desk", desk, f"must be one of the [desks] tables: {', '.join(desks)}")
+    transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
+    if transport not in ("hid", "socket"):
+        raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
+    serial = t.string("serial", default=None, pattern=SERIAL_RE,
+                      allowed="12 upper-case hex digits, as printed on the label")
+    if transport == "hid" and serial is None:
+        raise t.error("serial", _MISSING, "required for a USB console: 12 upper-case hex "
+                      "digits, as printed on the label (`feedback-edge devices` lists them)")
+    sock = t.path_value("socket")
+    if transport == "socket" and sock is None:
+        raise t.error("socket", _MISSING, "required when transport = \"socket\"")
+    if transport == "hid" and sock is not None:
+        raise t.error("socket", str(sock), "only allowed with transport = \"socket\"")
+    vid = t.integer("vid", CONSOLE_VID, 0, 0xFFFF)
+    pid = t.integer("pid", CONSOLE_PID, 0, 0xFFFF)
+    labels, scores = _parse_labels(t)
+    default_id = f"fc3-{serial.lower()}" if serial else f"console-{index + 1}"
+    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
+                      allowed="1 to 32 lower-case letters, digits or '-'")
+    t.finish()
+    return DeviceConfig(str(dev_id), kind, desk, serial, str(transport), sock, vid, pid,
+                        labels, scores)
+
+
+def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError on the first mistake."""
+    top = _Table(data, "", source)
+    site = top.required_string("site", pattern=NAME_RE,
+                               allowed="1 to 32 lower-case letters, digits or '-'")
+    edge = top.required_string("edge", pattern=NAME_RE,
+                               allowed="1 to 32 lower-case letters, digits or '-'")
+    broker_t = top.table("broker")
+    if broker_t is None:
+        raise ConfigError("broker", _MISSING, "required: a [broker] table with at least host",
+                          source)
+    broker = _parse_broker(broker_t, site, edge)
+
+    store_t = top.table("store") or _Table({}, "store", source)
+    store_path = store_t.path_value("path") or Path("/var/lib/feedback-edge/outbox.sqlite")
+    if base_dir is not None and not store_path.is_absolute():
+        store_path = base_dir / store_path
+    store = StoreConfig(
+        path=store_path,
+        max_events=store_t.integer("max_events", 500_000, 100, 100_000_000),
+        max_bytes=store_t.integer("max_bytes", 500_000_000, 1_000_000, 1 << 40),
+    )
+    store_t.finish()
+
+    desks: dict[str, DeskConfig] = {}
+    desks_t = top.table("desks")
+    if desks_t is not None:
+        for name in list(desks_t.data):
+            if not DESK_RE.match(name):
+                raise desks_t.error(name, name, "a desk name: 1 to 64 letters, digits, "
+                                    "'_', '.', '-'")
+            one = desks_t.table(name)
+            assert one is not None  # noqa: S101 - name comes from the table itself
+            desks[name] = DeskConfig(name, one.string("operator", default=None,
+                                                      pattern=re.compile(r"^.{1,64}$")))
+            one.finish()
+
+    raw_devices = top.get("devices")
+    devices: list[DeviceConfig] = []
+    if raw_devices is not _MISSING:
+        if not isinstance(raw_devices, list) or not all(isinstance(d, dict)
+                                                        for d in raw_devices):
+            raise ConfigError("devices", raw_devices, "must be a list of [[devices]] tables",
+                              source)
+        for i, raw in enumerate(raw_devices):
+            devices.append(_parse_device(_Table(raw, f"devices[{i}]", source), i, desks))
+    seen: dict[str, int] = {}
+    for i, d in enumerate(devices):
+        if d.id in seen:
+            raise ConfigError(f"devices[{i}].id", d.id,
+                              f"must be unique; devices[{seen[d.id]}] has the same id", source)
+        seen[d.id] = i
+
+    daemon_t = top.table("daemon") or _Table({}, "daemon", source)
+    control = daemon_t.path_value("control_socket") or store.path.parent / "control.sock"
+    health_interval = daemon_t.number("health_interval_s", 60.0, 1.0, 3600.0)
+    led_ms = daemon_t.integer("led_ms", 1500, 0, 60_000)
+    daemon_t.finish()
+    top.finish()
+    return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
+                  led_ms, source)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`.  Relative store paths are relative to the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("(file)", str(path), f"cannot be read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("(file)", str(path), "must be UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(syntax)", str(path), f"is not valid TOML: {e}") from None
+    return parse_config(data, str(path), path.parent)

@@ -1,0 +1,89 @@
+"""The local control socket: how `feedback-edge status` asks a running daemon.
+
+A unix stream socket (mode 0660) next to the store or where the config puts
+it.  A client sends one JSON line (`{"cmd": "status"}`) and reads one JSON
+reply; the server thread hands the request to the main loop and relays its
+answer, so the daemon's state is only ever read by the thread that owns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ControlServer", "query"]
+
+log = logging.getLogger(__name__)
+
+
+class ControlServer:
+    def __init__(self, path: Path, ask: Callable[[queue.SimpleQueue[dict[str, Any]]], None]) -> None:
+        self.path = path
+        self._ask = ask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o660)
+        self._sock.listen(8)
+        self._sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    line = conn.makefile("rb").readline(4096)
+                    request = json.loads(line) if line else {}
+                    if not isinstance(request, dict) or request.get("cmd") != "status":
+                        reply: dict[str, Any] = {"error": "unknown request; known: status"}
+                    else:
+                        box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+                        self._ask(box)
+                        try:
+                            reply = box.get(timeout=5.0)
+                        except queue.Empty:
+                            reply = {"error": "the daemon's main loop did not answer in 5 s"}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except (OSError, ValueError) as e:
+                    log.debug("control client: %s", e)
+
+
+def query(path: Path, timeout: float = 6.0) -> dict[str, Any]:
+    """Ask a running daemon for its status; raises OSError if none answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(b'{"cmd": "status"}\n')
+        data = s.makefile("rb").readline()
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise OSError("malformed reply from the daemon")
+    return reply

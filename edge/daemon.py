@@ -1,0 +1,539 @@
+"""The daemon's main loop: devices -> durable store -> MQTT.
+
+One thread owns all state: the store, the publisher's window, the device
+inventory and every counter.  Device workers, paho's callbacks, the control
+socket and signal handlers only post messages into `inbox`; the loop takes
+everything that arrived since its last turn and handles it as one batch:
+
+1. device reports are decided (new, duplicate, device reset) and the new
+   events stored in one transaction, one fsync (group commit);
+2. only then is each device ACKed and the LED of each stored press lit;
+3. PUBACKs remove delivered events (reason code checked);
+4. the publisher fills its in-flight window from the store, in seq order.
+
+The window is min(broker.window, the broker's Receive Maximum): paho does not
+enforce Receive Maximum itself, and a small window keeps press-to-PUBACK
+latency low (shared/measured.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivers.console import (
+    ConsoleHost,
+    ConsoleInfo,
+    Duplicate,
+    NewSession,
+    Record,
+    ReportType,
+    button_labels,
+    encode_ack,
+    encode_show,
+)
+from drivers.hid_transport import HidapiTransport, HidTransport, SocketTransport
+from edge import __version__
+from edge.clock import Clock, SystemClock
+from edge.config import Config, DeviceConfig
+from edge.devices import ConsoleWorker, DecodeFailed, DeviceReport, DeviceState
+from edge.events import (
+    DeviceRef,
+    Event,
+    EventTime,
+    OperatorTag,
+    Press,
+    encode_event,
+    format_wall,
+    new_event_id,
+)
+from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
+from edge.store import Append, Store, StoreDiskFullError, StoreError
+
+__all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
+
+log = logging.getLogger(__name__)
+
+_REJECT_RETRY_S = (1.0, 5.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    reply: queue.SimpleQueue[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Device:
+    cfg: DeviceConfig
+    worker: ConsoleWorker
+    host: ConsoleHost
+    state: str = "missing"
+    error: str | None = None
+    last_seen_ns: int | None = None
+    info: ConsoleInfo | None = None
+    labels: tuple[tuple[str, int | None], ...] = ()
+    lost_seen: int | None = None
+    decode_errors: dict[str, int] = field(default_factory=dict)
+    presses: int = 0
+    duplicates: int = 0
+    resets: int = 0
+
+    @property
+    def source(self) -> str:
+        return f"console:{self.cfg.id}"
+
+
+def open_transport(cfg: DeviceConfig) -> HidTransport:
+    if cfg.transport == "socket":
+        assert cfg.socket is not None  # noqa: S101 - config validation guarantees it
+        return SocketTransport(cfg.socket)
+    return HidapiTransport(cfg.vid, cfg.pid, cfg.serial)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Clock | None = None,
+                 transport: Callable[[DeviceConfig], HidTransport] = open_transport,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._rng = rng or random.Random()
+        self.started_wall_ns = self.clock.wall_ns()
+        self._started_mono = time.monotonic()
+        root = config.topic_root
+        self.store = Store(config.store.path, self._encode, max_events=config.store.max_events,
+                           max_bytes=config.store.max_bytes)
+        self.alarms: list[str] = list(self.store.alarms)
+        self._status_topic = f"{root}/status"
+        self.link = MqttLink(config.broker, will=(self._status_topic, self._status("offline")),
+                             post=self.inbox.put, rng=self._rng)
+        self.devices: dict[str, _Device] = {}
+        for d in config.devices:
+            worker = ConsoleWorker(d, lambda d=d: transport(d), self.inbox.put, self.clock)
+            self.devices[d.id] = _Device(d, worker, ConsoleHost(self.store.keys(f"console:{d.id}")))
+        # Publisher state.
+        self._window = config.broker.window
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._inflight_seqs: set[int] = set()
+        self._cursor = 0  # highest seq handed to paho since the last rewind
+        self._retry_at: float | None = None
+        self._reject_streak = 0
+        self._control_mids: set[int] = set()
+        # Counters.
+        self.published = 0
+        self.acked = 0
+        self.rejected: dict[str, int] = {}
+        self.store_errors: dict[str, int] = {}
+        self.broker_state = "connecting"
+        self.broker_since_ns = self.clock.wall_ns()
+        self.broker_error: str | None = None
+        self._stopping: str | None = None
+        self._next_health = time.monotonic() + config.health_interval_s
+        self.turns = 0
+
+    # -- encoding ------------------------------------------------------------
+
+    def _encode(self, event: Event, seq: int) -> tuple[str, bytes]:
+        topic = f"{self.config.topic_root}/event/{event.device.id}"
+        return topic, encode_event(event, seq, self.config.site, self.config.edge)
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"state": state, "since": format_wall(self.started_wall_ns),
+                           "version": __version__, "boot_id": self.clock.boot_id},
+                          separators=(",", ":")).encode()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        for dev in self.devices.values():
+            dev.worker.start()
+        self.link.start()
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        self.inbox.put(Stop(reason))
+
+    def run(self) -> None:
+        """Run until a Stop message; then publish offline and close cleanly."""
+        self.start()
+        try:
+            while self._stopping is None:
+                self.turn(self._timeout())
+        finally:
+            self._shutdown()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        wake = self._next_health
+        if self._retry_at is not None:
+            wake = min(wake, self._retry_at)
+        return max(0.0, min(wake - now, 1.0))
+
+    def turn(self, timeout: float) -> None:
+        """Handle everything that arrived (waiting up to `timeout` for the first)."""
+        try:
+            first = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            first = None
+        batch: list[object] = [] if first is None else [first]
+        while True:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        self.turns += 1
+        reports: list[DeviceReport] = []
+        acks: list[PubAck] = []
+        for msg in batch:
+            if isinstance(msg, DeviceReport):
+                reports.append(msg)
+            elif isinstance(msg, PubAck):
+                acks.append(msg)
+            else:
+                self._handle(msg)
+        if reports:
+            self._ingest(reports)
+        if acks:
+            self._on_pubacks(acks)
+        now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+        self._pump()
+        if now >= self._next_health:
+            self._next_health = now + self.config.health_interval_s
+            self._publish_health()
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, DeviceState):
+            self._on_device_state(msg)
+        elif isinstance(msg, DecodeFailed):
+            dev = self.devices.get(msg.device_id)
+            if dev is not None:
+                dev.decode_errors[msg.name] = dev.decode_errors.get(msg.name, 0) + 1
+            log.warning("device %s: malformed report (%s)", msg.device_id, msg.name)
+        elif isinstance(msg, Connected):
+            self._on_connected(msg)
+        elif isinstance(msg, Disconnected):
+            if self.broker_state != "disconnected" or self.broker_error != msg.reason:
+                log.warning("broker: %s", msg.reason)
+            self.broker_state = "disconnected"
+            self.broker_error = msg.reason
+            self.broker_since_ns = self.clock.wall_ns()
+        elif isinstance(msg, Inbound):
+            self._on_inbound(msg)
+        elif isinstance(msg, StatusRequest):
+            msg.reply.put(self.status())
+        elif isinstance(msg, Stop):
+            self._stopping = msg.reason
+
+    # -- devices -> store ------------------------------------------------------
+
+    def _on_device_state(self, msg: DeviceState) -> None:
+        dev = self.devices.get(msg.device_id)
+        if dev is None:
+            return
+        dev.state, dev.error = msg.state, msg.error
+        if msg.info is not None:
+            dev.info = msg.info
+            dev.labels = button_labels(msg.info.layout, msg.info.buttons, dev.cfg.labels,
+                                       dev.cfg.scores)
+            dev.last_seen_ns = self.clock.wall_ns()
+        log.info("device %s (desk %s): %s%s", dev.cfg.id, dev.cfg.desk, msg.state,
+                 f" ({msg.error})" if msg.error else "")
+        self._publish_devices()
+
+    def _operator(self, desk: str) -> OperatorTag:
+        d = self.config.desks.get(desk)
+        if d is not None and d.operator is not None:
+            return OperatorTag(d.operator, "config")
+        return OperatorTag.nobody()
+
+    def _make_event(self, dev: _Device, r: DeviceReport) -> Event:
+        rep = r.report
+        age_ns = rep.age_ms * 1_000_000
+        label, score = dev.labels[rep.button] if rep.button < len(dev.labels) else \
+            (f"button-{rep.button}", None)
+        flags: list[str] = []
+        if rep.replay:
+            flags.append("replayed")
+        if rep.overflow:
+            flags.append("device_overflow")
+        return Event(
+            event_id=new_event_id(),
+            desk=dev.cfg.desk,
+            device=DeviceRef(dev.cfg.id, "console", dev.cfg.serial),
+            body=Press(button=rep.button, label=label, score=score,
+                       hold=rep.type is ReportType.HOLD),
+            operator=self._operator(dev.cfg.desk),
+            time=EventTime(wall_ns=r.host_wall_ns - age_ns, synced=self.clock.synced(),
+                           boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
+                           age_ms=rep.age_ms),
+            flags=tuple(flags),
+        )
+
+    def _ingest(self, reports: list[DeviceReport]) -> None:
+        appends: list[Append] = []
+        forget: list[str] = []
+        # Per report, in order: (device, report, index into appends or None).
+        plan: list[tuple[_Device, DeviceReport, int | None]] = []
+        for r in reports:
+            dev = self.devices.get(r.device_id)
+            if dev is None:
+                continue
+            dev.last_seen_ns = r.host_wall_ns
+            action = dev.host.on_report(r.report, r.host_mono_ns)
+            if r.lost_total is not None:
+                self._count_device_loss(dev, r.lost_total)
+            if isinstance(action, Duplicate):
+                dev.duplicates += 1
+                plan.append((dev, r, None))
+            elif isinstance(action, NewSession):
+                dev.resets += 1
+                dev.lost_seen = 0
+                log.info("device %s powered up (HELLO)", dev.cfg.id)
+                forget.append(dev.source)
+                appends.append(Append(None, (dev.source, action.key)))
+                plan.append((dev, r, None))
+            elif isinstance(action, Record):
+                if action.new_session:
+                    dev.resets += 1
+                    forget.append(dev.source)
+                appends.append(Append(self._make_event(dev, r), (dev.source, action.key)))
+                plan.append((dev, r, len(appends) - 1))
+        try:
+            result = self.store.commit(appends, forget)
+        except StoreError as e:
+            name = "disk_full" if isinstance(e, StoreDiskFullError) else "write_failed"
+            self.store_errors[name] = self.store_errors.get(name, 0) + 1
+            log.error("store: %s; devices keep their events and will send them again", e)
+            # The hosts remembered keys that never reached the disk.
+            for dev, _, _ in plan:
+                dev.host = ConsoleHost(self.store.keys(dev.source))
+            return
+        # Durable now: acknowledge and light the LEDs.
+        last_seq: dict[str, int] = {}
+        for dev, r, idx in plan:
+            last_seq[dev.cfg.id] = r.report.seq
+            stored = idx is not None and result.seqs[idx] is not None
+            if idx is not None and not stored:
+                dev.duplicates += 1
+            if stored:
+                dev.presses += 1
+                if r.report.type is ReportType.PRESS and self.config.led_ms > 0:
+                    dev.worker.send(encode_show(r.report.button, ms=self.config.led_ms))
+        for dev_id, seq in last_seq.items():
+            self.devices[dev_id].worker.send(encode_ack(seq))
+        if result.dropped:
+            log.warning("store full: dropped %s", result.dropped)
+
+    def _count_device_loss(self, dev: _Device, lost_total: int) -> None:
+        before = dev.lost_seen if dev.lost_seen is not None else 0
+        if lost_total > before:
+            n = lost_total - before
+            self.store_errors["device_overflow"] = self.store_errors.get("device_overflow", 0) + n
+            log.warning("device %s: its ring overflowed, %d presses lost", dev.cfg.id, n)
+        dev.lost_seen = lost_total
+
+    # -- store -> broker ---------------------------------------------------------
+
+    def _on_connected(self, msg: Connected) -> None:
+        self.broker_state = "connected"
+        self.broker_error = None
+        self.broker_since_ns = self.clock.wall_ns()
+        self._window = max(1, min(self.config.broker.window, msg.receive_maximum))
+        log.info("broker %s:%d connected (window %d)", self.config.broker.host,
+                 self.config.broker.port, self._window)
+        # A broker restart loses non-persistent state: announce everything again.
+        root = self.config.topic_root
+        self._control_mids.add(self.link.publish(self._status_topic, self._status("online"),
+                                                 retain=True))
+        self._publish_devices()
+        self.link.subscribe(f"{root}/cmd/+")
+
+    def _pump(self) -> None:
+        if not self.link.connected or self._retry_at is not None:
+            return
+        room = self._window - len(self._inflight)
+        while room > 0:
+            batch = [p for p in self.store.pending(self._cursor, room + len(self._inflight_seqs))
+                     if p.seq not in self._inflight_seqs][:room]
+            if not batch:
+                return
+            for p in batch:
+                mid = self.link.publish(p.topic, p.payload, qos=1)
+                self._inflight[mid] = p.seq
+                self._inflight_seqs.add(p.seq)
+                self._cursor = max(self._cursor, p.seq)
+                self.published += 1
+            room -= len(batch)
+
+    def _on_pubacks(self, acks: list[PubAck]) -> None:
+        done: list[int] = []
+        for a in acks:
+            if a.mid in self._control_mids:
+                self._control_mids.discard(a.mid)
+                continue
+            seq = self._inflight.pop(a.mid, None)
+            if seq is None:
+                continue
+            self._inflight_seqs.discard(seq)
+            if a.ok:
+                done.append(seq)
+                self._reject_streak = 0
+                continue
+            # Rejected (quota, not authorised, ...): keep it and try again
+            # later from this seq on, so order is kept as far as possible.
+            self.rejected[a.reason] = self.rejected.get(a.reason, 0) + 1
+            delay = _REJECT_RETRY_S[min(self._reject_streak, len(_REJECT_RETRY_S) - 1)]
+            self._reject_streak += 1
+            log.warning("broker rejected event seq %d: %s; retrying in %.0f s", seq, a.reason,
+                        delay)
+            self._cursor = min(self._cursor, seq - 1)
+            self._retry_at = time.monotonic() + delay
+        if done:
+            self.store.remove(done)
+            self.acked += len(done)
+
+    # -- commands ---------------------------------------------------------------
+
+    def _on_inbound(self, msg: Inbound) -> None:
+        root = self.config.topic_root
+        if msg.retain:
+            # A retained command would be replayed at every reconnect.
+            log.warning("ignored retained command on %s", msg.topic)
+            return
+        prefix = f"{root}/cmd/"
+        if not msg.topic.startswith(prefix):
+            return
+        name = msg.topic[len(prefix):]
+        request_id: str | None = None
+        error: str | None = None
+        try:
+            body = json.loads(msg.payload) if len(msg.payload) <= 65536 else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            error = "payload must be a JSON object of at most 64 KiB"
+        else:
+            rid = body.get("request_id")
+            request_id = rid if isinstance(rid, str) and len(rid) <= 128 else None
+            if request_id is None:
+                error = "request_id must be a string of at most 128 characters"
+            elif name != "ping":
+                error = f"unknown command {name!r}; known: ping"
+        result = {"request_id": request_id, "ok": error is None, "error": error}
+        self._control_mids.add(self.link.publish(f"{msg.topic}/result",
+                                                 json.dumps(result).encode()))
+
+    # -- reporting ---------------------------------------------------------------
+
+    def _device_list(self) -> list[dict[str, Any]]:
+        out = []
+        for dev in self.devices.values():
+            out.append({
+                "id": dev.cfg.id, "kind": dev.cfg.kind, "serial": dev.cfg.serial,
+                "desk": dev.cfg.desk, "state": dev.state,
+                "last_seen": format_wall(dev.last_seen_ns) if dev.last_seen_ns else None,
+                "error": dev.error,
+            })
+        return out
+
+    def _publish_devices(self) -> None:
+        if not self.link.connected:
+            return
+        payload = json.dumps({"devices": self._device_list()}).encode()
+        self._control_mids.add(self.link.publish(f"{self.config.topic_root}/devices", payload,
+                                                 retain=True))
+
+    def _drops(self) -> dict[str, int]:
+        drops = dict(self.store.stats().drops)
+        for k, v in self.store_errors.items():
+            drops[k] = drops.get(k, 0) + v
+        return drops
+
+    def health(self) -> dict[str, Any]:
+        st = self.store.stats()
+        try:
+            free: int | None = shutil.disk_usage(self.config.store.path.parent).free
+        except OSError:
+            free = None
+        oldest = None if st.oldest_created_ms is None else \
+            max(0.0, (self.clock.wall_ns() // 1_000_000 - st.oldest_created_ms) / 1000)
+        return {
+            "queue_depth": st.depth,
+            "oldest_pending_age_s": oldest,
+            "store_bytes": st.file_bytes,
+            "disk_free_bytes": free,
+            "drops": self._drops(),
+            "decode_errors": {d.cfg.id: dict(d.decode_errors) for d in self.devices.values()
+                              if d.decode_errors},
+            "clock_synced": self.clock.synced(),
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "alarms": list(self.alarms),
+        }
+
+    def _publish_health(self) -> None:
+        if self.link.connected:
+            self.link.publish(f"{self.config.topic_root}/health",
+                              json.dumps(self.health()).encode(), qos=0)
+
+    def status(self) -> dict[str, Any]:
+        h = self.health()
+        devices = self._device_list()
+        for entry in devices:
+            dev = self.devices[entry["id"]]
+            entry.update(presses=dev.presses, duplicates=dev.duplicates, resets=dev.resets,
+                         decode_errors=dict(dev.decode_errors),
+                         buttons=dev.info.buttons if dev.info else None)
+        return {
+            "running": True,
+            "version": __version__,
+            "pid": os.getpid(),
+            "site": self.config.site,
+            "edge": self.config.edge,
+            "since": format_wall(self.started_wall_ns),
+            "uptime_s": h["uptime_s"],
+            "broker": {"host": self.config.broker.host, "port": self.config.broker.port,
+                       "state": self.broker_state, "since": format_wall(self.broker_since_ns),
+                       "error": self.broker_error, "window": self._window},
+            "queue": {"depth": h["queue_depth"], "oldest_pending_age_s": h["oldest_pending_age_s"],
+                      "in_flight": len(self._inflight), "store_bytes": h["store_bytes"],
+                      "disk_free_bytes": h["disk_free_bytes"],
+                      "last_seq": self.store.last_seq},
+            "published": self.published,
+            "delivered": self.acked,
+            "rejected": dict(self.rejected),
+            "drops": h["drops"],
+            "devices": devices,
+            "clock": {"synced": h["clock_synced"], "boot_id": self.clock.boot_id},
+            "alarms": h["alarms"],
+        }
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        log.info("stopping: %s", self._stopping)
+        for dev in self.devices.values():
+            dev.worker.stop()
+        if self.link.connected:
+            mid = self.link.publish(self._status_topic, self._status("offline"), retain=True)
+            self._control_mids.add(mid)
+            deadline = time.monotonic() + 3.0
+            while mid in self._control_mids and time.monotonic() < deadline \
+                    and self.link.connected:
+                self.turn(0.1)
+        self.link.stop()
+        self.store.close()
+

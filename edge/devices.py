@@ -1,0 +1,147 @@
+"""Device workers: one thread per configured device, reading its transport.
+
+A worker only opens, reads and decodes; every decoded report goes to the
+daemon's main loop as a message, and the main loop decides, stores and then
+ACKs through `ConsoleWorker.send()`.  A device that is missing or goes away is
+retried every second, so unplugging and replugging needs no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drivers.console import (
+    INFO_REPORT_LEN,
+    REPORT_INFO,
+    ConsoleInfo,
+    ConsoleReport,
+    DecodeError,
+    decode_info,
+    decode_report,
+    encode_resend,
+)
+from drivers.hid_transport import DeviceGone, HidTransport
+from edge.clock import Clock
+from edge.config import DeviceConfig
+
+__all__ = ["ConsoleWorker", "DecodeFailed", "DeviceReport", "DeviceState"]
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_MS = 500
+RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    device_id: str
+    report: ConsoleReport
+    host_mono_ns: int
+    host_wall_ns: int
+    lost_total: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailed:
+    device_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    device_id: str
+    state: str  # connected | missing | error
+    error: str | None
+    info: ConsoleInfo | None = None
+
+
+class ConsoleWorker:
+    def __init__(self, cfg: DeviceConfig, open_transport: Callable[[], HidTransport],
+                 post: Callable[[object], None], clock: Clock) -> None:
+        self.cfg = cfg
+        self._open = open_transport
+        self._post = post
+        self._clock = clock
+        self._stop = threading.Event()
+        self._transport: HidTransport | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"dev-{cfg.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(READ_TIMEOUT_MS / 1000 + 2)
+
+    def send(self, report: bytes) -> bool:
+        """Write an output report now (from the main loop); False if the device is gone."""
+        with self._lock:
+            t = self._transport
+        if t is None:
+            return False
+        try:
+            t.write(report)
+        except (DeviceGone, OSError):
+            return False
+        return True
+
+    def _run(self) -> None:
+        last_error: str | None = None
+        while not self._stop.is_set():
+            try:
+                transport = self._open()
+            except (DeviceGone, OSError) as e:
+                if str(e) != last_error:
+                    last_error = str(e)
+                    self._post(DeviceState(self.cfg.id, "missing", str(e)))
+                self._stop.wait(RETRY_S)
+                continue
+            last_error = None
+            try:
+                self._serve(transport)
+            except (DeviceGone, OSError) as e:
+                log.warning("device %s went away: %s", self.cfg.id, e)
+                self._post(DeviceState(self.cfg.id, "missing", f"disconnected: {e}"))
+                last_error = None
+            finally:
+                with self._lock:
+                    self._transport = None
+                transport.close()
+            self._stop.wait(RETRY_S if not self._stop.is_set() else 0)
+
+    def _read_info(self, transport: HidTransport) -> ConsoleInfo | DecodeError:
+        return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
+
+    def _serve(self, transport: HidTransport) -> None:
+        info = self._read_info(transport)
+        if isinstance(info, DecodeError):
+            self._post(DecodeFailed(self.cfg.id, info.name))
+            self._post(DeviceState(self.cfg.id, "error", f"unreadable info report: {info.detail}"))
+            self._stop.wait(RETRY_S * 5)
+            return
+        with self._lock:
+            self._transport = transport
+        self._post(DeviceState(self.cfg.id, "connected", None, info))
+        # Presses made while nobody was reading (daemon down, up to the ring's
+        # 32) arrive at once instead of at the next back-off step.
+        transport.write(encode_resend())
+        buttons = info.buttons
+        while not self._stop.is_set():
+            data = transport.read(READ_TIMEOUT_MS)
+            if data is None:
+                continue
+            mono, wall = self._clock.mono_ns(), self._clock.wall_ns()
+            decoded = decode_report(data, buttons)
+            if isinstance(decoded, DecodeError):
+                self._post(DecodeFailed(self.cfg.id, decoded.name))
+                continue
+            lost: int | None = None
+            if decoded.overflow:
+                fresh = self._read_info(transport)
+                if not isinstance(fresh, DecodeError):
+                    lost = fresh.lost
+            self._post(DeviceReport(self.cfg.id, decoded, mono, wall, lost))

@@ -1,0 +1,151 @@
+"""What the daemon records, and its wire form on the `event` topic.
+
+Events are immutable.  A device driver produces an `Event` without a sequence
+number; the store gives it the next per-edge `seq` in the same transaction that
+makes it durable, and the payload published to MQTT is `encode_event(event,
+seq, ...)`, byte for byte what ../shared/mqtt-contract.md describes and what
+`edge/schemas/event.schema.json` validates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import uuid6
+
+__all__ = [
+    "EVENT_SCHEMA",
+    "DeviceRef",
+    "Dropped",
+    "Event",
+    "EventBody",
+    "EventTime",
+    "OperatorTag",
+    "Press",
+    "encode_event",
+    "event_payload",
+    "format_wall",
+    "new_event_id",
+]
+
+EVENT_SCHEMA: Final = "feedback.event/1"
+
+OPERATOR_SOURCES: Final = frozenset({"badge", "command", "schedule", "config", "none"})
+
+
+def new_event_id() -> str:
+    """A UUIDv7: time-ordered, so ids sort roughly by creation."""
+    return str(uuid6.uuid7())
+
+
+def format_wall(wall_ns: int) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-23T09:14:03.512Z."""
+    seconds, ns = divmod(wall_ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns // 1_000_000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    id: str
+    kind: str
+    serial: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorTag:
+    """Who was on duty at the desk when the event happened, and how we know."""
+
+    id: str | None
+    source: str
+
+    @classmethod
+    def nobody(cls) -> OperatorTag:
+        return cls(None, "none")
+
+
+@dataclass(frozen=True, slots=True)
+class EventTime:
+    """When the event happened, in both clocks, and how far we trust it.
+
+    `wall_ns` and `mono_ns` already have `age_ms` taken off: they are the
+    moment of the press, not of its arrival.
+    """
+
+    wall_ns: int
+    synced: bool
+    boot_id: str
+    mono_ns: int
+    age_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Press:
+    kind: str = field(default="press", init=False, repr=False)
+    button: int = 0
+    label: str = ""
+    score: int | None = None
+    hold: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"button": self.button, "label": self.label, "score": self.score,
+                "hold": self.hold}
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The edge itself lost events (its store was full)."""
+
+    kind: str = field(default="dropped", init=False, repr=False)
+    from_seq: int = 0
+    to_seq: int = 0
+    reason: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"from_seq": self.from_seq, "to_seq": self.to_seq, "reason": self.reason}
+
+
+EventBody = Press | Dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    desk: str
+    device: DeviceRef
+    body: EventBody
+    operator: OperatorTag
+    time: EventTime
+    flags: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return self.body.kind
+
+
+def event_payload(event: Event, seq: int, site: str, edge: str) -> dict[str, Any]:
+    t = event.time
+    return {
+        "schema": EVENT_SCHEMA,
+        "event_id": event.event_id,
+        "seq": seq,
+        "site": site,
+        "edge": edge,
+        "desk": event.desk,
+        "device": {"id": event.device.id, "kind": event.device.kind,
+                   "serial": event.device.serial},
+        "kind": event.kind,
+        event.kind: event.body.as_json(),
+        "operator": {"id": event.operator.id, "source": event.operator.source},
+        "time": {"wall": format_wall(t.wall_ns), "synced": t.synced, "boot_id": t.boot_id,
+                 "mono_ns": t.mono_ns, "age_ms": t.age_ms},
+        "flags": list(event.flags),
+    }
+
+
+def encode_event(event: Event, seq: int, site: str, edge: str) -> bytes:
+    return json.dumps(event_payload(event, seq, site, edge), separators=(",", ":"),
+                      ensure_ascii=False).encode()

@@ -1,0 +1,200 @@
+"""The daemon's connection to the broker (paho-mqtt 2.x, MQTT v5).
+
+paho runs its callbacks on the network thread under its own locks, so every
+callback here only records what happened as a message for the daemon's main
+loop and returns (style.md point 9).  Storage, publishing decisions and
+retries all happen in the main loop.
+
+The network thread is ours rather than paho's `loop_start()`, because paho's
+reconnect delay has no jitter: after a broker restart every Pi at every site
+would come back in the same second.  We wait a random time between 0 and the
+current back-off ("full jitter"), doubling from `reconnect_min_s` to
+`reconnect_max_s`, and reset it after a successful CONNACK.
+
+paho keeps QoS 1 messages that were in flight when the link dropped and sends
+them again (DUP set) after the reconnect; the daemon keeps its own map of
+message ids to seqs across reconnects, and after a daemon restart everything
+still in the store is published again.  Both are safe because the collector
+drops duplicates by event_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge.config import BrokerConfig
+
+__all__ = ["Connected", "Disconnected", "Inbound", "MqttLink", "PubAck", "backoff_delays"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    receive_maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck:
+    mid: int
+    reason_code: int
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        # MQTT v5: reason codes below 0x80 are success (0x10 "no matching
+        # subscribers" included: the broker has the message).
+        return self.reason_code < 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+def backoff_delays(low: float, high: float, rng: random.Random) -> Callable[[bool], float]:
+    """Full-jitter exponential back-off.  Call with reset=True after a success."""
+    state = {"cap": low}
+
+    def next_delay(reset: bool = False) -> float:
+        if reset:
+            state["cap"] = low
+            return 0.0
+        cap = state["cap"]
+        state["cap"] = min(cap * 2, high)
+        return rng.uniform(low / 2, cap)
+
+    return next_delay
+
+
+class MqttLink:
+    def __init__(self, cfg: BrokerConfig, *, will: tuple[str, bytes],
+                 post: Callable[[object], None], rng: random.Random | None = None) -> None:
+        self._cfg = cfg
+        self._post = post
+        self._stop = threading.Event()
+        self._delay = backoff_delays(cfg.reconnect_min_s, cfg.reconnect_max_s,
+                                     rng or random.Random())
+        self._connack_ok = threading.Event()
+        self.connected = False
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+        c.max_inflight_messages_set(cfg.window)
+        c.max_queued_messages_set(0)
+        if cfg.username is not None:
+            c.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls is not None:
+            c.tls_set(ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                      certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                      keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                      cert_reqs=ssl.CERT_REQUIRED)
+        c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_connect_fail = self._on_connect_fail
+        self._client = c
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+
+    # -- paho callbacks: record and return ---------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    rc: ReasonCode, props: Properties | None) -> None:
+        del client, userdata, flags
+        if rc.is_failure:
+            self._post(Disconnected(f"broker refused the connection: {rc}"))
+            return
+        self._connack_ok.set()
+        receive_max = getattr(props, "ReceiveMaximum", 65535) if props is not None else 65535
+        self.connected = True
+        self._post(Connected(int(receive_max)))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       rc: ReasonCode, props: Properties | None) -> None:
+        del client, userdata, flags, props
+        self.connected = False
+        self._post(Disconnected(str(rc)))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        del client, userdata
+        self._post(Disconnected("connection failed"))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode,
+                    props: Properties | None) -> None:
+        del client, userdata, props
+        self._post(PubAck(mid, int(rc.value), str(rc)))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        self._post(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # -- network thread ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _connect_once(self) -> bool:
+        props = Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        try:
+            rc = self._client.connect(self._cfg.host, self._cfg.port,
+                                      keepalive=self._cfg.keepalive_s, clean_start=True,
+                                      properties=props)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            self._post(Disconnected(f"cannot reach broker {self._cfg.host}:{self._cfg.port}: "
+                                    f"{e}"))
+            return False
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._connack_ok.clear()
+            if self._connect_once():
+                while not self._stop.is_set():
+                    rc = self._client.loop(timeout=1.0)
+                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+                if self.connected:
+                    self.connected = False
+                    self._post(Disconnected("connection lost"))
+            if self._stop.is_set():
+                break
+            delay = self._delay(self._connack_ok.is_set())
+            if self._connack_ok.is_set():
+                delay = self._delay(False)
+            log.info("reconnecting to broker in %.1f s", delay)
+            self._stop.wait(delay)
+
+    # -- used by the main loop ------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return int(info.mid)
+
+    def subscribe(self, topic: str) -> None:
+        self._client.subscribe(topic, qos=1)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        self._client.disconnect()
+        self._thread.join(timeout)
+        self.connected = False

@@ -1,0 +1,442 @@
+"""The outbox: every accepted event, durable on the Pi until it is delivered.
+
+Engine: SQLite in WAL mode with synchronous=FULL, measured against TinyDB and a
+plain append log (see README "Why SQLite").  One `commit()` is one transaction
+and one fsync for all events that arrived meanwhile (group commit): on an SD
+card an fsync costs milliseconds, and a burst of presses must not cost one
+each.  Insert cost does not depend on the backlog: `seq` is the rowid, so an
+insert appends to the right edge of one B-tree.
+
+Tables::
+
+    outbox(seq INTEGER PRIMARY KEY, topic, payload, created_ms)
+        pending events in publishing order.
+    dedup(source, key, at)
+        the last keys seen per source (a console's (seq, uptime), a terminal's
+        record id), written in the same transaction as the event, so "stored"
+        and "known as stored" can never disagree after a crash.  One B-tree,
+        no index on `at`: pruning scans a source's few thousand keys once
+        every few hundred inserts, which is cheaper than a second index page
+        written on every insert.
+    meta(name, value)
+        drop counters, and `high_seq`: the highest seq ever removed, so a seq
+        is never reused even when the outbox has been emptied.  (It is written
+        with the removals, which are batched, instead of on every insert as
+        AUTOINCREMENT's sqlite_sequence would be.)
+
+Policy when full (`max_events` or `max_bytes`): the oldest pending events are
+dropped in the same transaction as the insert that overflowed, counted under
+`store_full`, and reported by the caller; an insert never fails for lack of
+quota.  A full *disk* is different: the transaction fails with
+`StoreDiskFullError`, nothing is half-written, and the caller does not
+acknowledge the devices, which keep the events and send them again.
+
+Removal after PUBACK runs with synchronous=NORMAL: losing a removal to a power
+cut only means publishing that event again, which the collector drops by
+event_id, so it is not worth an fsync.
+
+An unreadable store at start is moved aside (`*.corrupt-<time>`), an alarm is
+raised and a fresh store started.  The highest seq is also reserved in blocks
+in a small state file next to the store, so even a store lost to corruption
+does not make seq numbers repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from edge.events import Event
+from edge.state import open_state
+
+__all__ = [
+    "Append",
+    "CommitResult",
+    "Pending",
+    "Store",
+    "StoreDiskFullError",
+    "StoreError",
+    "StoreStats",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+SEQ_BLOCK: Final = 10_000
+DEDUP_KEEP: Final = 4096
+_PRUNE_EVERY: Final = 256
+
+Encoder = Callable[[Event, int], tuple[str, bytes]]
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; nothing was changed."""
+
+
+class StoreDiskFullError(StoreError):
+    """The file system (or the store's page quota) is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    # None records only the dedup key (a device session marker, say).
+    event: Event | None
+    # (source, key): if this key was seen before for this source, the event is
+    # a duplicate and is not stored again.
+    dedup: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    seq: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    # One entry per Append: its seq, or None when it was a known duplicate.
+    seqs: list[int | None]
+    # Ranges (first, last) of seqs dropped to stay within the limits.
+    dropped: list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    depth: int
+    payload_bytes: int
+    file_bytes: int
+    oldest_created_ms: int | None
+    last_seq: int
+    drops: dict[str, int]
+
+
+_DDL: Final = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedup (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value
+) WITHOUT ROWID;
+"""
+
+
+def _is_disk_full(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+        "full" in str(e).lower()
+
+
+def _high_seq(db: sqlite3.Connection) -> int:
+    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+    removed = db.execute("SELECT value FROM meta WHERE name='high_seq'").fetchone()
+    return max(int(top or 0), int(removed[0]) if removed else 0)
+
+
+def _raise_high_seq(db: sqlite3.Connection, seq: int) -> None:
+    db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?) ON CONFLICT(name) "
+               "DO UPDATE SET value = max(value, excluded.value)", (seq,))
+
+
+class Store:
+    """The outbox.  Not thread-safe: the daemon's main loop owns it."""
+
+    def __init__(self, path: Path, encode: Encoder, *, max_events: int = 500_000,
+                 max_bytes: int = 500_000_000, page_size: int = 1024,
+                 max_page_count: int | None = None) -> None:
+        self.path = path
+        self._encode = encode
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.alarms: list[str] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._state = open_state(path.with_name(path.name + ".state.json"))
+        fresh = not path.exists()
+        try:
+            self._db = self._connect(page_size, max_page_count)
+        except sqlite3.DatabaseError as e:
+            self._move_aside(str(e))
+            fresh = True
+            self._db = self._connect(page_size, max_page_count)
+        self._load(fresh)
+        self._since_prune: dict[str, int] = {}
+
+    # -- opening ---------------------------------------------------------
+
+    def _connect(self, page_size: int, max_page_count: int | None) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA page_size={int(page_size)}")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.DatabaseError(f"cannot use WAL journal (got {mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            # Bound the WAL file on disk after checkpoints (SD card space).
+            db.execute("PRAGMA journal_size_limit=4194304")
+            if max_page_count is not None:
+                db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"unknown store schema version {version}")
+            db.executescript(_DDL)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, reason: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        alarm = f"store_corrupt: unreadable store moved aside to {target.name} ({reason})"
+        self.alarms.append(alarm)
+        log.error("%s; starting a fresh store", alarm)
+
+    def _load(self, fresh: bool) -> None:
+        db = self._db
+        high = _high_seq(db)
+        reserved = self._reserved()
+        if fresh and reserved > high:
+            # A store that had to start again continues after every seq that
+            # could have been used before, so no seq is ever reused.
+            high = reserved
+            db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?)", (high,))
+        self._last_seq = high
+        self._reserved_seq = max(reserved, high)
+        count, total = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        self._count = int(count)
+        self._bytes = int(total)
+        self._drops: dict[str, int] = {
+            str(name)[6:]: int(value) for name, value in
+            db.execute("SELECT name, value FROM meta WHERE name LIKE 'drops.%'")}
+
+    def _reserved(self) -> int:
+        doc = self._state.get(doc_id=1)
+        return int(doc.get("seq_reserved", 0)) if doc else 0
+
+    def _reserve(self, seq: int) -> None:
+        # Written before any seq in the new block is committed: one small
+        # atomic file write per SEQ_BLOCK events.
+        if seq > self._reserved_seq:
+            self._reserved_seq = (seq // SEQ_BLOCK + 1) * SEQ_BLOCK
+            if self._state.get(doc_id=1) is None:
+                self._state.insert({"seq_reserved": self._reserved_seq})
+            else:
+                self._state.update({"seq_reserved": self._reserved_seq}, doc_ids=[1])
+
+    # -- writing ---------------------------------------------------------
+
+    def commit(self, appends: Sequence[Append], forget: Sequence[str] = ()) -> CommitResult:
+        """Store `appends` durably (one fsync); `forget` clears sources' dedup keys first.
+
+        Raises StoreDiskFullError or StoreError with nothing changed.
+        """
+        db = self._db
+        seqs: list[int | None] = []
+        added_bytes = 0
+        next_seq = self._last_seq
+        self._reserve(next_seq + len(appends))
+        now_ms = time.time_ns() // 1_000_000
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for source in forget:
+                db.execute("DELETE FROM dedup WHERE source=?", (source,))
+            for a in appends:
+                seq = next_seq + 1
+                if a.dedup is not None:
+                    cur = db.execute("INSERT OR IGNORE INTO dedup(source, key, at) "
+                                     "VALUES (?, ?, ?)", (a.dedup[0], a.dedup[1], seq))
+                    if cur.rowcount == 0 or a.event is None:
+                        seqs.append(None)
+                        continue
+                if a.event is None:
+                    seqs.append(None)
+                    continue
+                topic, payload = self._encode(a.event, seq)
+                db.execute("INSERT INTO outbox(seq, topic, payload, created_ms) "
+                           "VALUES (?, ?, ?, ?)", (seq, topic, payload, now_ms))
+                next_seq = seq
+                added_bytes += len(payload)
+                seqs.append(seq)
+            added = sum(s is not None for s in seqs)
+            dropped, drop_rows, drop_bytes = self._enforce_limits(self._count + added,
+                                                                  self._bytes + added_bytes)
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if _is_disk_full(e):
+                raise StoreDiskFullError(f"store is full: {e}") from e
+            raise StoreError(f"store write failed: {e}") from e
+        self._last_seq = next_seq
+        self._count += added - drop_rows
+        self._bytes += added_bytes - drop_bytes
+        if drop_rows:
+            self._drops["store_full"] = self._drops.get("store_full", 0) + drop_rows
+        for a in appends:
+            if a.dedup is not None:
+                self._maybe_prune(a.dedup[0])
+        return CommitResult(seqs, dropped)
+
+    def _enforce_limits(self, count: int, total: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Inside the open transaction: drop oldest rows until within limits.
+
+        Returns the dropped seq range (rows already delivered inside it are
+        simply absent), the number of rows and their payload bytes.
+        """
+        if count <= self.max_events and total <= self.max_bytes:
+            return [], 0, 0
+        db = self._db
+        drop_rows = 0
+        drop_bytes = 0
+        last = 0
+        first: int | None = None
+        for seq, size in db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq"):
+            if count - drop_rows <= self.max_events and total - drop_bytes <= self.max_bytes:
+                break
+            first = seq if first is None else first
+            last = seq
+            drop_rows += 1
+            drop_bytes += size
+        if first is None:
+            return [], 0, 0
+        db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+        _raise_high_seq(db, last)
+        db.execute("INSERT INTO meta(name, value) VALUES ('drops.store_full', ?) "
+                   "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                   (drop_rows,))
+        log.warning("store full: dropped %d oldest events (seq %d..%d)", drop_rows, first, last)
+        return [(first, last)], drop_rows, drop_bytes
+
+    def _maybe_prune(self, source: str) -> None:
+        n = self._since_prune.get(source, 0) + 1
+        if n < _PRUNE_EVERY:
+            self._since_prune[source] = n
+            return
+        self._since_prune[source] = 0
+        try:
+            self._db.execute(
+                "DELETE FROM dedup WHERE source=? AND at < (SELECT at FROM dedup WHERE "
+                "source=? ORDER BY at DESC LIMIT 1 OFFSET ?)", (source, source, DEDUP_KEEP - 1))
+        except sqlite3.Error as e:
+            log.warning("dedup pruning failed (will retry): %s", e)
+
+    def remove(self, seqs: Sequence[int]) -> None:
+        """Forget delivered events.  Not fsync'ed: see the module docstring."""
+        if not seqs:
+            return
+        db = self._db
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            removed_bytes = 0
+            removed = 0
+            for seq in seqs:
+                row = db.execute("DELETE FROM outbox WHERE seq=? RETURNING length(payload)",
+                                 (seq,)).fetchone()
+                if row is not None:
+                    removed += 1
+                    removed_bytes += int(row[0])
+            _raise_high_seq(db, max(seqs))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            log.warning("removing delivered events failed (they will be sent again): %s", e)
+            return
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA synchronous=FULL")
+        self._count -= removed
+        self._bytes -= removed_bytes
+
+    # -- reading ---------------------------------------------------------
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:
+        rows = self._db.execute(
+            "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit)).fetchall()
+        return [Pending(int(s), str(t), bytes(p)) for s, t, p in rows]
+
+    def keys(self, source: str) -> list[str]:
+        """A source's dedup keys, oldest first."""
+        return [str(k) for (k,) in self._db.execute(
+            "SELECT key FROM dedup WHERE source=? ORDER BY at", (source,))]
+
+    def seen(self, source: str, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM dedup WHERE source=? AND key=?",
+                                (source, key)).fetchone() is not None
+
+    @property
+    def depth(self) -> int:
+        return self._count
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def stats(self) -> StoreStats:
+        row = self._db.execute("SELECT created_ms FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        file_bytes = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                file_bytes += os.stat(str(self.path) + suffix).st_size
+        return StoreStats(self._count, self._bytes, file_bytes,
+                          int(row[0]) if row else None, self._last_seq, dict(self._drops))
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        self._state.close()
+
+
+def read_stats(path: Path) -> StoreStats | None:
+    """Read a store's figures without the daemon (for `status` when it is down)."""
+    if not path.exists():
+        return None
+    uri = f"file:{path}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        count, total = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        row = db.execute("SELECT created_ms FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        high = _high_seq(db)
+        drops = {str(n)[6:]: int(v) for n, v in
+                 db.execute("SELECT name, value FROM meta WHERE name LIKE 'drops.%'")}
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    file_bytes = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            file_bytes += os.stat(str(path) + suffix).st_size
+    return StoreStats(int(count), int(total), file_bytes, int(row[0]) if row else None,
+                      high, drops)

@@ -1,0 +1,1 @@
+"""Device firmware models that speak the real bytes, for tests and demos."""
