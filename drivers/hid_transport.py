@@ -22,7 +22,7 @@ Socket framing (both directions)::
          'x' control reply (JSON)        sim  -> control
 
 Reads block at most `timeout_ms`; a transport whose device has gone raises
-`DeviceGone`.  Writes may come from another thread than reads (the daemon's
+`DeviceGoneError`.  Writes may come from another thread than reads (the daemon's
 main loop ACKs while a worker thread reads), so each transport serialises its
 writes.
 """
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from firmware_sim.console import ConsoleFirmware
 
 __all__ = [
-    "DeviceGone",
+    "DeviceGoneError",
     "HidTransport",
     "HidapiTransport",
     "MemoryTransport",
@@ -52,7 +52,7 @@ __all__ = [
 _HDR = struct.Struct("<cH")
 
 
-class DeviceGone(OSError):
+class DeviceGoneError(OSError):
     """The device was unplugged, or its simulator went away."""
 
 
@@ -79,14 +79,14 @@ class HidapiTransport:
             else:
                 self._dev.open(vid, pid, serial)
         except OSError as e:
-            raise DeviceGone(f"cannot open {vid:04x}:{pid:04x} serial {serial}: {e}") from e
+            raise DeviceGoneError(f"cannot open {vid:04x}:{pid:04x} serial {serial}: {e}") from e
         self._wlock = threading.Lock()
 
     def read(self, timeout_ms: int) -> bytes | None:
         try:
             data = self._dev.read(64, timeout_ms)
         except (OSError, ValueError) as e:
-            raise DeviceGone(str(e)) from e
+            raise DeviceGoneError(str(e)) from e
         return bytes(data) if data else None
 
     def write(self, report: bytes) -> None:
@@ -94,15 +94,15 @@ class HidapiTransport:
             try:
                 n = self._dev.write(report)
             except (OSError, ValueError) as e:
-                raise DeviceGone(str(e)) from e
+                raise DeviceGoneError(str(e)) from e
             if n < 0:
-                raise DeviceGone("write failed")
+                raise DeviceGoneError("write failed")
 
     def get_feature(self, report_id: int, length: int) -> bytes:
         try:
             return bytes(self._dev.get_feature_report(report_id, length))
         except (OSError, ValueError) as e:
-            raise DeviceGone(str(e)) from e
+            raise DeviceGoneError(str(e)) from e
 
     def close(self) -> None:
         self._dev.close()
@@ -119,18 +119,18 @@ class MemoryTransport:
 
     def read(self, timeout_ms: int) -> bytes | None:
         if self._closed:
-            raise DeviceGone("closed")
+            raise DeviceGoneError("closed")
         try:
             item = self._in.get(timeout=timeout_ms / 1000)
         except queue.Empty:
             return None
         if item is None:
-            raise DeviceGone("unplugged")
+            raise DeviceGoneError("unplugged")
         return item
 
     def write(self, report: bytes) -> None:
         if self._closed:
-            raise DeviceGone("closed")
+            raise DeviceGoneError("closed")
         self._fw.output_report(report)
 
     def get_feature(self, report_id: int, length: int) -> bytes:
@@ -155,7 +155,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise DeviceGone("simulator closed the connection")
+            raise DeviceGoneError("simulator closed the connection")
         buf += chunk
     return bytes(buf)
 
@@ -174,7 +174,7 @@ class SocketTransport:
             self._sock.connect(str(path))
         except OSError as e:
             self._sock.close()
-            raise DeviceGone(f"no simulator at {path}: {e.strerror}") from e
+            raise DeviceGoneError(f"no simulator at {path}: {e.strerror}") from e
         self._wlock = threading.Lock()
         self._pending: list[bytes] = []
         self._write(b"H")
@@ -184,7 +184,7 @@ class SocketTransport:
             try:
                 send_frame(self._sock, kind, payload)
             except OSError as e:
-                raise DeviceGone(str(e)) from e
+                raise DeviceGoneError(str(e)) from e
 
     def _next(self, timeout_ms: int) -> tuple[bytes, bytes] | None:
         self._sock.settimeout(timeout_ms / 1000)
@@ -193,14 +193,14 @@ class SocketTransport:
         except TimeoutError:
             return None
         except OSError as e:
-            raise DeviceGone(str(e)) from e
+            raise DeviceGoneError(str(e)) from e
         if not head:
-            raise DeviceGone("simulator closed the connection")
+            raise DeviceGoneError("simulator closed the connection")
         self._sock.settimeout(None)
         try:
             return recv_frame(self._sock)
         except OSError as e:
-            raise DeviceGone(str(e)) from e
+            raise DeviceGoneError(str(e)) from e
 
     def read(self, timeout_ms: int) -> bytes | None:
         if self._pending:
@@ -224,13 +224,13 @@ class SocketTransport:
         for _ in range(1000):
             frame = self._next(2000)
             if frame is None:
-                raise DeviceGone("simulator did not answer the feature request")
+                raise DeviceGoneError("simulator did not answer the feature request")
             kind, payload = frame
             if kind == b"f":
                 return payload
             if kind == b"I":
                 self._pending.append(payload)
-        raise DeviceGone("no feature report in 1000 frames")
+        raise DeviceGoneError("no feature report in 1000 frames")
 
     def close(self) -> None:
         self._sock.close()

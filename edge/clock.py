@@ -55,7 +55,7 @@ def read_boot_id(path: Path = _BOOT_ID_PATH) -> str:
 class _Timex(ctypes.Structure):
     # struct timex from <sys/timex.h> on 64-bit and 32-bit Linux: the leading
     # fields are what we read; the padding covers the rest of the kernel struct.
-    _fields_ = [  # noqa: RUF012 - ctypes requires a class attribute
+    _fields_ = [
         ("modes", ctypes.c_uint),
         ("offset", ctypes.c_long),
         ("freq", ctypes.c_long),

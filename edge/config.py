@@ -168,7 +168,7 @@ class _Table:
         self.used.add(name)
         return self.data.get(name, _MISSING)
 
-    def string(self, name: str, *, default: str | None | _Missing = _MISSING,
+    def string(self, name: str, *, default: str | _Missing | None = _MISSING,
                pattern: re.Pattern[str] | None = None, allowed: str = "") -> str | None:
         value = self.get(name)
         if value is _MISSING:

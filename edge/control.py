@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class ControlServer:
-    def __init__(self, path: Path, ask: Callable[[queue.SimpleQueue[dict[str, Any]]], None]) -> None:
+    def __init__(self, path: Path,
+                 ask: Callable[[queue.SimpleQueue[dict[str, Any]]], None]) -> None:
         self.path = path
         self._ask = ask
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ latency low (shared/measured.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ class Daemon:
                              post=self.inbox.put, rng=self._rng)
         self.devices: dict[str, _Device] = {}
         for d in config.devices:
-            worker = ConsoleWorker(d, lambda d=d: transport(d), self.inbox.put, self.clock)
+            worker = ConsoleWorker(d, functools.partial(transport, d), self.inbox.put, self.clock)
             self.devices[d.id] = _Device(d, worker, ConsoleHost(self.store.keys(f"console:{d.id}")))
         # Publisher state.
         self._window = config.broker.window

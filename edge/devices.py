@@ -23,7 +23,7 @@ from drivers.console import (
     decode_report,
     encode_resend,
 )
-from drivers.hid_transport import DeviceGone, HidTransport
+from drivers.hid_transport import DeviceGoneError, HidTransport
 from edge.clock import Clock
 from edge.config import DeviceConfig
 
@@ -85,7 +85,7 @@ class ConsoleWorker:
             return False
         try:
             t.write(report)
-        except (DeviceGone, OSError):
+        except (DeviceGoneError, OSError):
             return False
         return True
 
@@ -94,7 +94,7 @@ class ConsoleWorker:
         while not self._stop.is_set():
             try:
                 transport = self._open()
-            except (DeviceGone, OSError) as e:
+            except (DeviceGoneError, OSError) as e:
                 if str(e) != last_error:
                     last_error = str(e)
                     self._post(DeviceState(self.cfg.id, "missing", str(e)))
@@ -103,7 +103,7 @@ class ConsoleWorker:
             last_error = None
             try:
                 self._serve(transport)
-            except (DeviceGone, OSError) as e:
+            except (DeviceGoneError, OSError) as e:
                 log.warning("device %s went away: %s", self.cfg.id, e)
                 self._post(DeviceState(self.cfg.id, "missing", f"disconnected: {e}"))
                 last_error = None

@@ -30,6 +30,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -153,7 +154,7 @@ class MqttLink:
         self._thread.start()
 
     def _connect_once(self) -> bool:
-        props = Properties(mqtt.PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0
         try:
             rc = self._client.connect(self._cfg.host, self._cfg.port,

@@ -38,7 +38,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-class AtomicJSONStorage(Storage):  # type: ignore[misc]  # tinydb ships no type information
+class AtomicJSONStorage(Storage):
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
 

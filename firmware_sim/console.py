@@ -150,10 +150,11 @@ class ConsoleFirmware:
                 b.raw_since = self._now()
             self._update(self._now())
 
-    def press(self, button: int, hold_ms: int = 120, bounce: bool = True) -> None:
-        """Script a human press starting now: contact bounce, hold, release."""
+    def press(self, button: int, hold_ms: int = 120, bounce: bool = True,
+              delay_ms: int = 0) -> None:
+        """Script a human press starting `delay_ms` from now: bounce, hold, release."""
         with self._lock:
-            t = self._clock()
+            t = self._clock() + delay_ms
             steps = [(0, True)]
             if bounce:
                 steps += [(1, False), (3, True)]

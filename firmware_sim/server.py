@@ -9,6 +9,7 @@ a real one does while its USB host is not reading.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drivers.hid_transport import DeviceGone, recv_frame, send_frame
+from drivers.hid_transport import DeviceGoneError, recv_frame, send_frame
 from firmware_sim.console import ConsoleFirmware
 
 __all__ = ["ConsoleServer", "control"]
@@ -91,7 +92,7 @@ class ConsoleServer:
                 if kind == b"H":
                     with self._host_lock:
                         self._host = conn
-                    self.fw.set_sender(lambda r, c=conn: self._send_to_host(c, r))
+                    self.fw.set_sender(functools.partial(self._send_to_host, conn))
                     log.info("host attached")
                 elif kind == b"O":
                     self.fw.output_report(payload)
@@ -101,12 +102,13 @@ class ConsoleServer:
                         send_frame(conn, b"f", self.fw.feature_report())
                 elif kind == b"P":
                     req = json.loads(payload)
-                    self.fw.press(int(req["button"]), hold_ms=int(req.get("hold_ms", 120)))
+                    self.fw.press(int(req["button"]), hold_ms=int(req.get("hold_ms", 120)),
+                                  delay_ms=int(req.get("delay_ms", 0)))
                     self._wake.set()
                     send_frame(conn, b"x", json.dumps({"ok": True}).encode())
                 elif kind == b"X":
                     send_frame(conn, b"x", json.dumps(self._control(payload.decode())).encode())
-        except (DeviceGone, OSError, ValueError, KeyError):
+        except (DeviceGoneError, OSError, ValueError, KeyError):
             pass
         finally:
             self._detach(conn)
