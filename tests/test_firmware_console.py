@@ -35,7 +35,8 @@ class Rig:
 
 def test_power_up_sends_hello_seq_0_in_the_ring() -> None:
     rig = Rig()
-    assert rig.out[0].type is ReportType.HELLO and rig.out[0].seq == 0
+    assert rig.out[0].type is ReportType.HELLO
+    assert rig.out[0].seq == 0
     assert rig.fw.unacked == 1
 
 
