@@ -182,7 +182,7 @@ class MqttLink:
             delay = self._delay(self._connack_ok.is_set())
             if self._connack_ok.is_set():
                 delay = self._delay(False)
-            log.info("reconnecting to broker in %.1f s", delay)
+            log.debug("reconnecting to broker in %.1f s", delay)
             self._stop.wait(delay)
 
     # -- used by the main loop ------------------------------------------------

@@ -64,7 +64,10 @@ class Broker:
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
-            f"{extra}")
+            # As root, mosquitto would drop to its own user and could not
+            # write its persistence file in the test's directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + extra)
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
