@@ -45,9 +45,14 @@ would make them, and as firmware_sim implements them):
   (REPLAY clear), or a device uptime that went backwards, starts a new session
   and forgets the old keys; a replayed HELLO already recorded, with the uptime
   not gone backwards, is a lost ACK, not a reset.
-- A device uptime that goes backwards is a reset unless it is the 2^32 ms
-  wrap (about 49.7 days), which is recognised because the host clock moved
-  by the same amount.
+- A device restart is also recognised without its HELLO: while the daemon
+  runs, a device's uptime must advance as the host's monotonic clock does
+  (2 s + 1 % slack); one that fell behind restarted.  This also tells the
+  2^32 ms wrap (about 49.7 days) from a reset.  After a daemon restart only
+  "uptime below the newest stored event" is left to go by.  On real
+  hardware a replugged console's HELLO always arrives replayed (hidraw is
+  not open yet when it is first sent), so this check is what separates it
+  from a HELLO whose ACK was lost.
 - ACK is cumulative ("every event up to seq"), so after a batch the host ACKs
   the last seq handled; a malformed report in between is covered by it: it
   cannot be stored, and holding back the ACK would only make the ring fill.
@@ -299,7 +304,8 @@ class NewSession:
 HostAction = Record | Duplicate | NewSession
 
 _SESSION_KEYS: Final = 4096
-_WRAP_SLACK_MS: Final = 10_000
+# Reads can be late by an SD-card stall; clocks drift by well under 1 %.
+_RATE_SLACK_MS: Final = 2_000
 
 
 class ConsoleHost:
@@ -325,13 +331,14 @@ class ConsoleHost:
         self._max_uptime = None
 
     def _went_backwards(self, r: ConsoleReport, host_ms: int) -> bool:
+        """Did the device restart since we last heard from it?"""
         if self._last_now is not None:
             last_up, last_host = self._last_now
-            if r.now_uptime >= last_up:
-                return False
-            # The 2^32 ms wrap: the device clock advanced by what the host's did.
+            elapsed = host_ms - last_host
+            # A running device's uptime advances with the host's clock (this
+            # also covers the 2^32 ms wrap); one that restarted is behind.
             advanced = (r.now_uptime - last_up) % UPTIME_MOD
-            return not advanced <= (host_ms - last_host) + _WRAP_SLACK_MS
+            return abs(advanced - elapsed) > _RATE_SLACK_MS + elapsed // 100
         return self._max_uptime is not None and r.now_uptime < self._max_uptime
 
     def on_report(self, r: ConsoleReport, host_mono_ns: int) -> HostAction:

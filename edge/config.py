@@ -22,6 +22,7 @@ Example::
     path = "/var/lib/feedback-edge/outbox.sqlite"
     max_events = 500000
     max_bytes = 200000000
+    min_free_bytes = 50000000   # refuse new events below this much free disk
 
     [desks.desk-2]
     operator = "op-17"        # fixed operator, lowest precedence
@@ -109,6 +110,7 @@ class StoreConfig:
     path: Path
     max_events: int
     max_bytes: int
+    min_free_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +358,7 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
         path=store_path,
         max_events=store_t.integer("max_events", 500_000, 100, 100_000_000),
         max_bytes=store_t.integer("max_bytes", 500_000_000, 1_000_000, 1 << 40),
+        min_free_bytes=store_t.integer("min_free_bytes", 50_000_000, 0, 1 << 40),
     )
     store_t.finish()
 

@@ -24,7 +24,6 @@ import logging
 import os
 import queue
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,7 +115,8 @@ class Daemon:
         self._started_mono = time.monotonic()
         root = config.topic_root
         self.store = Store(config.store.path, self._encode, max_events=config.store.max_events,
-                           max_bytes=config.store.max_bytes)
+                           max_bytes=config.store.max_bytes,
+                           min_free_bytes=config.store.min_free_bytes)
         self.alarms: list[str] = list(self.store.alarms)
         self._status_topic = f"{root}/status"
         self.link = MqttLink(config.broker, will=(self._status_topic, self._status("offline")),
@@ -222,8 +222,11 @@ class Daemon:
         elif isinstance(msg, DecodeFailed):
             dev = self.devices.get(msg.device_id)
             if dev is not None:
-                dev.decode_errors[msg.name] = dev.decode_errors.get(msg.name, 0) + 1
-            log.warning("device %s: malformed report (%s)", msg.device_id, msg.name)
+                n = dev.decode_errors[msg.name] = dev.decode_errors.get(msg.name, 0) + 1
+                # 1st, 2nd, 4th, 8th ...: a babbling device cannot flood the journal.
+                if n & (n - 1) == 0:
+                    log.warning("device %s: malformed report (%s), %d so far", msg.device_id,
+                                msg.name, n)
         elif isinstance(msg, Connected):
             self._on_connected(msg)
         elif isinstance(msg, Disconnected):
@@ -466,10 +469,7 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         st = self.store.stats()
-        try:
-            free: int | None = shutil.disk_usage(self.config.store.path.parent).free
-        except OSError:
-            free = None
+        free = self.store.disk_free()
         oldest = None if st.oldest_created_ms is None else \
             max(0.0, (self.clock.wall_ns() // 1_000_000 - st.oldest_created_ms) / 1000)
         return {

@@ -29,7 +29,10 @@ dropped in the same transaction as the insert that overflowed, counted under
 `store_full`, and reported by the caller; an insert never fails for lack of
 quota.  A full *disk* is different: the transaction fails with
 `StoreDiskFullError`, nothing is half-written, and the caller does not
-acknowledge the devices, which keep the events and send them again.
+acknowledge the devices, which keep the events and send them again.  The
+store refuses new events already when the file system has less than
+`min_free_bytes` left, so that SQLite never meets ENOSPC half-way through a
+checkpoint and the rest of the Pi (journald, apt) keeps room to work.
 
 Removal after PUBACK runs with synchronous=NORMAL: losing a removal to a power
 cut only means publishing that event again, which the collector drops by
@@ -159,8 +162,9 @@ class Store:
 
     def __init__(self, path: Path, encode: Encoder, *, max_events: int = 500_000,
                  max_bytes: int = 500_000_000, page_size: int = 1024,
-                 max_page_count: int | None = None) -> None:
+                 max_page_count: int | None = None, min_free_bytes: int = 0) -> None:
         self.path = path
+        self.min_free_bytes = min_free_bytes
         self._encode = encode
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -255,6 +259,11 @@ class Store:
 
         Raises StoreDiskFullError or StoreError with nothing changed.
         """
+        if self.min_free_bytes:
+            free = self.disk_free()
+            if free is not None and free < self.min_free_bytes:
+                raise StoreDiskFullError(f"the disk has {free} bytes free; the store keeps "
+                                         f"{self.min_free_bytes} in reserve")
         db = self._db
         seqs: list[int | None] = []
         added_bytes = 0
@@ -390,6 +399,13 @@ class Store:
     def seen(self, source: str, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM dedup WHERE source=? AND key=?",
                                 (source, key)).fetchone() is not None
+
+    def disk_free(self) -> int | None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     @property
     def depth(self) -> int:

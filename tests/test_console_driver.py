@@ -158,6 +158,22 @@ def test_a_fresh_hello_or_uptime_going_backwards_starts_a_new_session() -> None:
     assert back.new_session
 
 
+def test_a_replayed_hello_after_a_power_cycle_is_a_new_session() -> None:
+    h = ConsoleHost()
+    h.on_report(_press(0, 0, now=0, kind=ReportType.HELLO, button=0xFF), 0)
+    h.on_report(_press(1, 500), 10**9)
+    # Unplugged for 10 s; the new HELLO was sent before hidraw was open and
+    # arrives replayed, identical in every byte but now_uptime.
+    again = h.on_report(_press(0, 0, now=1500, replay=True, kind=ReportType.HELLO,
+                               button=0xFF), 12 * 10**9)
+    assert isinstance(again, NewSession)
+    # Whereas a lost ACK: the same HELLO replayed while the device kept running.
+    h2 = ConsoleHost()
+    h2.on_report(_press(0, 0, now=0, kind=ReportType.HELLO, button=0xFF), 0)
+    assert isinstance(h2.on_report(_press(0, 0, now=1000, replay=True, kind=ReportType.HELLO,
+                                          button=0xFF), 10**9), Duplicate)
+
+
 def test_uptime_wrap_after_49_days_is_not_a_reset() -> None:
     h = ConsoleHost()
     start_host_ns = 10**12

@@ -1,0 +1,112 @@
+"""Config mistakes are named precisely; the CLI exits 2 without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edge.config import ConfigError, parse_config
+
+GOOD = """
+site = "clinic-3"
+edge = "reception-1"
+[broker]
+host = "localhost"
+[[devices]]
+kind = "console"
+serial = "00A1B2C3D4E5"
+desk = "desk-2"
+"""
+
+
+def _parse(text: str) -> None:
+    parse_config(tomllib.loads(text), "edge.toml")
+
+
+def test_a_minimal_config_gets_sensible_defaults() -> None:
+    cfg = parse_config(tomllib.loads(GOOD))
+    assert cfg.topic_root == "feedback/v1/clinic-3/reception-1"
+    assert cfg.broker.port == 1883
+    assert cfg.devices[0].id == "fc3-00a1b2c3d4e5"
+    assert cfg.store.path == Path("/var/lib/feedback-edge/outbox.sqlite")
+
+
+@pytest.mark.parametrize(("text", "key", "value", "allowed"), [
+    (GOOD.replace('"clinic-3"', '"Clinic 3"'), "site", "'Clinic 3'", "lower-case"),
+    (GOOD.replace('host = "localhost"', 'host = "localhost"\nport = 70000'),
+     "broker.port", "70000", "integer from 1 to 65535"),
+    (GOOD.replace('host = "localhost"', 'host = "mqtt.example.org"'),
+     "broker.host", "'mqtt.example.org'", "plain TCP is allowed only to localhost"),
+    (GOOD.replace('host = "localhost"', 'host = "localhost"\nprot = 1883'),
+     "broker.prot", "1883", "did you mean 'port'"),
+    (GOOD.replace('serial = "00A1B2C3D4E5"', 'serial = "00a1b2"'),
+     "devices[0].serial", "'00a1b2'", "12 upper-case hex digits"),
+    (GOOD.replace('kind = "console"', 'kind = "toaster"'),
+     "devices[0].kind", "'toaster'", "one of console"),
+    (GOOD.replace('serial = "00A1B2C3D4E5"\n', ""),
+     "devices[0].serial", "(missing)", "required for a USB console"),
+    (GOOD.replace('desk = "desk-2"', 'desk = "desk-2"\ntransport = "socket"'),
+     "devices[0].socket", "(missing)", "required when transport"),
+    (GOOD + '[store]\nmax_events = "lots"\n', "store.max_events", "'lots'", "integer"),
+    (GOOD.replace('[broker]\nhost = "localhost"', ""), "broker", "(missing)", "required"),
+    (GOOD + "[[devices]]\nkind = \"console\"\nserial = \"00A1B2C3D4E5\"\ndesk = \"d\"\n",
+     "devices[1].id", "'fc3-00a1b2c3d4e5'", "must be unique"),
+])
+def test_mistakes_name_the_key_the_value_and_what_is_allowed(text: str, key: str, value: str,
+                                                             allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse(text)
+    assert info.value.key == key
+    message = str(info.value)
+    assert message.startswith(f"edge.toml: {key} = {value}: ")
+    assert allowed in message
+
+
+def test_password_never_appears_in_errors_or_repr(tmp_path: Path) -> None:
+    secret = "s3cret-pa55"
+    text = GOOD.replace('host = "localhost"',
+                        f'host = "localhost"\nusername = "u"\npassword = "{secret}"\n'
+                        f'password_file = "{tmp_path / "pw"}"')
+    (tmp_path / "pw").write_text("other")
+    with pytest.raises(ConfigError) as info:
+        _parse(text)
+    assert secret not in str(info.value)
+    cfg = parse_config(tomllib.loads(GOOD.replace(
+        'host = "localhost"', f'host = "localhost"\nusername = "u"\npassword = "{secret}"')))
+    assert secret not in repr(cfg)
+
+
+@pytest.mark.parametrize("content", [
+    "site = ", "site = \"x\"\n[broker]\nhost = 5\n", "\xff\xfe not utf8",
+])
+def test_cli_check_config_exits_2_with_one_clear_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_bytes(content.encode("latin-1"))
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "check-config", str(path)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("feedback-edge: config error: ")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(GOOD)
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "check-config", str(path)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_cli_run_with_a_missing_config_exits_2(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config",
+                          str(tmp_path / "nope.toml")], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 2
+    assert "cannot be read" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,125 @@
+"""The daemon in-process, with the console firmware behind the in-memory HID
+transport (the same report bytes hidraw carries) and a real Mosquitto."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.hid_transport import MemoryTransport
+from edge.config import load_config
+from edge.daemon import Daemon
+from firmware_sim.console import ConsoleFirmware
+from tests.conftest import Broker, Subscriber, wait_for, write_config
+
+
+def _uptime() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class Running:
+    def __init__(self, tmp: Path, broker: Broker) -> None:
+        self.fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=_uptime)
+        self.transports: list[MemoryTransport] = []
+        cfg = load_config(write_config(
+            tmp / "edge.toml", port=broker.port, store=tmp / "outbox.sqlite",
+            devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"}]))
+        self.daemon = Daemon(cfg, transport=self._open)
+        self.thread = threading.Thread(target=self.daemon.run)
+        self._stop_ticks = threading.Event()
+        self.ticker = threading.Thread(target=self._tick)
+
+    def _open(self, _cfg: object) -> MemoryTransport:
+        t = MemoryTransport(self.fw)
+        self.transports.append(t)
+        return t
+
+    def _tick(self) -> None:
+        while not self._stop_ticks.wait(0.005):
+            self.fw.tick()
+
+    def status(self) -> dict[str, Any]:
+        import queue
+
+        box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        from edge.daemon import StatusRequest
+
+        self.daemon.inbox.put(StatusRequest(box))
+        return box.get(timeout=5)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        self.ticker.start()
+        wait_for(lambda: self.status()["devices"][0]["state"] == "connected", 10, "device")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.daemon.request_stop()
+        self.thread.join(10)
+        self._stop_ticks.set()
+        self.ticker.join()
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: Broker) -> Iterator[Running]:
+    with Running(tmp_path, broker) as r:
+        yield r
+
+
+def test_malformed_reports_are_counted_by_name_and_reading_goes_on(
+        running: Running, subscribe: Callable[[str], Subscriber]) -> None:
+    sub = subscribe("feedback/+/+/+/event/#")
+    inject = running.transports[-1]._in.put
+    for bad in (b"\x01\x02", bytes(13), bytes([1, 9, 7, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+                bytes([1, 9, 1, 9, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+                bytes([1, 9, 1, 0, 0x80, 0, 0, 0, 0, 1, 0, 0, 0])):
+        inject(bad)
+    running.fw.press(1)
+    wait_for(lambda: len(sub.events()) == 1, 10, "the good press after the bad reports")
+    errors = wait_for(lambda: running.status()["devices"][0]["decode_errors"], 5, "counters")
+    assert errors == {"bad_length": 1, "bad_report_id": 1, "unknown_type": 1, "bad_button": 1,
+                      "bad_flags": 1}
+    health = running.daemon.health()
+    assert health["decode_errors"] == {"fc3-00a1b2c3d4e5": errors}
+    assert running.thread.is_alive()
+
+
+def test_a_press_is_acked_and_lit_only_once_stored_even_when_the_disk_is_full(
+        running: Running, subscribe: Callable[[str], Subscriber]) -> None:
+    sub = subscribe("feedback/+/+/+/event/#")
+    store = running.daemon.store
+    store.min_free_bytes = 1 << 62  # more than any disk has: the disk counts as full
+    running.fw.press(0)
+    wait_for(lambda: running.status()["drops"].get("disk_full", 0) >= 1, 10, "store failure")
+    # Not stored, so not acknowledged and no LED: the console keeps it.
+    assert running.fw.unacked == 1
+    assert running.fw.leds == []
+    assert sub.events() == []
+    store.min_free_bytes = 0
+    # The console's own resend (1 s back-off) brings it in once there is room.
+    wait_for(lambda: running.fw.unacked == 0, 10, "ACK after the store recovered")
+    wait_for(lambda: len(sub.events()) == 1, 10, "the press delivered")
+    assert [led.button for led in running.fw.leds] == [0]
+    assert sub.events()[0]["flags"] == ["replayed"]
+
+
+def test_unplug_and_replug_loses_nothing_already_accepted(
+        running: Running, subscribe: Callable[[str], Subscriber]) -> None:
+    sub = subscribe("feedback/+/+/+/event/#")
+    running.fw.press(0)
+    wait_for(lambda: len(sub.events()) == 1, 10, "first press")
+    running.transports[-1].unplug()
+    running.fw.power_cut()
+    wait_for(lambda: running.status()["devices"][0]["state"] == "missing", 10, "unplugged")
+    running.fw.power_up()
+    wait_for(lambda: running.status()["devices"][0]["state"] == "connected", 10, "replugged")
+    running.fw.press(2)
+    wait_for(lambda: len(sub.events()) == 2, 10, "press after replug")
+    assert [e["press"]["button"] for e in sub.events()] == [0, 2]
+    st = running.status()["devices"][0]
+    assert st["presses"] == 2
