@@ -63,6 +63,12 @@ __all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
 log = logging.getLogger(__name__)
 
 _REJECT_RETRY_S = (1.0, 5.0, 30.0, 60.0)
+# Delivered events are deleted in batches, usually inside the next insert's
+# transaction, which rewrites the same page anyway: at clinic rates that
+# halves the bytes written per event.  A deletion lost to a crash only means
+# publishing that event again, which the collector drops by event_id.
+_REMOVE_BATCH = 256
+_REMOVE_DELAY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +139,8 @@ class Daemon:
         self._retry_at: float | None = None
         self._reject_streak = 0
         self._control_mids: set[int] = set()
+        self._delivered: list[int] = []
+        self._delivered_since = 0.0
         # Counters.
         self.published = 0
         self.acked = 0
@@ -175,9 +183,15 @@ class Daemon:
         finally:
             self._shutdown()
 
+    def _flush_delivered(self) -> None:
+        self.store.remove(self._delivered)
+        self._delivered = []
+
     def _timeout(self) -> float:
         now = time.monotonic()
         wake = self._next_health
+        if self._delivered:
+            wake = min(wake, self._delivered_since + _REMOVE_DELAY_S)
         if self._retry_at is not None:
             wake = min(wake, self._retry_at)
         return max(0.0, min(wake - now, 1.0))
@@ -209,6 +223,9 @@ class Daemon:
         if acks:
             self._on_pubacks(acks)
         now = time.monotonic()
+        if self._delivered and (len(self._delivered) >= _REMOVE_BATCH
+                                or now - self._delivered_since >= _REMOVE_DELAY_S):
+            self._flush_delivered()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
         self._pump()
@@ -317,7 +334,7 @@ class Daemon:
                 appends.append(Append(self._make_event(dev, r), (dev.source, action.key)))
                 plan.append((dev, r, len(appends) - 1))
         try:
-            result = self.store.commit(appends, forget)
+            result = self.store.commit(appends, forget, remove=self._delivered)
         except StoreError as e:
             name = "disk_full" if isinstance(e, StoreDiskFullError) else "write_failed"
             self.store_errors[name] = self.store_errors.get(name, 0) + 1
@@ -326,6 +343,7 @@ class Daemon:
             for dev, _, _ in plan:
                 dev.host = ConsoleHost(self.store.keys(dev.source))
             return
+        self._delivered = []
         # Durable now: acknowledge and light the LEDs.
         last_seq: dict[str, int] = {}
         for dev, r, idx in plan:
@@ -371,8 +389,12 @@ class Daemon:
             return
         room = self._window - len(self._inflight)
         while room > 0:
-            batch = [p for p in self.store.pending(self._cursor, room + len(self._inflight_seqs))
-                     if p.seq not in self._inflight_seqs][:room]
+            # Only after a rewind (a rejected PUBACK) can seqs above the cursor
+            # be in flight or delivered already; normally nothing is skipped.
+            skip = {q for q in self._inflight_seqs if q > self._cursor}
+            skip.update(q for q in self._delivered if q > self._cursor)
+            batch = [p for p in self.store.pending(self._cursor, room + len(skip))
+                     if p.seq not in skip][:room]
             if not batch:
                 return
             for p in batch:
@@ -407,7 +429,9 @@ class Daemon:
             self._cursor = min(self._cursor, seq - 1)
             self._retry_at = time.monotonic() + delay
         if done:
-            self.store.remove(done)
+            if not self._delivered:
+                self._delivered_since = time.monotonic()
+            self._delivered.extend(done)
             self.acked += len(done)
 
     # -- commands ---------------------------------------------------------------
@@ -468,12 +492,13 @@ class Daemon:
         return drops
 
     def health(self) -> dict[str, Any]:
-        st = self.store.stats()
+        st = self.store.stats(delivered=self._delivered)
+        depth = st.depth
         free = self.store.disk_free()
         oldest = None if st.oldest_created_ms is None else \
             max(0.0, (self.clock.wall_ns() // 1_000_000 - st.oldest_created_ms) / 1000)
         return {
-            "queue_depth": st.depth,
+            "queue_depth": depth,
             "oldest_pending_age_s": oldest,
             "store_bytes": st.file_bytes,
             "disk_free_bytes": free,
@@ -536,5 +561,7 @@ class Daemon:
                     and self.link.connected:
                 self.turn(0.1)
         self.link.stop()
+        if self._delivered:
+            self._flush_delivered()
         self.store.close()
 

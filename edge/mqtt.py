@@ -7,9 +7,13 @@ retries all happen in the main loop.
 
 The network thread is ours rather than paho's `loop_start()`, because paho's
 reconnect delay has no jitter: after a broker restart every Pi at every site
-would come back in the same second.  We wait a random time between 0 and the
-current back-off ("full jitter"), doubling from `reconnect_min_s` to
-`reconnect_max_s`, and reset it after a successful CONNACK.
+would come back in the same second.  We wait a random time between half the
+minimum and the current back-off ("full jitter"), doubling from
+`reconnect_min_s` to `reconnect_max_s`, and reset it after a successful
+CONNACK.  The thread drives paho through its external-loop interface
+(`on_socket_register_write`, `loop_read`, `loop_write`, `loop_misc`), so
+`publish()` on the main loop only queues the packet and wakes this thread;
+the socket writes happen here, off the main loop.
 
 paho keeps QoS 1 messages that were in flight when the link dropped and sends
 them again (DUP set) after the reconnect; the daemon keeps its own map of
@@ -20,8 +24,11 @@ drops duplicates by event_id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import select
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -98,7 +105,11 @@ class MqttLink:
         self.connected = False
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
-        c.max_inflight_messages_set(cfg.window)
+        # The daemon keeps its own window (within the broker's Receive
+        # Maximum).  paho's cap must be off: paho calls on_publish before it
+        # decrements its in-flight count, so a message published in reaction
+        # would sit in paho's queue until the next PUBACK came in.
+        c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         if cfg.username is not None:
             c.username_pw_set(cfg.username, cfg.password)
@@ -113,6 +124,13 @@ class MqttLink:
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         c.on_connect_fail = self._on_connect_fail
+        # publish() from the main loop wakes the network thread instead of
+        # writing to the socket itself.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_open = self._on_socket_open
         self._client = c
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
 
@@ -138,6 +156,21 @@ class MqttLink:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
         self._post(Disconnected("connection failed"))
+
+    @staticmethod
+    def _on_socket_open(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        del client, userdata
+        # paho leaves Nagle on: a PUBLISH written while an earlier segment
+        # awaits its (delayed) ACK would wait for the next one, adding one
+        # inter-press gap to the press's latency.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        del client, userdata, sock
+        # A full pipe means a wake-up is already pending.
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"w")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode,
                     props: Properties | None) -> None:
@@ -166,14 +199,32 @@ class MqttLink:
             return False
         return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _serve(self) -> None:
+        """One connection's life: select on the socket and the wake-up pipe."""
+        c = self._client
+        while not self._stop.is_set():
+            sock = c.socket()
+            if sock is None:
+                return
+            wlist = [sock] if c.want_write() else []
+            readable, _writable, _ = select.select([sock, self._wake_r], wlist, [], 1.0)
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            # TLS may hold decrypted bytes that select() cannot see.
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            if (sock in readable or pending) and c.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            if c.want_write() and c.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            if c.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._connack_ok.clear()
             if self._connect_once():
-                while not self._stop.is_set():
-                    rc = self._client.loop(timeout=1.0)
-                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        break
+                self._serve()
                 if self.connected:
                     self.connected = False
                     self._post(Disconnected("connection lost"))
@@ -189,6 +240,9 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        # paho only signals when its "registered for write" flag was clear,
+        # and the network thread may be about to clear it: wake it always.
+        self._on_register_write(self._client, None, None)
         return int(info.mid)
 
     def subscribe(self, topic: str) -> None:
@@ -199,3 +253,5 @@ class MqttLink:
         self._client.disconnect()
         self._thread.join(timeout)
         self.connected = False
+        self._wake_r.close()
+        self._wake_w.close()

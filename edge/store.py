@@ -73,6 +73,11 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 SEQ_BLOCK: Final = 10_000
+# Freshly committed events are kept in memory too, so the publisher does not
+# read back what was just written (the common case: nothing is queued); a
+# backlog is read ahead in chunks into the same cache.
+TAIL_CACHE: Final = 2048
+READ_AHEAD: Final = 256
 DEDUP_KEEP: Final = 4096
 _PRUNE_EVERY: Final = 256
 
@@ -146,6 +151,17 @@ def _is_disk_full(e: sqlite3.Error) -> bool:
         "full" in str(e).lower()
 
 
+def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous (first, last) runs of the given seqs."""
+    out: list[tuple[int, int]] = []
+    for q in sorted(set(seqs)):
+        if out and out[-1][1] == q - 1:
+            out[-1] = (out[-1][0], q)
+        else:
+            out.append((q, q))
+    return out
+
+
 def _high_seq(db: sqlite3.Connection) -> int:
     top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
     removed = db.execute("SELECT value FROM meta WHERE name='high_seq'").fetchone()
@@ -180,6 +196,7 @@ class Store:
             self._db = self._connect(page_size, max_page_count)
         self._load(fresh)
         self._since_prune: dict[str, int] = {}
+        self._tail: dict[int, Pending] = {}
 
     # -- opening ---------------------------------------------------------
 
@@ -254,9 +271,12 @@ class Store:
 
     # -- writing ---------------------------------------------------------
 
-    def commit(self, appends: Sequence[Append], forget: Sequence[str] = ()) -> CommitResult:
+    def commit(self, appends: Sequence[Append], forget: Sequence[str] = (),
+               remove: Sequence[int] = ()) -> CommitResult:
         """Store `appends` durably (one fsync); `forget` clears sources' dedup keys first.
 
+        `remove` are delivered seqs to delete in the same transaction (it is
+        fsync'ed anyway, so they ride along for free).
         Raises StoreDiskFullError or StoreError with nothing changed.
         """
         if self.min_free_bytes:
@@ -266,12 +286,14 @@ class Store:
                                          f"{self.min_free_bytes} in reserve")
         db = self._db
         seqs: list[int | None] = []
+        fresh: dict[int, tuple[str, bytes]] = {}
         added_bytes = 0
         next_seq = self._last_seq
         self._reserve(next_seq + len(appends))
         now_ms = time.time_ns() // 1_000_000
         try:
             db.execute("BEGIN IMMEDIATE")
+            removed, removed_bytes = self._delete(remove)
             for source in forget:
                 db.execute("DELETE FROM dedup WHERE source=?", (source,))
             for a in appends:
@@ -286,14 +308,15 @@ class Store:
                     seqs.append(None)
                     continue
                 topic, payload = self._encode(a.event, seq)
+                fresh[seq] = (topic, payload)
                 db.execute("INSERT INTO outbox(seq, topic, payload, created_ms) "
                            "VALUES (?, ?, ?, ?)", (seq, topic, payload, now_ms))
                 next_seq = seq
                 added_bytes += len(payload)
                 seqs.append(seq)
             added = sum(s is not None for s in seqs)
-            dropped, drop_rows, drop_bytes = self._enforce_limits(self._count + added,
-                                                                  self._bytes + added_bytes)
+            dropped, drop_rows, drop_bytes = self._enforce_limits(
+                self._count - removed + added, self._bytes - removed_bytes + added_bytes)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -302,8 +325,20 @@ class Store:
                 raise StoreDiskFullError(f"store is full: {e}") from e
             raise StoreError(f"store write failed: {e}") from e
         self._last_seq = next_seq
-        self._count += added - drop_rows
-        self._bytes += added_bytes - drop_bytes
+        for gone in remove:
+            self._tail.pop(gone, None)
+        dropped_upto = dropped[-1][1] if dropped else 0
+        if dropped:
+            self._tail.clear()
+        for a, new in zip(appends, seqs, strict=True):
+            # A batch larger than the limit drops some of its own events.
+            if new is not None and new > dropped_upto and a.event is not None:
+                topic, payload = fresh[new]
+                self._tail[new] = Pending(new, topic, payload)
+        while len(self._tail) > TAIL_CACHE:
+            del self._tail[next(iter(self._tail))]
+        self._count += added - drop_rows - removed
+        self._bytes += added_bytes - drop_bytes - removed_bytes
         if drop_rows:
             self._drops["store_full"] = self._drops.get("store_full", 0) + drop_rows
         for a in appends:
@@ -354,6 +389,23 @@ class Store:
         except sqlite3.Error as e:
             log.warning("dedup pruning failed (will retry): %s", e)
 
+    def _delete(self, seqs: Sequence[int]) -> tuple[int, int]:
+        """Inside an open transaction: delete delivered seqs; (rows, payload bytes)."""
+        if not seqs:
+            return 0, 0
+        removed = removed_bytes = 0
+        # Deliveries come back in seq order, so they are nearly always one
+        # contiguous range: two statements instead of one per event.
+        for first, last in _ranges(seqs):
+            n, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox "
+                "WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()
+            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
+            removed += int(n)
+            removed_bytes += int(size)
+        _raise_high_seq(self._db, max(seqs))
+        return removed, removed_bytes
+
     def remove(self, seqs: Sequence[int]) -> None:
         """Forget delivered events.  Not fsync'ed: see the module docstring."""
         if not seqs:
@@ -362,15 +414,7 @@ class Store:
         try:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
-            removed_bytes = 0
-            removed = 0
-            for seq in seqs:
-                row = db.execute("DELETE FROM outbox WHERE seq=? RETURNING length(payload)",
-                                 (seq,)).fetchone()
-                if row is not None:
-                    removed += 1
-                    removed_bytes += int(row[0])
-            _raise_high_seq(db, max(seqs))
+            removed, removed_bytes = self._delete(seqs)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -380,16 +424,31 @@ class Store:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA synchronous=FULL")
+        for seq in seqs:
+            self._tail.pop(seq, None)
         self._count -= removed
         self._bytes -= removed_bytes
 
     # -- reading ---------------------------------------------------------
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:
+        """Up to `limit` pending events with seq > after_seq, in seq order."""
+        if after_seq + 1 in self._tail:
+            out: list[Pending] = []
+            seq = after_seq + 1
+            while len(out) < limit and seq in self._tail:
+                out.append(self._tail[seq])
+                seq += 1
+            return out
         rows = self._db.execute(
             "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit)).fetchall()
-        return [Pending(int(s), str(t), bytes(p)) for s, t, p in rows]
+            (after_seq, max(limit, READ_AHEAD))).fetchall()
+        got = [Pending(int(s), str(t), bytes(p)) for s, t, p in rows]
+        for p in got:
+            self._tail[p.seq] = p
+        while len(self._tail) > TAIL_CACHE:
+            del self._tail[next(iter(self._tail))]
+        return got[:limit]
 
     def keys(self, source: str) -> list[str]:
         """A source's dedup keys, oldest first."""
@@ -415,13 +474,20 @@ class Store:
     def last_seq(self) -> int:
         return self._last_seq
 
-    def stats(self) -> StoreStats:
-        row = self._db.execute("SELECT created_ms FROM outbox ORDER BY seq LIMIT 1").fetchone()
+    def stats(self, delivered: Sequence[int] = ()) -> StoreStats:
+        """Figures for status and health; `delivered` seqs await deletion and do not count."""
+        done = set(delivered)
+        row = None
+        for seq, created in self._db.execute(
+                "SELECT seq, created_ms FROM outbox ORDER BY seq LIMIT ?", (len(done) + 1,)):
+            if seq not in done:
+                row = (created,)
+                break
         file_bytes = 0
         for suffix in ("", "-wal"):
             with contextlib.suppress(OSError):
                 file_bytes += os.stat(str(self.path) + suffix).st_size
-        return StoreStats(self._count, self._bytes, file_bytes,
+        return StoreStats(self._count - len(done), self._bytes, file_bytes,
                           int(row[0]) if row else None, self._last_seq, dict(self._drops))
 
     def close(self) -> None:

@@ -79,7 +79,7 @@ serial = "00A1B2C3D4E5"
 """)
         (RUN / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {RUN}/\nmax_queued_messages 0\n"
+            f"persistence_location {RUN}/\nmax_queued_messages 0\nset_tcp_nodelay true\n"
             + ("user root\n" if os.geteuid() == 0 else ""))
 
     def spawn(self, name: str, args: list[str]) -> None:
@@ -92,9 +92,10 @@ serial = "00A1B2C3D4E5"
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
             except OSError:
                 threading.Event().wait(0.05)
+            else:
+                return
         raise SystemExit("demo: mosquitto did not start; see demo-run/mosquitto.log")
 
     def stop(self, name: str) -> None:

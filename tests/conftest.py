@@ -64,6 +64,7 @@ class Broker:
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
+            "set_tcp_nodelay true\n"
             # As root, mosquitto would drop to its own user and could not
             # write its persistence file in the test's directory.
             + ("user root\n" if os.geteuid() == 0 else "")

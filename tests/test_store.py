@@ -200,3 +200,17 @@ def test_sigkill_at_any_moment_loses_nothing_acknowledged(tmp_path: Path, round_
     s = open_store(path)
     assert s.commit([Append(make_event())]).seqs[0] == s.last_seq
     assert s.last_seq > max(acked)
+
+
+def test_pending_never_serves_events_dropped_or_removed(tmp_path: Path) -> None:
+    s = open_store(tmp_path / "o.sqlite", max_events=100)
+    s.commit([Append(make_event()) for _ in range(150)])  # one batch over the limit
+    assert [p.seq for p in s.pending(0, 1000)] == list(range(51, 151))
+    assert s.pending(0, 1)[0].seq == 51
+    s.remove([60, 61])
+    assert [p.seq for p in s.pending(59, 3)] == [62, 63, 64]
+    s.commit([Append(make_event())], remove=[62])
+    assert [p.seq for p in s.pending(59, 3)] == [63, 64, 65]
+    s.close()
+    reopened = open_store(tmp_path / "o.sqlite", max_events=100)
+    assert [p.seq for p in reopened.pending(59, 3)] == [63, 64, 65]
