@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         daemon = Daemon(cfg)
-    except (StoreError, OSError) as e:
+    except (StoreError, OSError, sqlite3.Error) as e:
         print(f"feedback-edge: cannot open the store {cfg.store.path}: {e}", file=sys.stderr)
         return 1
-    control = ControlServer(cfg.control_socket, lambda box: daemon.inbox.put(
-        _status_request(box)))
+    try:
+        control = ControlServer(cfg.control_socket, lambda box: daemon.inbox.put(
+            _status_request(box)))
+    except OSError as e:
+        print(f"feedback-edge: cannot create the control socket {cfg.control_socket}: "
+              f"{e.strerror}", file=sys.stderr)
+        daemon.store.close()
+        return 1
     control.start()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -110,3 +110,15 @@ def test_cli_run_with_a_missing_config_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "cannot be read" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_run_with_an_unwritable_store_says_so_without_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's directory should be")
+    path = tmp_path / "edge.toml"
+    path.write_text(GOOD + f'[store]\npath = "{blocker}/outbox.sqlite"\n')
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(path)],
+                         capture_output=True, text=True, check=False, timeout=30)
+    assert out.returncode == 1
+    assert "cannot open the store" in out.stderr
+    assert "Traceback" not in out.stderr

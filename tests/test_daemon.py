@@ -28,7 +28,8 @@ class Running:
         self.transports: list[MemoryTransport] = []
         cfg = load_config(write_config(
             tmp / "edge.toml", port=broker.port, store=tmp / "outbox.sqlite",
-            devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"}]))
+            devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"}],
+            extra="health_interval_s = 1"))
         self.daemon = Daemon(cfg, transport=self._open)
         self.thread = threading.Thread(target=self.daemon.run)
         self._stop_ticks = threading.Event()
@@ -123,3 +124,16 @@ def test_unplug_and_replug_loses_nothing_already_accepted(
     assert [e["press"]["button"] for e in sub.events()] == [0, 2]
     st = running.status()["devices"][0]
     assert st["presses"] == 2
+
+
+def test_health_is_published_and_matches_the_contract(
+        running: Running, subscribe: Callable[[str], Subscriber],
+        validate: Callable[[str, Any], None]) -> None:
+    sub = subscribe("feedback/+/+/+/health")
+    running.fw.press(0)
+    health = wait_for(sub.snapshot, 10, "a health message")
+    validate(health[0].topic, health[0].json())
+    body = health[0].json()
+    assert body["queue_depth"] in (0, 1)  # the press may be in flight
+    assert body["disk_free_bytes"] > 0
+    assert body["clock_synced"] in (True, False)
