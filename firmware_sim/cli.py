@@ -4,6 +4,8 @@
     feedback-sim console press good --socket /tmp/fc3.sock [--count 5 --interval-ms 500]
     feedback-sim console power-cycle --socket /tmp/fc3.sock
     feedback-sim console state --socket /tmp/fc3.sock
+    feedback-sim terminal run --link /tmp/st3.tty --flash /tmp/st3.flash [--day] [--control S]
+    feedback-sim terminal answer --control S --doctor dr-petrov --q1 no --q2 yes --phone ...
 """
 
 from __future__ import annotations
@@ -69,6 +71,36 @@ def _control(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _terminal_run(args: argparse.Namespace) -> int:
+    from firmware_sim.terminal_server import TerminalServer, scripted_day  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="sim terminal: %(message)s")
+    script = None
+    if args.script is not None:
+        script = json.loads(args.script.read_text())
+    elif args.day:
+        script = scripted_day(args.spacing_ms)
+    server = TerminalServer(args.link, args.flash, args.serial, args.control, script)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    print(f"terminal {args.serial} on {server.slave_name} (link {args.link})", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _terminal_control(args: argparse.Namespace) -> int:
+    from firmware_sim.server import control  # noqa: PLC0415
+
+    if args.action == "answer":
+        record = {"kind": "answer", "doctor": args.doctor, "q1": args.q1, "q2": args.q2,
+                  "phone": args.phone, "comment": args.comment, "lang": args.lang}
+        reply = control(args.control, b"A", json.dumps(record).encode())
+    else:
+        reply = control(args.control, b"X", b"state")
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="feedback-sim", description="simulated feedback devices")
     sub = p.add_subparsers(dest="device", required=True)
@@ -91,11 +123,36 @@ def main(argv: list[str] | None = None) -> int:
         c = console.add_parser(action, help=f"{action} a running console")
         c.add_argument("--socket", type=Path, required=True)
         c.set_defaults(func=_control)
+    terminal = sub.add_parser("terminal", help="an ST-3000 survey terminal on a pty")\
+        .add_subparsers(dest="action", required=True)
+    trun = terminal.add_parser("run", help="run a terminal; prints its pty path")
+    trun.add_argument("--link", type=Path, required=True,
+                      help="a stable symlink to the pty, to put in the daemon's config")
+    trun.add_argument("--flash", type=Path, required=True, help="the terminal's flash file")
+    trun.add_argument("--serial", default="00C0FFEE0001")
+    trun.add_argument("--control", type=Path)
+    trun.add_argument("--script", type=Path, help="JSON list of records with after_ms")
+    trun.add_argument("--day", action="store_true", help="play a built-in scripted day")
+    trun.add_argument("--spacing-ms", type=int, default=2000)
+    trun.set_defaults(func=_terminal_run)
+    answer = terminal.add_parser("answer", help="a patient answers on a running terminal")
+    answer.add_argument("--control", type=Path, required=True)
+    answer.add_argument("--doctor", required=True)
+    answer.add_argument("--q1", choices=["yes", "no", "unsure"], required=True)
+    answer.add_argument("--q2", choices=["yes", "no"])
+    answer.add_argument("--phone")
+    answer.add_argument("--comment")
+    answer.add_argument("--lang", default="en")
+    answer.set_defaults(func=_terminal_control)
+    tstate = terminal.add_parser("state", help="what a running terminal holds")
+    tstate.add_argument("--control", type=Path, required=True)
+    tstate.set_defaults(func=_terminal_control)
     args = p.parse_args(argv)
     try:
         result: int = args.func(args)
     except OSError as e:
-        print(f"feedback-sim: no console answering on {args.socket}: {e}", file=sys.stderr)
+        where = getattr(args, "socket", None) or getattr(args, "control", None)
+        print(f"feedback-sim: no device answering on {where}: {e}", file=sys.stderr)
         return 1
     return result
 

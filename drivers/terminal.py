@@ -1,0 +1,460 @@
+"""Survey terminal ST-3000 (USB CDC-ACM or RS-232, 115200 8N1): protocol core.
+
+Pure code, no I/O: bytes in, frames and host decisions out.  The serial
+transport is `drivers.serial_transport`.  Spec: shared/devices/terminal-serial.md.
+
+On the wire every frame is COBS(body) followed by one 0x00::
+
+    body (little-endian):
+    +-------+--------+----------+----------+------------------+----------+
+    | ver 1 | type u8| seq u16  | len u16  | payload (len)    | crc u16  |
+    +-------+--------+----------+----------+------------------+----------+
+    crc = CRC-16/CCITT-FALSE over ver..payload (poly 0x1021, init 0xFFFF,
+          no reflection, no final xor; "123456789" -> 0x29B1)
+    payload = one compact UTF-8 JSON object, len <= 1024
+
+    terminal -> host: 01 HELLO  02 PING  03 PONG  10 ANSWER  11 PRESENCE
+                      12 ABANDONED  80 ACK (for DOCTORS and TIME)
+    host -> terminal: 02 PING  03 PONG  20 DOCTORS  21 TIME  80 ACK  81 NAK
+
+Frame errors, each counted by name and NAKed with the sheet's reason:
+`too_long` (more than 1100 bytes before the 0x00), `cobs`, `crc`, and, for
+bodies whose CRC is right but whose structure is not, `bad_length` (len field
+differs from the payload) and `bad_version`, both NAKed as `schema`.  Message
+errors: `json` (payload not a JSON object), `schema` (fields of the wrong type
+or a record breaking the survey rules), `unknown_type`.
+
+Where the sheet is silent, our choices:
+- Bytes before the first 0x00 after opening are discarded (the sheet's rule),
+  and so is an empty frame (two 0x00 in a row), silently: it is the usual
+  idle filler and resynchronisation marker, not an error.  Terminals (and
+  firmware_sim) send a lone 0x00 before HELLO so the HELLO is not lost.
+- A NAK carries the frame's seq when the body could be read far enough to
+  know it (json/schema/unknown_type), and null after cobs/crc/too_long.
+- A record is identified by (terminal serial, id): the serial from HELLO, or
+  from the config until the first HELLO arrives.  Without either a record is
+  neither stored nor ACKed; the terminal retransmits it every 2 s.
+- `age_ms` must be a non-negative integer; 0 for a record sent at once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "MAX_WIRE",
+    "Abandoned",
+    "Answer",
+    "Frame",
+    "FrameDecoder",
+    "FrameError",
+    "FrameType",
+    "Hello",
+    "Presence",
+    "cobs_decode",
+    "cobs_encode",
+    "crc16",
+    "encode_frame",
+    "parse_message",
+]
+
+VERSION: Final = 1
+MAX_PAYLOAD: Final = 1024
+MAX_WIRE: Final = 1100
+_HEAD = struct.Struct("<BBHH")
+_PHONE = re.compile(r"^\+?[0-9]{5,16}$")
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    PING = 0x02
+    PONG = 0x03
+    ANSWER = 0x10
+    PRESENCE = 0x11
+    ABANDONED = 0x12
+    DOCTORS = 0x20
+    TIME = 0x21
+    ACK = 0x80
+    NAK = 0x81
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE (binascii.crc_hqx is exactly that with init 0xFFFF)."""
+    return binascii.crc_hqx(data, 0xFFFF)
+
+
+def cobs_encode(data: bytes) -> bytes:
+    """Consistent Overhead Byte Stuffing: the result contains no 0x00."""
+    out = bytearray()
+    for block in data.split(b"\x00"):
+        # Blocks longer than 254 bytes are split with a 0xFF code.
+        while len(block) >= 0xFE:
+            out.append(0xFF)
+            out += block[:0xFE]
+            block = block[0xFE:]
+        out.append(len(block) + 1)
+        out += block
+    return bytes(out)
+
+
+class CobsError(ValueError):
+    pass
+
+
+def cobs_decode(data: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    n = len(data)
+    while i < n:
+        code = data[i]
+        if code == 0:
+            raise CobsError("zero byte inside a frame")
+        end = i + code
+        if end > n:
+            raise CobsError("block runs past the end of the frame")
+        block = data[i + 1:end]
+        if 0 in block:
+            raise CobsError("zero byte inside a block")
+        out += block
+        i = end
+        if code != 0xFF and i < n:
+            out.append(0)
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    name: str
+    # The NAK reason the sheet defines for it, and the seq if known.
+    reason: str
+    seq: int | None = None
+
+
+def encode_frame(ftype: int, seq: int, payload: dict[str, Any] | bytes) -> bytes:
+    raw = payload if isinstance(payload, bytes) else \
+        json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    head = _HEAD.pack(VERSION, ftype, seq & 0xFFFF, len(raw)) + raw
+    return cobs_encode(head + struct.pack("<H", crc16(head))) + b"\x00"
+
+
+def decode_body(body: bytes) -> Frame | FrameError:
+    if len(body) < _HEAD.size + 2:
+        return FrameError("bad_length", "schema")
+    if crc16(body[:-2]) != struct.unpack("<H", body[-2:])[0]:
+        return FrameError("crc", "crc")
+    ver, ftype, seq, length = _HEAD.unpack(body[:_HEAD.size])
+    if ver != VERSION:
+        return FrameError("bad_version", "schema", seq)
+    payload = body[_HEAD.size:-2]
+    if length != len(payload) or length > MAX_PAYLOAD:
+        return FrameError("bad_length", "schema", seq)
+    return Frame(ftype, seq, payload)
+
+
+class FrameDecoder:
+    """Byte stream in, frames (or named frame errors) out."""
+
+    def __init__(self, synced: bool = False) -> None:
+        # Until the first 0x00 we may be in the middle of a frame.
+        self._synced = synced
+        self._buf = bytearray()
+        self._overlong = False
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        out: list[Frame | FrameError] = []
+        start = 0
+        while True:
+            end = data.find(0, start)
+            chunk = data[start:] if end < 0 else data[start:end]
+            if not self._overlong:
+                self._buf += chunk
+                if len(self._buf) > MAX_WIRE:
+                    self._overlong = True
+                    self._buf.clear()
+            if end < 0:
+                return out
+            start = end + 1
+            if not self._synced:
+                self._synced = True
+                self._buf.clear()
+                self._overlong = False
+                continue
+            if self._overlong:
+                out.append(FrameError("too_long", "too_long"))
+            elif self._buf:
+                try:
+                    body = cobs_decode(bytes(self._buf))
+                except CobsError:
+                    out.append(FrameError("cobs", "cobs"))
+                else:
+                    out.append(decode_body(body))
+            self._buf.clear()
+            self._overlong = False
+
+
+# -- messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    serial: str
+    model: str
+    fw: str
+    doctors_rev: int
+    unacked: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: int
+    doctor: str
+    q1: str
+    q2: str | None
+    phone: str | None
+    comment: str | None
+    lang: str
+    age_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    id: int
+    approaches: int
+    engaged: int
+    period_ms: int
+    age_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    id: int
+    doctor: str | None
+    step: str
+    age_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """PING and PONG."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    ack: int
+
+
+Message = Hello | Answer | Presence | Abandoned | Empty | Acked
+Record = Answer | Presence | Abandoned
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _int(d: dict[str, Any], key: str, low: int = 0, high: int = 2**53) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise _Invalid(key)
+    return v
+
+
+def _str(d: dict[str, Any], key: str, *, null: bool = False, max_len: int = 256) -> Any:
+    v = d.get(key)
+    if v is None and null and key in d:
+        return None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise _Invalid(key)
+    return v
+
+
+def _answer(d: dict[str, Any]) -> Answer:
+    q1 = _str(d, "q1")
+    q2 = _str(d, "q2", null=True)
+    phone = _str(d, "phone", null=True, max_len=17)
+    comment = _str(d, "comment", null=True, max_len=500)
+    if q1 not in ("yes", "no", "unsure") or q2 not in ("yes", "no", None):
+        raise _Invalid("q1/q2")
+    # The survey rules the terminal keeps (sheet): q2 only after "no";
+    # phone and comment only after q2 "yes"; a phone is 5..16 digits.
+    if (q2 is not None) != (q1 == "no"):
+        raise _Invalid("q2 only when q1 is no")
+    if q2 != "yes" and (phone is not None or comment is not None):
+        raise _Invalid("phone/comment only when q2 is yes")
+    if phone is not None and not _PHONE.match(phone):
+        raise _Invalid("phone")
+    return Answer(_int(d, "id"), _str(d, "doctor", max_len=64), q1, q2, phone, comment,
+                  _str(d, "lang", max_len=16), _int(d, "age_ms"))
+
+
+def _presence(d: dict[str, Any]) -> Presence:
+    p = Presence(_int(d, "id"), _int(d, "approaches"), _int(d, "engaged"),
+                 _int(d, "period_ms"), _int(d, "age_ms"))
+    if p.engaged > p.approaches:
+        raise _Invalid("engaged > approaches")
+    return p
+
+
+def _abandoned(d: dict[str, Any]) -> Abandoned:
+    step = _str(d, "step")
+    if step not in ("q1", "q2", "contact"):
+        raise _Invalid("step")
+    return Abandoned(_int(d, "id"), _str(d, "doctor", null=True, max_len=64), step,
+                     _int(d, "age_ms"))
+
+
+def _hello(d: dict[str, Any]) -> Hello:
+    return Hello(_str(d, "serial", max_len=32), _str(d, "model", max_len=64),
+                 _str(d, "fw", max_len=32), _int(d, "doctors_rev"), _int(d, "unacked"))
+
+
+_PARSERS: Final = {
+    FrameType.HELLO: _hello,
+    FrameType.PING: lambda d: Empty(),
+    FrameType.PONG: lambda d: Empty(),
+    FrameType.ANSWER: _answer,
+    FrameType.PRESENCE: _presence,
+    FrameType.ABANDONED: _abandoned,
+    FrameType.ACK: lambda d: Acked(_int(d, "ack", 0, 0xFFFF)),
+}
+
+
+def parse_message(frame: Frame) -> Message | FrameError:
+    """A terminal's frame as a message, or the reason to NAK it."""
+    parser = _PARSERS.get(frame.type)  # type: ignore[call-overload]
+    if parser is None:
+        return FrameError("unknown_type", "unknown_type", frame.seq)
+    try:
+        body = json.loads(frame.payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return FrameError("json", "json", frame.seq)
+    if not isinstance(body, dict):
+        return FrameError("json", "json", frame.seq)
+    try:
+        msg: Message = parser(body)
+    except _Invalid:
+        return FrameError("schema", "schema", frame.seq)
+    return msg
+
+
+# -- the host's side of one terminal ------------------------------------------
+
+LINK_TIMEOUT_MS: Final = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write these bytes to the terminal now."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRecord:
+    """Store the record; only then send `ack_frame(seq)`."""
+
+    record: Record
+    serial: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Something to count by name (a frame error, a record without serial)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HelloSeen:
+    hello: Hello
+
+
+Action = Send | StoreRecord | Count | HelloSeen
+
+
+class TerminalHost:
+    """Decisions for one terminal link; bytes in, actions out (no I/O).
+
+    `doctors` is (rev, list) as the host currently has it; `clock_synced`
+    says whether TIME may be sent.
+    """
+
+    def __init__(self, serial: str | None, doctors: tuple[int, list[dict[str, Any]]] | None = None,
+                 clock_synced: bool = False) -> None:
+        self.serial = serial
+        self.doctors = doctors
+        self.clock_synced = clock_synced
+        self.hello: Hello | None = None
+        self._decoder = FrameDecoder()
+        self._seq = 0
+        self.last_rx_ms: int | None = None
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFF
+        return self._seq
+
+    def frame(self, ftype: FrameType, payload: dict[str, Any]) -> bytes:
+        return encode_frame(ftype, self._next_seq(), payload)
+
+    def ack_frame(self, seq: int) -> bytes:
+        return self.frame(FrameType.ACK, {"ack": seq})
+
+    def time_frame(self, unix_ms: int) -> bytes:
+        return self.frame(FrameType.TIME, {"unix_ms": unix_ms})
+
+    def doctors_frame(self) -> bytes | None:
+        if self.doctors is None:
+            return None
+        rev, doctors = self.doctors
+        return self.frame(FrameType.DOCTORS, {"rev": rev, "doctors": doctors})
+
+    def link_up(self, host_ms: int) -> bool:
+        return self.last_rx_ms is not None and host_ms - self.last_rx_ms <= LINK_TIMEOUT_MS
+
+    def feed(self, data: bytes, host_ms: int, wall_ms: int) -> list[Action]:
+        out: list[Action] = []
+        for item in self._decoder.feed(data):
+            self.last_rx_ms = host_ms
+            if isinstance(item, FrameError):
+                out.append(Count(item.name))
+                out.append(Send(self.frame(FrameType.NAK, {"seq": item.seq,
+                                                           "reason": item.reason})))
+                continue
+            msg = parse_message(item)
+            if isinstance(msg, FrameError):
+                out.append(Count(msg.name))
+                out.append(Send(self.frame(FrameType.NAK, {"seq": msg.seq,
+                                                           "reason": msg.reason})))
+            elif isinstance(msg, Hello):
+                self.hello = msg
+                self.serial = msg.serial
+                out.append(HelloSeen(msg))
+                if self.doctors is not None and msg.doctors_rev != self.doctors[0]:
+                    frame = self.doctors_frame()
+                    if frame is not None:
+                        out.append(Send(frame))
+                if self.clock_synced:
+                    out.append(Send(self.time_frame(wall_ms)))
+            elif isinstance(msg, Answer | Presence | Abandoned):
+                if self.serial is None:
+                    out.append(Count("no_serial"))
+                else:
+                    out.append(StoreRecord(msg, self.serial, item.seq))
+            elif item.type == FrameType.PING:
+                out.append(Send(self.frame(FrameType.PONG, {})))
+            # PONG and ACK (of our DOCTORS / TIME) only prove the link is up.
+        return out

@@ -1,0 +1,190 @@
+"""A simulated survey terminal on a real pseudo-terminal.
+
+The daemon opens the pty's slave side with pyserial exactly as it opens
+/dev/ttyACM0; `link` is a symlink to it with a stable name (as udev's
+/dev/serial/by-id names are).  The terminal notices the host opening and
+closing the port through the pty (POLLHUP on the master while no one has the
+slave open), as CDC-ACM firmware notices DTR, and sends HELLO on open.
+
+A SIGKILL of this process is the terminal's power cut: the flash file
+survives, and the next start replays what the host never ACKed.
+
+Control socket frames (drivers.hid_transport framing): 'A' a record (JSON:
+{"kind": "answer"|"presence"|"abandoned", ...fields}), 'W' raw bytes to put
+on the wire (corrupted frames for tests), 'X' "state"; replies are 'x' JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from drivers.hid_transport import DeviceGoneError, recv_frame, send_frame
+from firmware_sim.terminal import TerminalFirmware
+
+__all__ = ["TerminalServer", "scripted_day"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def scripted_day(spacing_ms: int = 100) -> list[dict[str, Any]]:
+    """A clinic day in miniature: every shape of answer, presence, walk-aways."""
+    steps: list[dict[str, Any]] = [
+        {"kind": "presence", "approaches": 3, "engaged": 1, "period_ms": 60000},
+        {"kind": "answer", "doctor": "dr-ivanova", "q1": "yes", "lang": "en"},
+        {"kind": "answer", "doctor": "dr-ivanova", "q1": "unsure", "lang": "ru"},
+        {"kind": "answer", "doctor": "dr-petrov", "q1": "no", "q2": "no", "lang": "en"},
+        {"kind": "answer", "doctor": "dr-petrov", "q1": "no", "q2": "yes",
+         "phone": "+74951234567", "comment": "Waited 40 minutes past my slot.", "lang": "ru"},
+        {"kind": "answer", "doctor": "dr-petrov", "q1": "no", "q2": "yes", "phone": "89161234567",
+         "comment": None, "lang": "ru"},
+        {"kind": "abandoned", "doctor": None, "step": "q1"},
+        {"kind": "abandoned", "doctor": "dr-ivanova", "step": "q2"},
+        {"kind": "abandoned", "doctor": "dr-petrov", "step": "contact"},
+        {"kind": "presence", "approaches": 5, "engaged": 4, "period_ms": 60000},
+        {"kind": "answer", "doctor": "dr-sidorova", "q1": "yes", "lang": "en"},
+        {"kind": "answer", "doctor": "dr-sidorova", "q1": "no", "q2": "yes", "phone": None,
+         "comment": "Très bien, mais trop cher — ¿por qué? 医生很好", "lang": "fr"},
+        {"kind": "presence", "approaches": 0, "engaged": 0, "period_ms": 60000},
+    ]
+    for i, s in enumerate(steps):
+        s["after_ms"] = (i + 1) * spacing_ms
+    return steps
+
+
+class TerminalServer:
+    def __init__(self, link: Path, flash: Path, serial: str, control: Path | None = None,
+                 script: list[dict[str, Any]] | None = None) -> None:
+        self.link = link
+        self._master, slave = os.openpty()
+        self.slave_name = os.ttyname(slave)
+        tty.setraw(slave)
+        os.close(slave)
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(self.slave_name)
+        self._stop = threading.Event()
+        self._attached = False
+        self.fw = TerminalFirmware(serial, flash, clock_ms=_now_ms, send=None)
+        self._script = script or []
+        self._started = _now_ms()
+        self._ctl: socket.socket | None = None
+        if control is not None:
+            with contextlib.suppress(FileNotFoundError):
+                control.unlink()
+            self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._ctl.bind(str(control))
+            self._ctl.listen(4)
+            self._ctl.setblocking(False)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self._master, data)
+        except OSError as e:
+            log.debug("pty write: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        poller = select.poll()
+        poller.register(self._master, select.POLLIN | select.POLLHUP)
+        if self._ctl is not None:
+            poller.register(self._ctl.fileno(), select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                wait = max(0, min(self.fw.next_due_ms() - _now_ms(), 100))
+                events = dict(poller.poll(wait))
+                mev = events.get(self._master, 0)
+                hung_up = bool(mev & select.POLLHUP)
+                if hung_up and self._attached:
+                    self._attached = False
+                    self.fw.set_sender(None)
+                    log.info("host closed the port")
+                elif not hung_up and not self._attached:
+                    self._attached = True
+                    log.info("host opened the port")
+                    self.fw.set_sender(self._write)
+                if mev & select.POLLIN:
+                    try:
+                        data = os.read(self._master, 4096)
+                    except OSError:
+                        data = b""
+                    if data:
+                        self.fw.receive(data)
+                elif hung_up:
+                    # POLLHUP is level-triggered while nobody has the port open.
+                    self._stop.wait(0.05)
+                if self._ctl is not None and self._ctl.fileno() in events:
+                    self._accept()
+                self._play_script()
+                self.fw.tick()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.link.unlink()
+            os.close(self._master)
+
+    def _play_script(self) -> None:
+        done = int(self.fw.flash["script_done"])
+        elapsed = _now_ms() - self._started
+        while done < len(self._script) and self._script[done]["after_ms"] <= elapsed:
+            # Advanced before the record is written, so both land in the same
+            # atomic flash write: a power cut never plays a step twice.
+            self.fw.flash["script_done"] = done + 1
+            self._add(self._script[done])
+            done += 1
+
+    def _add(self, step: dict[str, Any]) -> int:
+        fields = {k: v for k, v in step.items() if k not in ("kind", "after_ms", "force")}
+        kind = step["kind"]
+        if kind == "answer":
+            return self.fw.answer(force=bool(step.get("force")), **fields)
+        if kind == "presence":
+            return self.fw.presence(**fields)
+        if kind == "abandoned":
+            return self.fw.abandoned(**fields)
+        raise ValueError(f"unknown record kind {kind!r}")
+
+    def _accept(self) -> None:
+        assert self._ctl is not None  # noqa: S101 - only called when the socket exists
+        try:
+            conn, _ = self._ctl.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                kind, payload = recv_frame(conn)
+                reply: dict[str, Any]
+                if kind == b"A":
+                    reply = {"ok": True, "id": self._add(json.loads(payload))}
+                elif kind == b"W":
+                    self._write(payload)
+                    reply = {"ok": True}
+                else:
+                    reply = self.state()
+                send_frame(conn, b"x", json.dumps(reply).encode())
+            except (DeviceGoneError, OSError, ValueError, TypeError) as e:
+                with contextlib.suppress(OSError):
+                    send_frame(conn, b"x", json.dumps({"ok": False, "error": str(e)}).encode())
+
+    def state(self) -> dict[str, Any]:
+        fw = self.fw
+        return {"ok": True, "serial": fw.serial, "pty": self.slave_name,
+                "host_attached": self._attached, "unacked": fw.unacked,
+                "next_id": fw.flash["next_id"], "script_done": fw.flash["script_done"],
+                "doctors_rev": fw.flash["doctors_rev"], "time_set": fw.time_set,
+                "naks": fw.naks[-20:], "pongs": fw.pongs}
