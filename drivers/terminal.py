@@ -93,14 +93,15 @@ def crc16(data: bytes) -> int:
 def cobs_encode(data: bytes) -> bytes:
     """Consistent Overhead Byte Stuffing: the result contains no 0x00."""
     out = bytearray()
-    for block in data.split(b"\x00"):
-        # Blocks longer than 254 bytes are split with a 0xFF code.
-        while len(block) >= 0xFE:
+    for run in data.split(b"\x00"):
+        # Runs of 254 bytes or more are split with a 0xFF code.
+        rest = run
+        while len(rest) >= 0xFE:
             out.append(0xFF)
-            out += block[:0xFE]
-            block = block[0xFE:]
-        out.append(len(block) + 1)
-        out += block
+            out += rest[:0xFE]
+            rest = rest[0xFE:]
+        out.append(len(rest) + 1)
+        out += rest
     return bytes(out)
 
 
@@ -261,14 +262,14 @@ Message = Hello | Answer | Presence | Abandoned | Empty | Acked
 Record = Answer | Presence | Abandoned
 
 
-class _Invalid(ValueError):
+class _InvalidError(ValueError):
     pass
 
 
 def _int(d: dict[str, Any], key: str, low: int = 0, high: int = 2**53) -> int:
     v = d.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-        raise _Invalid(key)
+        raise _InvalidError(key)
     return v
 
 
@@ -277,7 +278,7 @@ def _str(d: dict[str, Any], key: str, *, null: bool = False, max_len: int = 256)
     if v is None and null and key in d:
         return None
     if not isinstance(v, str) or len(v) > max_len:
-        raise _Invalid(key)
+        raise _InvalidError(key)
     return v
 
 
@@ -287,15 +288,15 @@ def _answer(d: dict[str, Any]) -> Answer:
     phone = _str(d, "phone", null=True, max_len=17)
     comment = _str(d, "comment", null=True, max_len=500)
     if q1 not in ("yes", "no", "unsure") or q2 not in ("yes", "no", None):
-        raise _Invalid("q1/q2")
+        raise _InvalidError("q1/q2")
     # The survey rules the terminal keeps (sheet): q2 only after "no";
     # phone and comment only after q2 "yes"; a phone is 5..16 digits.
     if (q2 is not None) != (q1 == "no"):
-        raise _Invalid("q2 only when q1 is no")
+        raise _InvalidError("q2 only when q1 is no")
     if q2 != "yes" and (phone is not None or comment is not None):
-        raise _Invalid("phone/comment only when q2 is yes")
+        raise _InvalidError("phone/comment only when q2 is yes")
     if phone is not None and not _PHONE.match(phone):
-        raise _Invalid("phone")
+        raise _InvalidError("phone")
     return Answer(_int(d, "id"), _str(d, "doctor", max_len=64), q1, q2, phone, comment,
                   _str(d, "lang", max_len=16), _int(d, "age_ms"))
 
@@ -304,14 +305,14 @@ def _presence(d: dict[str, Any]) -> Presence:
     p = Presence(_int(d, "id"), _int(d, "approaches"), _int(d, "engaged"),
                  _int(d, "period_ms"), _int(d, "age_ms"))
     if p.engaged > p.approaches:
-        raise _Invalid("engaged > approaches")
+        raise _InvalidError("engaged > approaches")
     return p
 
 
 def _abandoned(d: dict[str, Any]) -> Abandoned:
     step = _str(d, "step")
     if step not in ("q1", "q2", "contact"):
-        raise _Invalid("step")
+        raise _InvalidError("step")
     return Abandoned(_int(d, "id"), _str(d, "doctor", null=True, max_len=64), step,
                      _int(d, "age_ms"))
 
@@ -345,7 +346,7 @@ def parse_message(frame: Frame) -> Message | FrameError:
         return FrameError("json", "json", frame.seq)
     try:
         msg: Message = parser(body)
-    except _Invalid:
+    except _InvalidError:
         return FrameError("schema", "schema", frame.seq)
     return msg
 

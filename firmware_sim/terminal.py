@@ -143,7 +143,7 @@ class TerminalFirmware:
             self._pump()
             return rid
 
-    def answer(self, doctor: str, q1: str, q2: str | None = None, phone: str | None = None,
+    def answer(self, doctor: str, q1: str, *, q2: str | None = None, phone: str | None = None,
                comment: str | None = None, lang: str = "en", force: bool = False) -> int:
         if not force:
             if (q2 is not None) != (q1 == "no"):
