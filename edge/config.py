@@ -31,6 +31,15 @@ Example::
     kind = "console"
     serial = "00A1B2C3D4E5"
     desk = "desk-2"
+
+    [[devices]]
+    kind = "terminal"          # a survey terminal on USB serial
+    serial = "00C0FFEE0001"    # found under /dev/serial/by-id; or port = "/dev/ttyUSB0"
+    desk = "office-12"
+
+    [survey]
+    doctors_file = "/etc/feedback-edge/doctors.json"   # {"rev": 3, "doctors": [...]}
+    send_personal_data = true  # phone and comment go to the collector (the callback list)
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ __all__ = [
     "DeskConfig",
     "DeviceConfig",
     "StoreConfig",
+    "SurveyConfig",
     "TlsConfig",
     "load_config",
     "parse_config",
@@ -58,7 +68,7 @@ __all__ = [
 NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}$")
 SERIAL_RE: Final = re.compile(r"^[0-9A-F]{12}$")
 DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DEVICE_KINDS: Final = ("console",)
+DEVICE_KINDS: Final = ("console", "terminal")
 CONSOLE_VID: Final = 0x1209
 CONSOLE_PID: Final = 0xFB02
 
@@ -131,6 +141,13 @@ class DeviceConfig:
     pid: int
     labels: tuple[str, ...] | None
     scores: tuple[int | None, ...] | None
+    port: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SurveyConfig:
+    doctors_file: Path | None
+    send_personal_data: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +161,7 @@ class Config:
     control_socket: Path
     health_interval_s: float
     led_ms: int
+    survey: SurveyConfig = SurveyConfig(None, True)
     source: str = ""
 
     @property
@@ -305,6 +323,21 @@ def _parse_labels(t: _Table) -> tuple[tuple[str, ...] | None, tuple[int | None, 
     return tuple(labels), tuple(scores)
 
 
+def _parse_terminal(t: _Table, index: int, desk: str) -> DeviceConfig:
+    serial = t.string("serial", default=None, pattern=SERIAL_RE,
+                      allowed="12 upper-case hex digits, as printed on the label")
+    port = t.path_value("port")
+    if serial is None and port is None:
+        raise t.error("port", _MISSING, "give serial (found under /dev/serial/by-id) or port "
+                      "(e.g. /dev/ttyUSB0 for an RS-232 unit), or both")
+    default_id = f"st3-{serial.lower()}" if serial else f"terminal-{index + 1}"
+    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
+                      allowed="1 to 32 lower-case letters, digits or '-'")
+    t.finish()
+    return DeviceConfig(str(dev_id), "terminal", desk, serial, "serial", None, 0x1209, 0xFB30,
+                        None, None, port)
+
+
 def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
     kind = t.required_string("kind", allowed=f"one of {', '.join(DEVICE_KINDS)}")
     if kind not in DEVICE_KINDS:
@@ -313,6 +346,8 @@ def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> Device
                              allowed="a desk name: 1 to 64 letters, digits, '_', '.', '-'")
     if desks and desk not in desks:
         raise t.error("desk", desk, f"must be one of the [desks] tables: {', '.join(desks)}")
+    if kind == "terminal":
+        return _parse_terminal(t, index, desk)
     transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
     if transport not in ("hid", "socket"):
         raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
@@ -396,9 +431,17 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     health_interval = daemon_t.number("health_interval_s", 60.0, 1.0, 3600.0)
     led_ms = daemon_t.integer("led_ms", 1500, 0, 60_000)
     daemon_t.finish()
+    survey_t = top.table("survey") or _Table({}, "survey", source)
+    doctors_file = survey_t.path_value("doctors_file")
+    if doctors_file is not None and base_dir is not None and not doctors_file.is_absolute():
+        doctors_file = base_dir / doctors_file
+    personal = survey_t.get("send_personal_data")
+    if personal is not _MISSING and not isinstance(personal, bool):
+        raise survey_t.error("send_personal_data", personal, "must be true or false")
+    survey_t.finish()
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
-                  led_ms, source)
+                  led_ms, SurveyConfig(doctors_file, personal is not False), source)
 
 
 def load_config(path: Path) -> Config:

@@ -41,16 +41,31 @@ from drivers.console import (
     encode_show,
 )
 from drivers.hid_transport import HidapiTransport, HidTransport, SocketTransport
+from drivers.terminal import Abandoned as TermAbandoned
+from drivers.terminal import Answer as TermAnswer
+from drivers.terminal import Presence as TermPresence
 from edge import __version__
 from edge.clock import Clock, SystemClock
 from edge.config import Config, DeviceConfig
-from edge.devices import ConsoleWorker, DecodeFailed, DeviceReport, DeviceState
+from edge.devices import (
+    ConsoleWorker,
+    DecodeFailed,
+    DeviceReport,
+    DeviceState,
+    TerminalRecord,
+    TerminalWorker,
+)
+from edge.doctors import DoctorList, validate_doctors
 from edge.events import (
+    Abandoned,
     DeviceRef,
     Event,
+    EventBody,
     EventTime,
     OperatorTag,
+    Presence,
     Press,
+    SurveyAnswer,
     encode_event,
     format_wall,
     new_event_id,
@@ -84,8 +99,8 @@ class StatusRequest:
 @dataclass(slots=True)
 class _Device:
     cfg: DeviceConfig
-    worker: ConsoleWorker
-    host: ConsoleHost
+    worker: ConsoleWorker | TerminalWorker
+    host: ConsoleHost | None
     state: str = "missing"
     error: str | None = None
     last_seen_ns: int | None = None
@@ -100,6 +115,11 @@ class _Device:
     @property
     def source(self) -> str:
         return f"console:{self.cfg.id}"
+
+    def console(self) -> tuple[ConsoleWorker, ConsoleHost]:
+        assert isinstance(self.worker, ConsoleWorker)  # noqa: S101 - consoles only
+        assert self.host is not None  # noqa: S101
+        return self.worker, self.host
 
 
 def open_transport(cfg: DeviceConfig) -> HidTransport:
@@ -127,8 +147,17 @@ class Daemon:
         self._status_topic = f"{root}/status"
         self.link = MqttLink(config.broker, will=(self._status_topic, self._status("offline")),
                              post=self.inbox.put, rng=self._rng)
+        self.doctors = DoctorList(config.store.path.with_name("doctors.json"),
+                                  config.survey.doctors_file)
+        self.alarms.extend(self.doctors.alarms)
+        # Read by terminal workers on their own threads: an immutable snapshot.
+        self._doctors_now = self.doctors.current()
         self.devices: dict[str, _Device] = {}
         for d in config.devices:
+            if d.kind == "terminal":
+                tw = TerminalWorker(d, self.inbox.put, self.clock, lambda: self._doctors_now)
+                self.devices[d.id] = _Device(d, tw, None)
+                continue
             worker = ConsoleWorker(d, functools.partial(transport, d), self.inbox.put, self.clock)
             self.devices[d.id] = _Device(d, worker, ConsoleHost(self.store.keys(f"console:{d.id}")))
         # Publisher state.
@@ -209,10 +238,10 @@ class Daemon:
             except queue.Empty:
                 break
         self.turns += 1
-        reports: list[DeviceReport] = []
+        reports: list[DeviceReport | TerminalRecord] = []
         acks: list[PubAck] = []
         for msg in batch:
-            if isinstance(msg, DeviceReport):
+            if isinstance(msg, DeviceReport | TerminalRecord):
                 reports.append(msg)
             elif isinstance(msg, PubAck):
                 acks.append(msg)
@@ -304,17 +333,47 @@ class Daemon:
             flags=tuple(flags),
         )
 
-    def _ingest(self, reports: list[DeviceReport]) -> None:
+    def _terminal_event(self, dev: _Device, r: TerminalRecord) -> Event:
+        rec = r.record
+        body: EventBody
+        if isinstance(rec, TermAnswer):
+            personal = self.config.survey.send_personal_data
+            body = SurveyAnswer(record_id=rec.id, doctor=rec.doctor, q1=rec.q1, q2=rec.q2,
+                                phone=rec.phone if personal else None,
+                                comment=rec.comment if personal else None, lang=rec.lang)
+        elif isinstance(rec, TermPresence):
+            body = Presence(record_id=rec.id, approaches=rec.approaches, engaged=rec.engaged,
+                            period_ms=rec.period_ms)
+        else:
+            assert isinstance(rec, TermAbandoned)  # noqa: S101 - the three record kinds
+            body = Abandoned(record_id=rec.id, doctor=rec.doctor, step=rec.step)
+        age_ns = rec.age_ms * 1_000_000
+        return Event(
+            event_id=new_event_id(), desk=dev.cfg.desk,
+            device=DeviceRef(dev.cfg.id, "terminal", r.serial), body=body,
+            operator=self._operator(dev.cfg.desk),
+            time=EventTime(wall_ns=r.host_wall_ns - age_ns, synced=self.clock.synced(),
+                           boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
+                           age_ms=rec.age_ms))
+
+    def _ingest(self, reports: list[DeviceReport | TerminalRecord]) -> None:
         appends: list[Append] = []
         forget: list[str] = []
         # Per report, in order: (device, report, index into appends or None).
-        plan: list[tuple[_Device, DeviceReport, int | None]] = []
+        plan: list[tuple[_Device, DeviceReport | TerminalRecord, int | None]] = []
         for r in reports:
             dev = self.devices.get(r.device_id)
             if dev is None:
                 continue
             dev.last_seen_ns = r.host_wall_ns
-            action = dev.host.on_report(r.report, r.host_mono_ns)
+            if isinstance(r, TerminalRecord):
+                # (terminal serial, record id) identifies a record for good.
+                appends.append(Append(self._terminal_event(dev, r),
+                                      (f"terminal:{r.serial}", str(r.record.id))))
+                plan.append((dev, r, len(appends) - 1))
+                continue
+            _, host = dev.console()
+            action = host.on_report(r.report, r.host_mono_ns)
             if r.lost_total is not None:
                 self._count_device_loss(dev, r.lost_total)
             if isinstance(action, Duplicate):
@@ -339,24 +398,30 @@ class Daemon:
             name = "disk_full" if isinstance(e, StoreDiskFullError) else "write_failed"
             self.store_errors[name] = self.store_errors.get(name, 0) + 1
             log.error("store: %s; devices keep their events and will send them again", e)
-            # The hosts remembered keys that never reached the disk.
+            # The console hosts remembered keys that never reached the disk.
             for dev, _, _ in plan:
-                dev.host = ConsoleHost(self.store.keys(dev.source))
+                if dev.host is not None:
+                    dev.host = ConsoleHost(self.store.keys(dev.source))
             return
         self._delivered = []
         # Durable now: acknowledge and light the LEDs.
         last_seq: dict[str, int] = {}
         for dev, r, idx in plan:
-            last_seq[dev.cfg.id] = r.report.seq
             stored = idx is not None and result.seqs[idx] is not None
             if idx is not None and not stored:
                 dev.duplicates += 1
             if stored:
                 dev.presses += 1
-                if r.report.type is ReportType.PRESS and self.config.led_ms > 0:
-                    dev.worker.send(encode_show(r.report.button, ms=self.config.led_ms))
+            if isinstance(r, TerminalRecord):
+                assert isinstance(dev.worker, TerminalWorker)  # noqa: S101
+                dev.worker.ack(r.frame_seq)
+                continue
+            worker, _ = dev.console()
+            last_seq[dev.cfg.id] = r.report.seq
+            if stored and r.report.type is ReportType.PRESS and self.config.led_ms > 0:
+                worker.send(encode_show(r.report.button, ms=self.config.led_ms))
         for dev_id, seq in last_seq.items():
-            self.devices[dev_id].worker.send(encode_ack(seq))
+            self.devices[dev_id].console()[0].send(encode_ack(seq))
         if result.dropped:
             log.warning("store full: dropped %s", result.dropped)
 
@@ -459,11 +524,29 @@ class Daemon:
             request_id = rid if isinstance(rid, str) and len(rid) <= 128 else None
             if request_id is None:
                 error = "request_id must be a string of at most 128 characters"
+            elif name == "doctors":
+                error = self._cmd_doctors(body)
             elif name != "ping":
-                error = f"unknown command {name!r}; known: ping"
+                error = f"unknown command {name!r}; known: doctors, ping"
         result = {"request_id": request_id, "ok": error is None, "error": error}
         self._control_mids.add(self.link.publish(f"{msg.topic}/result",
                                                  json.dumps(result).encode()))
+
+    def _cmd_doctors(self, body: dict[str, Any]) -> str | None:
+        try:
+            rev, doctors = validate_doctors(body)
+        except ValueError as e:
+            return str(e)
+        current = self._doctors_now
+        if current is not None and rev <= current[0]:
+            return f"rev {rev} is not newer than the current rev {current[0]}"
+        self.doctors.update(rev, doctors)
+        self._doctors_now = (rev, doctors)
+        log.info("doctor list rev %d (%d doctors) from the doctors command", rev, len(doctors))
+        for dev in self.devices.values():
+            if isinstance(dev.worker, TerminalWorker):
+                dev.worker.set_doctors((rev, doctors))
+        return None
 
     # -- reporting ---------------------------------------------------------------
 
@@ -564,4 +647,5 @@ class Daemon:
         if self._delivered:
             self._flush_delivered()
         self.store.close()
+        self.doctors.close()
 

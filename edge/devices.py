@@ -24,10 +24,27 @@ from drivers.console import (
     encode_resend,
 )
 from drivers.hid_transport import DeviceGoneError, HidTransport
+from drivers.serial_transport import SerialTransport, find_by_serial
+from drivers.terminal import (
+    LINK_TIMEOUT_MS,
+    Count,
+    HelloSeen,
+    Record,
+    Send,
+    StoreRecord,
+    TerminalHost,
+)
 from edge.clock import Clock
 from edge.config import DeviceConfig
 
-__all__ = ["ConsoleWorker", "DecodeFailed", "DeviceReport", "DeviceState"]
+__all__ = [
+    "ConsoleWorker",
+    "DecodeFailed",
+    "DeviceReport",
+    "DeviceState",
+    "TerminalRecord",
+    "TerminalWorker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +59,16 @@ class DeviceReport:
     host_mono_ns: int
     host_wall_ns: int
     lost_total: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalRecord:
+    device_id: str
+    record: Record
+    serial: str
+    frame_seq: int
+    host_mono_ns: int
+    host_wall_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +172,134 @@ class ConsoleWorker:
                 if not isinstance(fresh, DecodeError):
                     lost = fresh.lost
             self._post(DeviceReport(self.cfg.id, decoded, mono, wall, lost))
+
+
+TIME_EVERY_S = 3600.0
+
+
+class TerminalWorker:
+    """Reads one survey terminal; the protocol decisions are TerminalHost's."""
+
+    def __init__(self, cfg: DeviceConfig, post: Callable[[object], None], clock: Clock,
+                 doctors: Callable[[], tuple[int, list[dict[str, object]]] | None],
+                 open_port: Callable[[DeviceConfig], SerialTransport] | None = None) -> None:
+        self.cfg = cfg
+        self._post = post
+        self._clock = clock
+        self._doctors = doctors
+        self._open = open_port or _open_terminal
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._transport: SerialTransport | None = None
+        self._host: TerminalHost | None = None
+        self._thread = threading.Thread(target=self._run, name=f"dev-{cfg.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(READ_TIMEOUT_MS / 1000 + 2)
+
+    def _write(self, data: bytes) -> bool:
+        t = self._transport
+        if t is None:
+            return False
+        try:
+            t.write(data)
+        except (DeviceGoneError, OSError):
+            return False
+        return True
+
+    def ack(self, frame_seq: int) -> bool:
+        """The record in that frame is durable: tell the terminal (main loop)."""
+        with self._lock:
+            if self._host is None:
+                return False
+            return self._write(self._host.ack_frame(frame_seq))
+
+    def set_doctors(self, doctors: tuple[int, list[dict[str, object]]]) -> None:
+        with self._lock:
+            if self._host is None:
+                return
+            self._host.doctors = doctors
+            frame = self._host.doctors_frame()
+            if frame is not None and self._host.link_up(self._clock.mono_ns() // 1_000_000):
+                self._write(frame)
+
+    def _run(self) -> None:
+        last_error: str | None = None
+        while not self._stop.is_set():
+            try:
+                transport = self._open(self.cfg)
+            except (DeviceGoneError, OSError) as e:
+                if str(e) != last_error:
+                    last_error = str(e)
+                    self._post(DeviceState(self.cfg.id, "missing", str(e)))
+                self._stop.wait(RETRY_S)
+                continue
+            last_error = None
+            try:
+                self._serve(transport)
+            except (DeviceGoneError, OSError) as e:
+                log.warning("terminal %s went away: %s", self.cfg.id, e)
+                self._post(DeviceState(self.cfg.id, "missing", f"disconnected: {e}"))
+            finally:
+                with self._lock:
+                    self._transport = None
+                    self._host = None
+                transport.close()
+            self._stop.wait(RETRY_S if not self._stop.is_set() else 0)
+
+    def _serve(self, transport: SerialTransport) -> None:
+        host = TerminalHost(self.cfg.serial, self._doctors(),
+                            clock_synced=self._clock.synced())
+        with self._lock:
+            self._transport = transport
+            self._host = host
+        self._post(DeviceState(self.cfg.id, "connected", None))
+        link_up = True
+        opened_ms = self._clock.mono_ns() // 1_000_000
+        next_time = 0.0
+        while not self._stop.is_set():
+            data = transport.read(READ_TIMEOUT_MS)
+            mono = self._clock.mono_ns()
+            now_ms = mono // 1_000_000
+            wall = self._clock.wall_ns()
+            with self._lock:
+                host.clock_synced = self._clock.synced()
+                actions = host.feed(data, now_ms, wall // 1_000_000) if data else []
+                for a in actions:
+                    if isinstance(a, Send):
+                        self._write(a.data)
+                up = host.link_up(now_ms) or (host.last_rx_ms is None
+                                             and now_ms - opened_ms <= LINK_TIMEOUT_MS)
+                if host.clock_synced and host.hello is not None and now_ms / 1000 >= next_time:
+                    next_time = now_ms / 1000 + TIME_EVERY_S
+                    self._write(host.time_frame(wall // 1_000_000))
+            for a in actions:
+                if isinstance(a, StoreRecord):
+                    self._post(TerminalRecord(self.cfg.id, a.record, a.serial, a.seq, mono, wall))
+                elif isinstance(a, Count):
+                    self._post(DecodeFailed(self.cfg.id, a.name))
+                elif isinstance(a, HelloSeen):
+                    if self.cfg.serial is not None and a.hello.serial != self.cfg.serial:
+                        self._post(DeviceState(self.cfg.id, "error",
+                                               f"terminal says serial {a.hello.serial}, the "
+                                               f"config says {self.cfg.serial}"))
+                    else:
+                        self._post(DeviceState(self.cfg.id, "connected", None))
+            if up != link_up:
+                link_up = up
+                self._post(DeviceState(self.cfg.id, "connected" if up else "error",
+                                       None if up else "link down: no frame for 30 s"))
+
+
+def _open_terminal(cfg: DeviceConfig) -> SerialTransport:
+    port = cfg.port
+    if port is None and cfg.serial is not None:
+        port = find_by_serial(cfg.serial)
+    if port is None:
+        raise DeviceGoneError(f"no serial port for terminal {cfg.serial} under "
+                              "/dev/serial/by-id")
+    return SerialTransport(port)

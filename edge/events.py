@@ -18,13 +18,16 @@ import uuid6
 
 __all__ = [
     "EVENT_SCHEMA",
+    "Abandoned",
     "DeviceRef",
     "Dropped",
     "Event",
     "EventBody",
     "EventTime",
     "OperatorTag",
+    "Presence",
     "Press",
+    "SurveyAnswer",
     "encode_event",
     "event_payload",
     "format_wall",
@@ -96,6 +99,52 @@ class Press:
 
 
 @dataclass(frozen=True, slots=True)
+class SurveyAnswer:
+    """A patient's answers at a survey terminal.  phone and comment are personal data."""
+
+    kind: str = field(default="answer", init=False, repr=False)
+    record_id: int = 0
+    doctor: str = ""
+    q1: str = ""
+    q2: str | None = None
+    phone: str | None = field(default=None, repr=False)
+    comment: str | None = field(default=None, repr=False)
+    lang: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"record_id": self.record_id, "doctor": self.doctor, "q1": self.q1,
+                "q2": self.q2, "phone": self.phone, "comment": self.comment, "lang": self.lang}
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """People counted near a terminal over a period (the answer rate's base)."""
+
+    kind: str = field(default="presence", init=False, repr=False)
+    record_id: int = 0
+    approaches: int = 0
+    engaged: int = 0
+    period_ms: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"record_id": self.record_id, "approaches": self.approaches,
+                "engaged": self.engaged, "period_ms": self.period_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Someone started the survey and walked away at `step`."""
+
+    kind: str = field(default="abandoned", init=False, repr=False)
+    record_id: int = 0
+    doctor: str | None = None
+    step: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"record_id": self.record_id, "doctor": self.doctor, "step": self.step}
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """The edge itself lost events (its store was full)."""
 
@@ -108,7 +157,7 @@ class Dropped:
         return {"from_seq": self.from_seq, "to_seq": self.to_seq, "reason": self.reason}
 
 
-EventBody = Press | Dropped
+EventBody = Press | SurveyAnswer | Presence | Abandoned | Dropped
 
 
 @dataclass(frozen=True, slots=True)
