@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from drivers.console import (
     INFO_REPORT_LEN,
@@ -85,15 +86,29 @@ class DeviceState:
     info: ConsoleInfo | None = None
 
 
-class ConsoleWorker:
-    def __init__(self, cfg: DeviceConfig, open_transport: Callable[[], HidTransport],
+class _Transport(Protocol):
+    def write(self, data: bytes, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Transport)
+
+
+class _Worker(Generic[T]):
+    """One device's thread: open it (retrying every second), serve it until it
+    goes away, report its state; subclasses only know their protocol."""
+
+    kind = "device"
+
+    def __init__(self, cfg: DeviceConfig, open_transport: Callable[[], T],
                  post: Callable[[object], None], clock: Clock) -> None:
         self.cfg = cfg
         self._open = open_transport
         self._post = post
         self._clock = clock
         self._stop = threading.Event()
-        self._transport: HidTransport | None = None
+        self._transport: T | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"dev-{cfg.id}", daemon=True)
 
@@ -104,17 +119,23 @@ class ConsoleWorker:
         self._stop.set()
         self._thread.join(READ_TIMEOUT_MS / 1000 + 2)
 
-    def send(self, report: bytes) -> bool:
-        """Write an output report now (from the main loop); False if the device is gone."""
-        with self._lock:
-            t = self._transport
+    def _write(self, data: bytes) -> bool:
+        """Write now (from any thread); False if the device is gone."""
+        t = self._transport
         if t is None:
             return False
         try:
-            t.write(report)
+            t.write(data)
         except (DeviceGoneError, OSError):
             return False
         return True
+
+    def _serve(self, transport: T) -> None:
+        raise NotImplementedError
+
+    def _detached(self) -> None:
+        """The transport is gone (called with the lock held)."""
+        self._transport = None
 
     def _run(self) -> None:
         last_error: str | None = None
@@ -131,14 +152,21 @@ class ConsoleWorker:
             try:
                 self._serve(transport)
             except (DeviceGoneError, OSError) as e:
-                log.warning("device %s went away: %s", self.cfg.id, e)
+                log.warning("%s %s went away: %s", self.kind, self.cfg.id, e)
                 self._post(DeviceState(self.cfg.id, "missing", f"disconnected: {e}"))
-                last_error = None
             finally:
                 with self._lock:
-                    self._transport = None
+                    self._detached()
                 transport.close()
             self._stop.wait(RETRY_S if not self._stop.is_set() else 0)
+
+
+class ConsoleWorker(_Worker[HidTransport]):
+    kind = "console"
+
+    def send(self, report: bytes) -> bool:
+        """Write an output report now (from the main loop); False if the device is gone."""
+        return self._write(report)
 
     def _read_info(self, transport: HidTransport) -> ConsoleInfo | DecodeError:
         return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
@@ -177,39 +205,22 @@ class ConsoleWorker:
 TIME_EVERY_S = 3600.0
 
 
-class TerminalWorker:
+class TerminalWorker(_Worker[SerialTransport]):
     """Reads one survey terminal; the protocol decisions are TerminalHost's."""
+
+    kind = "terminal"
 
     def __init__(self, cfg: DeviceConfig, post: Callable[[object], None], clock: Clock,
                  doctors: Callable[[], tuple[int, list[dict[str, object]]] | None],
                  open_port: Callable[[DeviceConfig], SerialTransport] | None = None) -> None:
-        self.cfg = cfg
-        self._post = post
-        self._clock = clock
+        opener = open_port or _open_terminal
+        super().__init__(cfg, lambda: opener(cfg), post, clock)
         self._doctors = doctors
-        self._open = open_port or _open_terminal
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._transport: SerialTransport | None = None
         self._host: TerminalHost | None = None
-        self._thread = threading.Thread(target=self._run, name=f"dev-{cfg.id}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(READ_TIMEOUT_MS / 1000 + 2)
-
-    def _write(self, data: bytes) -> bool:
-        t = self._transport
-        if t is None:
-            return False
-        try:
-            t.write(data)
-        except (DeviceGoneError, OSError):
-            return False
-        return True
+    def _detached(self) -> None:
+        self._transport = None
+        self._host = None
 
     def ack(self, frame_seq: int) -> bool:
         """The record in that frame is durable: tell the terminal (main loop)."""
@@ -226,30 +237,6 @@ class TerminalWorker:
             frame = self._host.doctors_frame()
             if frame is not None and self._host.link_up(self._clock.mono_ns() // 1_000_000):
                 self._write(frame)
-
-    def _run(self) -> None:
-        last_error: str | None = None
-        while not self._stop.is_set():
-            try:
-                transport = self._open(self.cfg)
-            except (DeviceGoneError, OSError) as e:
-                if str(e) != last_error:
-                    last_error = str(e)
-                    self._post(DeviceState(self.cfg.id, "missing", str(e)))
-                self._stop.wait(RETRY_S)
-                continue
-            last_error = None
-            try:
-                self._serve(transport)
-            except (DeviceGoneError, OSError) as e:
-                log.warning("terminal %s went away: %s", self.cfg.id, e)
-                self._post(DeviceState(self.cfg.id, "missing", f"disconnected: {e}"))
-            finally:
-                with self._lock:
-                    self._transport = None
-                    self._host = None
-                transport.close()
-            self._stop.wait(RETRY_S if not self._stop.is_set() else 0)
 
     def _serve(self, transport: SerialTransport) -> None:
         host = TerminalHost(self.cfg.serial, self._doctors(),
