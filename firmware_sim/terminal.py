@@ -22,7 +22,6 @@ inject a manual one; nothing here sleeps.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,21 +34,13 @@ from drivers.terminal import (
     FrameType,
     encode_frame,
 )
+from edge.state import write_atomic
 
 __all__ = ["TerminalFirmware"]
 
 FLASH_RECORDS = 500
 RETRANSMIT_MS = 2000
 PING_MS = 10_000
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TerminalFirmware:
@@ -82,7 +73,7 @@ class TerminalFirmware:
         return data
 
     def _save(self) -> None:
-        _write_atomic(self._flash_path, json.dumps(self.flash).encode())
+        write_atomic(self._flash_path, json.dumps(self.flash).encode())
 
     # -- power and link ----------------------------------------------------------
 
