@@ -166,6 +166,51 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if st.get("running") else 1
 
 
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from drivers.usb_discovery import classify, scan  # noqa: PLC0415
+
+    cfg = _load(args.config) if args.config.exists() or args.config != DEFAULT_CONFIG \
+        else None
+    configured = {d.serial: d for d in cfg.devices if d.serial} if cfg else {}
+    found = scan(args.sysfs)
+    rows: list[dict[str, Any]] = []
+    for dev in found:
+        kind = classify(dev)
+        match = configured.get(dev.serial or "")
+        rows.append({
+            "port_path": dev.port_path, "usb_id": dev.ident, "serial": dev.serial,
+            "product": dev.product, "kind": kind,
+            "state": "configured" if match else ("unconfigured" if kind else "not ours"),
+            "device_id": match.id if match else None, "desk": match.desk if match else None,
+            "nodes": [*dev.hidraw, *dev.tty, *dev.event],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no USB devices found (is the hardware plugged in? is this a Pi?)")
+        return 0
+    for r in rows:
+        what = r["kind"] or "-"
+        where = f"desk {r['desk']} as {r['device_id']}" if r["device_id"] else r["state"]
+        print(f"{r['port_path']:<10} {r['usb_id']}  {what:<9} serial {r['serial'] or '-':<14} "
+              f"{where:<28} {' '.join(r['nodes'])}  {r['product'] or ''}")
+    from edge.config import DEVICE_KINDS  # noqa: PLC0415
+
+    todo = [r for r in rows if r["state"] == "unconfigured"]
+    later = [r for r in todo if r["kind"] not in DEVICE_KINDS]
+    todo = [r for r in todo if r["kind"] in DEVICE_KINDS and r["serial"]]
+    if todo:
+        print("\nnot in the config yet; add to edge.toml (and set the desk):")
+        for r in todo:
+            print(f'\n[[devices]]\nkind = "{r["kind"]}"\nserial = "{r["serial"]}"\n'
+                  'desk = "CHANGE-ME"')
+    for r in later:
+        print(f"\n{r['port_path']}: a {r['kind']}-class device; this version cannot read "
+              "keyboard-class buttons and badge readers yet")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedback-edge", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"feedback-edge {__version__}")
@@ -182,6 +227,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
+    devices = sub.add_parser("devices", help="list the USB devices attached now")
+    devices.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    devices.add_argument("--json", action="store_true")
+    devices.add_argument("--sysfs", type=Path, default=Path("/sys"), help=argparse.SUPPRESS)
+    devices.set_defaults(func=_cmd_devices)
     return p
 
 
