@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from drivers.console import (
@@ -48,10 +49,12 @@ from edge import __version__
 from edge.clock import Clock, SystemClock
 from edge.config import Config, DeviceConfig
 from edge.devices import (
+    Attached,
     ConsoleWorker,
     DecodeFailed,
     DeviceReport,
     DeviceState,
+    DiscoveryWatcher,
     TerminalRecord,
     TerminalWorker,
 )
@@ -132,7 +135,7 @@ def open_transport(cfg: DeviceConfig) -> HidTransport:
 class Daemon:
     def __init__(self, config: Config, *, clock: Clock | None = None,
                  transport: Callable[[DeviceConfig], HidTransport] = open_transport,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, sysfs: Path = Path("/sys")) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -160,6 +163,8 @@ class Daemon:
                 continue
             worker = ConsoleWorker(d, functools.partial(transport, d), self.inbox.put, self.clock)
             self.devices[d.id] = _Device(d, worker, ConsoleHost(self.store.keys(f"console:{d.id}")))
+        self._discovery = DiscoveryWatcher(self.inbox.put, sysfs)
+        self._attached: tuple[tuple[Any, str | None], ...] = ()
         # Publisher state.
         self._window = config.broker.window
         self._inflight: dict[int, int] = {}  # mid -> seq
@@ -198,6 +203,7 @@ class Daemon:
     def start(self) -> None:
         for dev in self.devices.values():
             dev.worker.start()
+        self._discovery.start()
         self.link.start()
 
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -283,6 +289,9 @@ class Daemon:
             self.broker_since_ns = self.clock.wall_ns()
         elif isinstance(msg, Inbound):
             self._on_inbound(msg)
+        elif isinstance(msg, Attached):
+            self._attached = msg.devices
+            self._publish_devices()
         elif isinstance(msg, StatusRequest):
             msg.reply.put(self.status())
         elif isinstance(msg, Stop):
@@ -559,6 +568,15 @@ class Daemon:
                 "last_seen": format_wall(dev.last_seen_ns) if dev.last_seen_ns else None,
                 "error": dev.error,
             })
+        serials = {d.cfg.serial for d in self.devices.values() if d.cfg.serial}
+        for usb, kind in self._attached:
+            if kind is not None and usb.serial not in serials:
+                # Plugged in but not configured: its identity, for the installer.
+                out.append({
+                    "id": f"usb-{usb.port_path}", "kind": kind, "serial": usb.serial,
+                    "desk": None, "state": "unconfigured", "last_seen": None,
+                    "error": None, "usb_id": usb.ident, "port_path": usb.port_path,
+                })
         return out
 
     def _publish_devices(self) -> None:
@@ -602,7 +620,9 @@ class Daemon:
         h = self.health()
         devices = self._device_list()
         for entry in devices:
-            dev = self.devices[entry["id"]]
+            dev = self.devices.get(entry["id"])
+            if dev is None:
+                continue
             entry.update(presses=dev.presses, duplicates=dev.duplicates, resets=dev.resets,
                          decode_errors=dict(dev.decode_errors),
                          buttons=dev.info.buttons if dev.info else None)
@@ -636,6 +656,7 @@ class Daemon:
         log.info("stopping: %s", self._stopping)
         for dev in self.devices.values():
             dev.worker.stop()
+        self._discovery.stop()
         if self.link.connected:
             mid = self.link.publish(self._status_topic, self._status("offline"), retain=True)
             self._control_mids.add(mid)

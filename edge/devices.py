@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from drivers.console import (
@@ -35,14 +36,17 @@ from drivers.terminal import (
     StoreRecord,
     TerminalHost,
 )
+from drivers.usb_discovery import UsbDevice, classify, scan
 from edge.clock import Clock
 from edge.config import DeviceConfig
 
 __all__ = [
+    "Attached",
     "ConsoleWorker",
     "DecodeFailed",
     "DeviceReport",
     "DeviceState",
+    "DiscoveryWatcher",
     "TerminalRecord",
     "TerminalWorker",
 ]
@@ -290,3 +294,43 @@ def _open_terminal(cfg: DeviceConfig) -> SerialTransport:
         raise DeviceGoneError(f"no serial port for terminal {cfg.serial} under "
                               "/dev/serial/by-id")
     return SerialTransport(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """What is plugged in now, with the kind we would read it as (None: not ours)."""
+
+    devices: tuple[tuple[UsbDevice, str | None], ...]
+
+
+class DiscoveryWatcher:
+    """Rescans sysfs every `interval` s and posts Attached when anything changed.
+
+    Configured devices are found by their own workers (which retry every
+    second); this is what lets status and the `devices` topic list hardware
+    that is plugged in but not configured, within 2 s of plugging it in.
+    """
+
+    def __init__(self, post: Callable[[object], None], root: Path = Path("/sys"),
+                 interval: float = 2.0) -> None:
+        self._post = post
+        self._root = root
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._interval + 1)
+
+    def _run(self) -> None:
+        last: tuple[tuple[UsbDevice, str | None], ...] | None = None
+        while not self._stop.is_set():
+            now = tuple((d, classify(d)) for d in scan(self._root))
+            if now != last:
+                last = now
+                self._post(Attached(now))
+            self._stop.wait(self._interval)

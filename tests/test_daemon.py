@@ -30,7 +30,9 @@ class Running:
             tmp / "edge.toml", port=broker.port, store=tmp / "outbox.sqlite",
             devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"}],
             extra="health_interval_s = 1"))
-        self.daemon = Daemon(cfg, transport=self._open)
+        self.sysfs = tmp / "sys"
+        self.sysfs.mkdir()
+        self.daemon = Daemon(cfg, transport=self._open, sysfs=self.sysfs)
         self.thread = threading.Thread(target=self.daemon.run)
         self._stop_ticks = threading.Event()
         self.ticker = threading.Thread(target=self._tick)
@@ -137,3 +139,24 @@ def test_health_is_published_and_matches_the_contract(
     assert body["queue_depth"] in (0, 1)  # the press may be in flight
     assert body["disk_free_bytes"] > 0
     assert body["clock_synced"] in (True, False)
+
+
+def test_plugged_in_unconfigured_hardware_is_listed_within_seconds(
+        running: Running, subscribe: Callable[[str], Subscriber],
+        validate: Callable[[str, Any], None]) -> None:
+    from tests.test_discovery import make_sysfs
+
+    sub = subscribe("feedback/+/+/+/devices")
+    make_sysfs(running.sysfs)  # the installer plugs in a terminal and a badge reader
+
+    def unconfigured() -> list[dict[str, Any]]:
+        return [d for d in running.status()["devices"] if d["state"] == "unconfigured"]
+
+    found = wait_for(unconfigured, 10, "unconfigured devices in status")
+    assert {(d["kind"], d["serial"], d["port_path"]) for d in found} == {
+        ("terminal", "00C0FFEE0001", "1-1.3"), ("keyboard", None, "1-1.4")}
+    # The console at 1-1.2 is configured (by serial), the mouse is not ours.
+    inventory = wait_for(lambda: [m for m in sub.snapshot()
+                                  if any(d["state"] == "unconfigured"
+                                         for d in m.json()["devices"])], 10, "retained list")
+    validate(inventory[-1].topic, inventory[-1].json())
