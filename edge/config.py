@@ -68,7 +68,9 @@ __all__ = [
 NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}$")
 SERIAL_RE: Final = re.compile(r"^[0-9A-F]{12}$")
 DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DEVICE_KINDS: Final = ("console", "terminal")
+DEVICE_KINDS: Final = ("console", "terminal", "keyboard", "badge")
+_USB_PORT: Final = re.compile(r"^\d+-[\d.]+$")
+_USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}$")
 CONSOLE_VID: Final = 0x1209
 CONSOLE_PID: Final = 0xFB02
 
@@ -142,6 +144,9 @@ class DeviceConfig:
     labels: tuple[str, ...] | None
     scores: tuple[int | None, ...] | None
     port: Path | None = None
+    usb_port: str | None = None
+    # keyboard: HID usage -> (label, score)
+    keys: tuple[tuple[int, str, int | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,8 @@ class Config:
     health_interval_s: float
     led_ms: int
     survey: SurveyConfig = SurveyConfig(None, True)
+    # badge number (upper-case) -> operator id; badge numbers are personal data
+    badges: dict[str, str] = field(default_factory=dict, repr=False)
     source: str = ""
 
     @property
@@ -338,6 +345,44 @@ def _parse_terminal(t: _Table, index: int, desk: str) -> DeviceConfig:
                         None, None, port)
 
 
+def _parse_keyboard(t: _Table, index: int, desk: str, kind: str) -> DeviceConfig:
+    vid = t.integer("vid", -1, 0, 0xFFFF)
+    pid = t.integer("pid", -1, 0, 0xFFFF)
+    if vid < 0 or pid < 0:
+        raise t.error("vid" if vid < 0 else "pid", _MISSING,
+                      "required for keyboard-class devices (`feedback-edge devices` shows it)")
+    serial = t.string("serial", default=None, pattern=re.compile(r"^[ -~]{1,64}$"),
+                      allowed="the USB serial number as `feedback-edge devices` shows it")
+    usb_port = t.string("usb_port", default=None, pattern=_USB_PORT,
+                        allowed="a USB port path like 1-1.4 (`feedback-edge devices`)")
+    keys: list[tuple[int, str, int | None]] = []
+    raw_keys = t.table("keys")
+    if kind == "keyboard":
+        if raw_keys is None or not raw_keys.data:
+            raise t.error("keys", _MISSING, 'required for buttons: e.g. keys = { "0x1e" = '
+                          '["good", 1], "0x1f" = ["neutral", 0], "0x20" = ["bad", -1] }')
+        for usage, spec in raw_keys.data.items():
+            raw_keys.used.add(usage)
+            if not _USAGE.match(usage):
+                raise raw_keys.error(usage, spec, "keys are HID usages like \"0x1e\"")
+            if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                    and re.match(r"^[a-z0-9_-]{1,32}$", spec[0])
+                    and (spec[1] is None or (isinstance(spec[1], int)
+                                             and not isinstance(spec[1], bool)))):
+                raise raw_keys.error(usage, spec, 'must be ["label", score], e.g. ["good", 1]')
+            keys.append((int(usage, 16), spec[0], spec[1]))
+    elif raw_keys is not None:
+        raise t.error("keys", raw_keys.data, "only for kind = \"keyboard\"")
+    prefix = "kbd" if kind == "keyboard" else "badge"
+    default_id = f"{prefix}-{(serial or usb_port or str(index + 1)).lower()}"
+    default_id = re.sub(r"[^a-z0-9-]", "-", default_id)[:32]
+    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
+                      allowed="1 to 32 lower-case letters, digits or '-'")
+    t.finish()
+    return DeviceConfig(str(dev_id), kind, desk, serial, "hidraw", None, vid, pid, None, None,
+                        None, usb_port, tuple(keys))
+
+
 def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
     kind = t.required_string("kind", allowed=f"one of {', '.join(DEVICE_KINDS)}")
     if kind not in DEVICE_KINDS:
@@ -348,6 +393,8 @@ def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> Device
         raise t.error("desk", desk, f"must be one of the [desks] tables: {', '.join(desks)}")
     if kind == "terminal":
         return _parse_terminal(t, index, desk)
+    if kind in ("keyboard", "badge"):
+        return _parse_keyboard(t, index, desk, kind)
     transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
     if transport not in ("hid", "socket"):
         raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
@@ -439,9 +486,21 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     if personal is not _MISSING and not isinstance(personal, bool):
         raise survey_t.error("send_personal_data", personal, "must be true or false")
     survey_t.finish()
+    badges: dict[str, str] = {}
+    badges_t = top.table("badges")
+    if badges_t is not None:
+        for badge, op in badges_t.data.items():
+            badges_t.used.add(badge)
+            if not re.match(r"^[A-Za-z0-9]{4,32}$", badge):
+                raise badges_t.error("(a badge)", "(hidden)", "badge numbers are 4 to 32 "
+                                     "letters or digits")
+            if not isinstance(op, str) or not 1 <= len(op) <= 64:
+                raise badges_t.error("(a badge)", "(hidden)", "must map to an operator id "
+                                     "string of 1 to 64 characters")
+            badges[badge.upper()] = op
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
-                  led_ms, SurveyConfig(doctors_file, personal is not False), source)
+                  led_ms, SurveyConfig(doctors_file, personal is not False), badges, source)
 
 
 def load_config(path: Path) -> Config:

@@ -50,11 +50,15 @@ from edge.clock import Clock, SystemClock
 from edge.config import Config, DeviceConfig
 from edge.devices import (
     Attached,
+    BadgeScanned,
+    ButtonPressed,
     ConsoleWorker,
     DecodeFailed,
     DeviceReport,
     DeviceState,
     DiscoveryWatcher,
+    KeyboardReader,
+    KeyboardWorker,
     TerminalRecord,
     TerminalWorker,
 )
@@ -102,7 +106,7 @@ class StatusRequest:
 @dataclass(slots=True)
 class _Device:
     cfg: DeviceConfig
-    worker: ConsoleWorker | TerminalWorker
+    worker: ConsoleWorker | TerminalWorker | KeyboardWorker
     host: ConsoleHost | None
     state: str = "missing"
     error: str | None = None
@@ -135,7 +139,8 @@ def open_transport(cfg: DeviceConfig) -> HidTransport:
 class Daemon:
     def __init__(self, config: Config, *, clock: Clock | None = None,
                  transport: Callable[[DeviceConfig], HidTransport] = open_transport,
-                 rng: random.Random | None = None, sysfs: Path = Path("/sys")) -> None:
+                 rng: random.Random | None = None, sysfs: Path = Path("/sys"),
+                 keyboards: Callable[[DeviceConfig], KeyboardReader] | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -156,7 +161,13 @@ class Daemon:
         # Read by terminal workers on their own threads: an immutable snapshot.
         self._doctors_now = self.doctors.current()
         self.devices: dict[str, _Device] = {}
+        # Who is logged in at each desk by badge (issue 5 adds roster and commands).
+        self._badge_login: dict[str, OperatorTag] = {}
         for d in config.devices:
+            if d.kind in ("keyboard", "badge"):
+                kw = KeyboardWorker(d, self.inbox.put, self.clock, keyboards, sysfs=sysfs)
+                self.devices[d.id] = _Device(d, kw, None)
+                continue
             if d.kind == "terminal":
                 tw = TerminalWorker(d, self.inbox.put, self.clock, lambda: self._doctors_now)
                 self.devices[d.id] = _Device(d, tw, None)
@@ -244,11 +255,17 @@ class Daemon:
             except queue.Empty:
                 break
         self.turns += 1
-        reports: list[DeviceReport | TerminalRecord] = []
+        reports: list[DeviceReport | TerminalRecord | ButtonPressed] = []
         acks: list[PubAck] = []
         for msg in batch:
-            if isinstance(msg, DeviceReport | TerminalRecord):
+            if isinstance(msg, DeviceReport | TerminalRecord | ButtonPressed):
                 reports.append(msg)
+            elif isinstance(msg, BadgeScanned):
+                # In arrival order: presses before the scan keep the old operator.
+                if reports:
+                    self._ingest(reports)
+                    reports = []
+                self._on_badge(msg)
             elif isinstance(msg, PubAck):
                 acks.append(msg)
             else:
@@ -313,7 +330,30 @@ class Daemon:
                  f" ({msg.error})" if msg.error else "")
         self._publish_devices()
 
+    def _on_badge(self, msg: BadgeScanned) -> None:
+        dev = self.devices.get(msg.device_id)
+        if dev is None:
+            return
+        desk = dev.cfg.desk
+        op = self.config.badges.get(msg.badge.upper())
+        current = self._badge_login.get(desk)
+        if current is not None and current.id == op:
+            del self._badge_login[desk]
+            log.info("desk %s: operator %s logged out by badge", desk, op or "(unknown badge)")
+            return
+        self._badge_login[desk] = OperatorTag(op, "badge")
+        if op is None:
+            alarm = f"unknown badge scanned at desk {desk}"
+            if alarm not in self.alarms:
+                self.alarms.append(alarm)
+            log.warning("desk %s: unknown badge (%d characters) scanned", desk, len(msg.badge))
+        else:
+            log.info("desk %s: operator %s logged in by badge", desk, op)
+
     def _operator(self, desk: str) -> OperatorTag:
+        badge = self._badge_login.get(desk)
+        if badge is not None:
+            return badge
         d = self.config.desks.get(desk)
         if d is not None and d.operator is not None:
             return OperatorTag(d.operator, "config")
@@ -365,16 +405,31 @@ class Daemon:
                            boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
                            age_ms=rec.age_ms))
 
-    def _ingest(self, reports: list[DeviceReport | TerminalRecord]) -> None:
+    def _button_event(self, dev: _Device, r: ButtonPressed) -> Event:
+        # Keyboard-class buttons have no device clock: the press is when we read it.
+        return Event(
+            event_id=new_event_id(), desk=dev.cfg.desk,
+            device=DeviceRef(dev.cfg.id, "keyboard", dev.cfg.serial),
+            body=Press(button=r.press.usage, label=r.press.label, score=r.press.score),
+            operator=self._operator(dev.cfg.desk),
+            time=EventTime(wall_ns=r.host_wall_ns, synced=self.clock.synced(),
+                           boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns))
+
+    def _ingest(self, reports: list[DeviceReport | TerminalRecord | ButtonPressed]) -> None:
         appends: list[Append] = []
         forget: list[str] = []
         # Per report, in order: (device, report, index into appends or None).
-        plan: list[tuple[_Device, DeviceReport | TerminalRecord, int | None]] = []
+        plan: list[tuple[_Device, DeviceReport | TerminalRecord | ButtonPressed,
+                         int | None]] = []
         for r in reports:
             dev = self.devices.get(r.device_id)
             if dev is None:
                 continue
             dev.last_seen_ns = r.host_wall_ns
+            if isinstance(r, ButtonPressed):
+                appends.append(Append(self._button_event(dev, r)))
+                plan.append((dev, r, len(appends) - 1))
+                continue
             if isinstance(r, TerminalRecord):
                 # (terminal serial, record id) identifies a record for good.
                 appends.append(Append(self._terminal_event(dev, r),
@@ -421,6 +476,8 @@ class Daemon:
                 dev.duplicates += 1
             if stored:
                 dev.presses += 1
+            if isinstance(r, ButtonPressed):
+                continue  # nothing to acknowledge: these devices keep nothing
             if isinstance(r, TerminalRecord):
                 assert isinstance(dev.worker, TerminalWorker)  # noqa: S101
                 dev.worker.ack(r.frame_seq)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -26,6 +26,8 @@ from drivers.console import (
     encode_resend,
 )
 from drivers.hid_transport import DeviceGoneError, HidTransport
+from drivers.hidraw_transport import HidrawKeyboard
+from drivers.keyboard import BadgeDecoder, BootDecoder, ButtonMap, ButtonPress
 from drivers.serial_transport import SerialTransport, find_by_serial
 from drivers.terminal import (
     LINK_TIMEOUT_MS,
@@ -42,11 +44,15 @@ from edge.config import DeviceConfig
 
 __all__ = [
     "Attached",
+    "BadgeScanned",
+    "ButtonPressed",
     "ConsoleWorker",
     "DecodeFailed",
     "DeviceReport",
     "DeviceState",
     "DiscoveryWatcher",
+    "KeyboardReader",
+    "KeyboardWorker",
     "TerminalRecord",
     "TerminalWorker",
 ]
@@ -334,3 +340,90 @@ class DiscoveryWatcher:
                 last = now
                 self._post(Attached(now))
             self._stop.wait(self._interval)
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonPressed:
+    device_id: str
+    press: ButtonPress
+    host_mono_ns: int
+    host_wall_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadgeScanned:
+    device_id: str
+    badge: str = field(repr=False)  # personal data: never in a log line
+    host_wall_ns: int = 0
+
+
+class KeyboardReader(Protocol):
+    def read(self, timeout_ms: int) -> bytes | None: ...
+
+    def write(self, data: bytes, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KeyboardWorker(_Worker[KeyboardReader]):
+    """A keyboard-class button box or badge reader.
+
+    These devices have no sequence numbers and no buffer: a press while
+    nobody reads is gone, so there is nothing to acknowledge.
+    """
+
+    kind = "keyboard"
+
+    def __init__(self, cfg: DeviceConfig, post: Callable[[object], None], clock: Clock,
+                 open_reader: Callable[[DeviceConfig], KeyboardReader] | None = None,
+                 sysfs: Path = Path("/sys")) -> None:
+        opener = open_reader or (lambda c: _open_keyboard(c, sysfs))
+        super().__init__(cfg, lambda: opener(cfg), post, clock)
+
+    def _serve(self, transport: KeyboardReader) -> None:
+        with self._lock:
+            self._transport = transport
+        self._post(DeviceState(self.cfg.id, "connected", None))
+        boot = BootDecoder()
+        buttons = ButtonMap({u: (label, score) for u, label, score in self.cfg.keys})
+        badges = BadgeDecoder() if self.cfg.kind == "badge" else None
+        counted: dict[str, int] = {}
+        while not self._stop.is_set():
+            data = transport.read(50 if badges is not None else READ_TIMEOUT_MS)
+            mono, wall = self._clock.mono_ns(), self._clock.wall_ns()
+            now_ms = mono // 1_000_000
+            keys = boot.feed(data, now_ms) if data is not None else []
+            if badges is not None:
+                badges.expire(now_ms)
+                for k in keys:
+                    scan = badges.feed(k)
+                    if scan is not None:
+                        self._post(BadgeScanned(self.cfg.id, scan.badge, wall))
+            else:
+                for k in keys:
+                    press = buttons.press(k)
+                    if press is not None:
+                        self._post(ButtonPressed(self.cfg.id, press, mono, wall))
+            errors = dict(boot.errors)
+            if badges is not None:
+                errors.update(badges.errors)
+            errors["unmapped_key"] = buttons.unmapped if badges is None else 0
+            for name, n in errors.items():
+                for _ in range(n - counted.get(name, 0)):
+                    self._post(DecodeFailed(self.cfg.id, name))
+                counted[name] = n
+
+
+def _open_keyboard(cfg: DeviceConfig, sysfs: Path) -> KeyboardReader:
+    for dev in scan(sysfs):
+        if (dev.vid, dev.pid) != (cfg.vid, cfg.pid):
+            continue
+        if cfg.serial is not None and dev.serial != cfg.serial:
+            continue
+        if cfg.usb_port is not None and dev.port_path != cfg.usb_port:
+            continue
+        if not dev.hidraw:
+            continue
+        return HidrawKeyboard(Path(dev.hidraw[0]), Path(dev.event[0]) if dev.event else None)
+    where = f"serial {cfg.serial}" if cfg.serial else f"port {cfg.usb_port or 'any'}"
+    raise DeviceGoneError(f"no {cfg.vid:04x}:{cfg.pid:04x} at {where}")

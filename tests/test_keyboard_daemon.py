@@ -1,0 +1,139 @@
+"""Keyboard-class buttons and a badge reader at one desk, in-process daemon,
+in-memory readers carrying real boot-report bytes, a real Mosquitto."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.hid_transport import DeviceGoneError
+from drivers.keyboard import usage_char
+from edge.config import DeviceConfig, load_config
+from edge.daemon import Daemon, StatusRequest
+from tests.conftest import Broker, Subscriber, wait_for, write_config
+
+
+class MemoryKeyboard:
+    def __init__(self) -> None:
+        self.reports: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read(self, timeout_ms: int) -> bytes | None:
+        try:
+            item = self.reports.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            return None
+        if item is None:
+            raise DeviceGoneError("unplugged")
+        return item
+
+    def write(self, data: bytes, /) -> None:
+        raise DeviceGoneError("no output")
+
+    def close(self) -> None:
+        pass
+
+    def tap(self, usage: int) -> None:
+        self.reports.put(bytes([0, 0, usage, 0, 0, 0, 0, 0]))
+        self.reports.put(bytes(8))
+
+    def scan(self, badge: str) -> None:
+        usage = {usage_char(u): u for u in range(0x04, 0x28)}
+        for ch in badge:
+            self.tap(usage[ch])
+        self.tap(0x28)
+
+
+@pytest.fixture
+def desk(tmp_path: Path, broker: Broker) -> Iterator[tuple[Daemon, dict[str, MemoryKeyboard]]]:
+    cfg_path = write_config(
+        tmp_path / "edge.toml", port=broker.port, store=tmp_path / "outbox.sqlite",
+        devices=[], extra="")
+    cfg_path.write_text(cfg_path.read_text() + """
+[badges]
+04A7F3 = "op-17"
+77BB01 = "op-23"
+
+[[devices]]
+kind = "keyboard"
+vid = 0x1a86
+pid = 0xe026
+usb_port = "1-1.4"
+desk = "desk-3"
+keys = { "0x1e" = ["good", 1], "0x1f" = ["neutral", 0], "0x20" = ["bad", -1] }
+
+[[devices]]
+kind = "badge"
+vid = 0xffff
+pid = 0x0035
+usb_port = "1-1.5"
+desk = "desk-3"
+""")
+    readers = {"keyboard": MemoryKeyboard(), "badge": MemoryKeyboard()}
+
+    def open_reader(cfg: DeviceConfig) -> MemoryKeyboard:
+        return readers[cfg.kind]
+
+    d = Daemon(load_config(cfg_path), keyboards=open_reader, sysfs=tmp_path / "nosys")
+    t = threading.Thread(target=d.run)
+    t.start()
+    yield d, readers
+    d.request_stop()
+    t.join(10)
+
+
+def _status(d: Daemon) -> dict[str, Any]:
+    box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    d.inbox.put(StatusRequest(box))
+    return box.get(timeout=5)
+
+
+def test_badge_scan_sets_the_operator_of_the_following_presses(
+        desk: tuple[Daemon, dict[str, MemoryKeyboard]], subscribe: Callable[[str], Subscriber],
+        validate: Callable[[str, Any], None], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    daemon, r = desk
+    sub = subscribe("feedback/+/+/+/event/#")
+    wait_for(lambda: all(x["state"] == "connected" for x in _status(daemon)["devices"]), 10,
+             "both devices")
+
+    def after(n: int) -> list[dict[str, Any]]:
+        return wait_for(lambda: (e := sub.events()) and len(e) >= n and e, 10, f"{n} events")
+
+    r["keyboard"].tap(0x1E)
+    after(1)
+    r["badge"].scan("04A7F3")
+    wait_for(lambda: daemon._badge_login.get("desk-3") is not None, 5, "login")
+    r["keyboard"].tap(0x20)
+    r["keyboard"].tap(0x2C)  # space: not mapped
+    after(2)
+    r["badge"].scan("04A7F3")  # the same badge again: logged out
+    wait_for(lambda: daemon._badge_login.get("desk-3") is None, 5, "logout")
+    r["keyboard"].tap(0x1F)
+    after(3)
+    r["badge"].scan("99ZZ99")  # nobody we know
+    wait_for(lambda: daemon._badge_login.get("desk-3") is not None, 5, "unknown badge")
+    r["keyboard"].tap(0x1E)
+    events = after(4)
+    for m in sub.snapshot():
+        validate(m.topic, m.json())
+    assert [(e["press"]["label"], e["operator"]) for e in events] == [
+        ("good", {"id": None, "source": "none"}),
+        ("bad", {"id": "op-17", "source": "badge"}),
+        ("neutral", {"id": None, "source": "none"}),
+        ("good", {"id": None, "source": "badge"}),
+    ]
+    assert events[0]["device"]["kind"] == "keyboard"
+    st = _status(daemon)
+    assert "unknown badge scanned at desk desk-3" in st["alarms"]
+    kbd = next(d for d in st["devices"] if d["kind"] == "keyboard")
+    assert kbd["decode_errors"] == {"unmapped_key": 1}
+    # Badge numbers identify people: never in the log.
+    assert "logged in by badge" in caplog.text
+    assert "04A7F3" not in caplog.text
+    assert "99ZZ99" not in caplog.text
