@@ -195,20 +195,31 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         where = f"desk {r['desk']} as {r['device_id']}" if r["device_id"] else r["state"]
         print(f"{r['port_path']:<10} {r['usb_id']}  {what:<9} serial {r['serial'] or '-':<14} "
               f"{where:<28} {' '.join(r['nodes'])}  {r['product'] or ''}")
-    from edge.config import DEVICE_KINDS  # noqa: PLC0415
-
-    todo = [r for r in rows if r["state"] == "unconfigured"]
-    later = [r for r in todo if r["kind"] not in DEVICE_KINDS]
-    todo = [r for r in todo if r["kind"] in DEVICE_KINDS and r["serial"]]
+    todo = [(r, dev) for r, dev in zip(rows, found, strict=True)
+            if r["state"] == "unconfigured"]
     if todo:
         print("\nnot in the config yet; add to edge.toml (and set the desk):")
-        for r in todo:
-            print(f'\n[[devices]]\nkind = "{r["kind"]}"\nserial = "{r["serial"]}"\n'
-                  'desk = "CHANGE-ME"')
-    for r in later:
-        print(f"\n{r['port_path']}: a {r['kind']}-class device; this version cannot read "
-              "keyboard-class buttons and badge readers yet")
+    for r, dev in todo:
+        print(f"\n{_snippet(r, dev.vid, dev.pid)}")
     return 0
+
+
+def _snippet(row: dict[str, Any], vid: int, pid: int) -> str:
+    """A [[devices]] block that check-config accepts once the desk is set."""
+    lines = ["[[devices]]"]
+    if row["kind"] == "keyboard":
+        lines += ['kind = "keyboard"   # or "badge" for a badge reader (then no keys)',
+                  f"vid = 0x{vid:04x}", f"pid = 0x{pid:04x}"]
+        lines.append(f'serial = "{row["serial"]}"' if row["serial"] else
+                     f'usb_port = "{row["port_path"]}"   # no serial number: keep it in this port')
+        lines.append('keys = { "0x1e" = ["good", 1], "0x1f" = ["neutral", 0], '
+                     '"0x20" = ["bad", -1] }')
+    else:
+        lines.append(f'kind = "{row["kind"]}"')
+        lines.append(f'serial = "{row["serial"]}"' if row["serial"] else
+                     f'port = "{(row["nodes"] or ["/dev/ttyUSB0"])[0]}"')
+    lines.append('desk = "CHANGE-ME"')
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -75,9 +75,10 @@ def test_devices_command_lists_configured_unconfigured_and_foreign(tmp_path: Pat
     assert by_port["1-1.5"]["state"] == "not ours"
     text = subprocess.run(run, capture_output=True, check=True, text=True).stdout
     assert 'kind = "terminal"\nserial = "00C0FFEE0001"' in text
-    assert "cannot read keyboard-class" in text
-    # The snippet it prints is a valid config once the desk is set.
-    snippet = text.split("add to edge.toml (and set the desk):")[1].split("\n1-1.4")[0]
+    assert 'usb_port = "1-1.4"' in text
+    assert "vid = 0xffff" in text
+    # The blocks it prints are a valid config once the desk is set.
+    snippet = text.split("add to edge.toml (and set the desk):")[1]
     cfg.write_text(cfg.read_text() + snippet.replace("CHANGE-ME", "office-12"))
     check = subprocess.run([sys.executable, "-m", "edge.cli", "check-config", str(cfg)],
                            capture_output=True, text=True, check=False)
