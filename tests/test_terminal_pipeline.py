@@ -185,3 +185,41 @@ def test_bad_frames_are_nacked_counted_and_the_link_keeps_working(
     errors = site.status()["devices"][0]["decode_errors"]
     assert errors.get("crc") == 1
     assert sum(errors.values()) == 2
+
+
+def test_doctors_command_reaches_the_terminal_and_survives_a_restart(
+        tmp_path: Path, broker: Broker, procs: Callable[[list[str], Path], Proc],
+        subscribe: Callable[[str], Subscriber], validate: Callable[[str, Any], None]) -> None:
+    site = TerminalSite(tmp_path, broker, procs, [])
+    sub = subscribe("feedback/+/+/+/cmd/+/result")
+    site.power_on()
+    site.start()
+    wait_for(lambda: site.state()["doctors_rev"] == 4, 10, "the file's list (rev 4)")
+    topic = "feedback/v1/clinic-3/reception-1/cmd/doctors"
+    doctors = [{"id": "dr-new", "name": "Dr New", "specialty": "Cardiology",
+                "photo": "ab" * 32}]
+
+    def send(request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        sub.client.publish(topic, json.dumps({"request_id": request_id, **body}), qos=1)
+        got = wait_for(lambda: [m for m in sub.snapshot()
+                                if m.json()["request_id"] == request_id], 10, request_id)
+        validate(got[0].topic, got[0].json())
+        result: dict[str, Any] = got[0].json()
+        return result
+
+    assert send("d1", {"rev": 9, "doctors": doctors})["ok"] is True
+    wait_for(lambda: site.state()["doctors_rev"] == 9, 10, "rev 9 on the terminal")
+    stale = send("d2", {"rev": 5, "doctors": doctors})
+    assert stale["ok"] is False
+    assert "not newer" in stale["error"]
+    bad = send("d3", {"rev": 10, "doctors": [{"id": "x y", "name": ""}]})
+    assert bad["ok"] is False
+    assert "doctors[0].id" in bad["error"]
+    assert site.daemon is not None
+    site.daemon.kill(signal.SIGKILL)
+    site.start()
+    wait_for(lambda: (s := site.status()) and s["broker"]["state"] == "connected", 20, "back")
+    # The daemon kept rev 9 across the restart (the file still says 4).
+    again = send("d4", {"rev": 9, "doctors": doctors})
+    assert again["ok"] is False
+    assert "current rev 9" in again["error"]
