@@ -98,7 +98,9 @@ class ConsoleFirmware:
         self.fw = fw
         self._clock = uptime_ms
         self._send_cb = send
-        self._lock = threading.RLock()
+        # Public so that a server can order its own lock after this one.
+        self.lock = threading.RLock()
+        self._lock = self.lock
         self.host_attached = False
         self.leds: list[LedState] = []
         self.counters = _Counters()

@@ -79,8 +79,11 @@ class ConsoleServer:
             # The host went away: like a closed hidraw, reports are lost.
             self._detach(conn)
 
+    # Lock order: the firmware's lock, then _host_lock (the firmware sends
+    # reports while holding its own).  Attach and detach take both, in that
+    # order, so a late detach of an old connection cannot undo a new attach.
     def _detach(self, conn: socket.socket) -> None:
-        with self._host_lock:
+        with self.fw.lock, self._host_lock:
             if self._host is conn:
                 self._host = None
                 self.fw.set_sender(None)
@@ -90,16 +93,17 @@ class ConsoleServer:
             while True:
                 kind, payload = recv_frame(conn)
                 if kind == b"H":
-                    with self._host_lock:
+                    with self.fw.lock, self._host_lock:
                         self._host = conn
-                    self.fw.set_sender(functools.partial(self._send_to_host, conn))
+                        self.fw.set_sender(functools.partial(self._send_to_host, conn))
                     log.info("host attached")
                 elif kind == b"O":
                     self.fw.output_report(payload)
                     self._wake.set()
                 elif kind == b"F":
+                    report = self.fw.feature_report()
                     with self._host_lock:
-                        send_frame(conn, b"f", self.fw.feature_report())
+                        send_frame(conn, b"f", report)
                 elif kind == b"P":
                     req = json.loads(payload)
                     self.fw.press(int(req["button"]), hold_ms=int(req.get("hold_ms", 120)),
