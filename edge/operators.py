@@ -1,0 +1,261 @@
+"""Who is on duty at a desk at a given moment.
+
+Four sources, in this precedence (the first that applies wins):
+
+1. an explicit login at the desk, by badge scan or by the `operator` command
+   (the later of the two replaces the earlier; the command may also say
+   "nobody", which is explicit too), until its logout or its expiry;
+2. the shift roster: a shift of that desk covering the moment;
+3. the fixed operator of the desk in the config;
+4. nobody (`source: none`, id null).
+
+A login with no logout expires at the end of that operator's roster shift at
+the desk that covers the login, or else `max_login_s` after it (default
+10 hours), so a forgotten logout cannot rate tomorrow's receptionist.
+
+The operator of an event is decided for the moment the event happened (a
+replayed press gets the operator of its real press time), so the recent
+logins of each desk are kept as a short history, not just the current one.
+
+Storage: two small TinyDB files next to the store, with crash-safe writes:
+`roster.json` (edited by `feedback-edge operator add/remove`, read by the
+daemon when the file changes) and `logins.json` (written by the daemon).
+All times here are UTC nanoseconds since the epoch, passed in by the caller,
+so tests control time without sleeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from edge.events import OperatorTag
+from edge.state import open_state
+
+__all__ = ["Login", "Operators", "Shift", "parse_days", "parse_hhmm"]
+
+DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+HISTORY: Final = 20
+_NS: Final = 1_000_000_000
+
+
+def parse_days(text: str) -> tuple[int, ...]:
+    """"mon-fri", "sat,sun", "mon,wed-fri" -> weekday numbers (Monday 0)."""
+    out: set[int] = set()
+    for part in text.lower().split(","):
+        ends = part.strip().split("-")
+        if not 1 <= len(ends) <= 2 or any(e not in DAYS for e in ends):
+            raise ValueError(f"weekdays like mon-fri or sat,sun, not {text!r}")
+        a, b = DAYS.index(ends[0]), DAYS.index(ends[-1])
+        out.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(b + 1)])
+    return tuple(sorted(out))
+
+
+def parse_hhmm(text: str) -> dt.time:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if not m or int(m[1]) > 24 or int(m[2]) > 59 or (int(m[1]) == 24 and int(m[2]) != 0):
+        raise ValueError(f"a time like 08:00, not {text!r}")
+    return dt.time(0, 0) if int(m[1]) == 24 else dt.time(int(m[1]), int(m[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Shift:
+    """A recurring shift: `operator` at `desk` on `days`, local `start`..`end` in `tz`.
+
+    An `end` at or before `start` runs past midnight into the next day.
+    """
+
+    desk: str
+    operator: str
+    days: tuple[int, ...]
+    start: str
+    end: str
+    tz: str
+
+    def _zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+    def occurrence(self, at_ns: int) -> tuple[int, int] | None:
+        """(start_ns, end_ns) of the occurrence covering `at_ns`, if any."""
+        zone = self._zone()
+        local = dt.datetime.fromtimestamp(at_ns / _NS, zone)
+        start_t, end_t = parse_hhmm(self.start), parse_hhmm(self.end)
+        # The shift covering `at` began today or (overnight shifts) yesterday.
+        for back in (0, 1):
+            day = local.date() - dt.timedelta(days=back)
+            if day.weekday() not in self.days:
+                continue
+            begin = dt.datetime.combine(day, start_t, zone)
+            end_day = day if end_t > start_t else day + dt.timedelta(days=1)
+            finish = dt.datetime.combine(end_day, end_t, zone)
+            # Wall-clock arithmetic in the zone: a DST change day has a 7 or
+            # 9 hour 08:00-16:00 shift in UTC terms, as the roster means.
+            b_ns = int(begin.timestamp() * _NS)
+            f_ns = int(finish.timestamp() * _NS)
+            if b_ns <= at_ns < f_ns:
+                return b_ns, f_ns
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    desk: str
+    operator: str | None  # None: explicitly nobody
+    source: str  # badge | command
+    since_ns: int
+    until_ns: int | None  # logout time or expiry; None while open with no expiry known
+
+
+class Operators:
+    def __init__(self, state_dir: Path, fixed: dict[str, str | None],
+                 max_login_s: float = 10 * 3600) -> None:
+        self._roster_path = state_dir / "roster.json"
+        self._roster_db = open_state(self._roster_path)
+        self._logins_db = open_state(state_dir / "logins.json")
+        self.fixed = fixed
+        self.max_login_ns = int(max_login_s * _NS)
+        self._roster_sig: tuple[int, int, int] | None = None
+        self.shifts: list[tuple[int, Shift]] = []
+        self.reload_roster()
+        self.history: dict[str, list[Login]] = {
+            str(d["desk"]): [Login(**x) for x in d["logins"]]
+            for d in self._logins_db.table("desks").all()}
+
+    # -- roster ---------------------------------------------------------------
+
+    def reload_roster(self) -> bool:
+        """Re-read the roster if its file changed (the CLI edits it). True if it did."""
+        try:
+            st = self._roster_path.stat()
+            # Every write is a rename onto the file: a new inode each time,
+            # even within one mtime tick.
+            sig: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            sig = None
+        if sig == self._roster_sig:
+            return False
+        self._roster_sig = sig
+        self.shifts = [(doc.doc_id, Shift(str(doc["desk"]), str(doc["operator"]),
+                                          tuple(int(d) for d in doc["days"]), str(doc["start"]),
+                                          str(doc["end"]), str(doc["tz"])))
+                       for doc in self._roster_db.table("shifts").all()]
+        return True
+
+    def add_shift(self, shift: Shift) -> int:
+        ZoneInfo(shift.tz)  # raises ZoneInfoNotFoundError for a bad zone
+        parse_hhmm(shift.start)
+        parse_hhmm(shift.end)
+        doc_id = int(self._roster_db.table("shifts").insert(
+            {**asdict(shift), "days": list(shift.days)}))
+        self._roster_sig = None
+        self.reload_roster()
+        return doc_id
+
+    def remove_shift(self, shift_id: int) -> bool:
+        removed = self._roster_db.table("shifts").remove(doc_ids=[shift_id])
+        self._roster_sig = None
+        self.reload_roster()
+        return bool(removed)
+
+    def shift_of(self, desk: str, operator: str | None, at_ns: int) -> tuple[int, int] | None:
+        for _, s in self.shifts:
+            if s.desk == desk and (operator is None or s.operator == operator):
+                occ = s.occurrence(at_ns)
+                if occ is not None:
+                    return occ
+        return None
+
+    # -- logins ---------------------------------------------------------------
+
+    def _save(self, desk: str) -> None:
+        table = self._logins_db.table("desks")
+        doc = {"desk": desk, "logins": [asdict(x) for x in self.history[desk][-HISTORY:]]}
+        ids = [d.doc_id for d in table.all() if d["desk"] == desk]
+        if ids:
+            table.update(doc, doc_ids=ids)
+        else:
+            table.insert(doc)
+
+    def _current(self, desk: str, at_ns: int) -> Login | None:
+        for login in reversed(self.history.get(desk, [])):
+            if login.since_ns <= at_ns and (login.until_ns is None or at_ns < login.until_ns):
+                return login
+            if login.since_ns <= at_ns:
+                return None  # the latest login before `at` had ended by then
+        return None
+
+    def login(self, desk: str, operator: str | None, source: str, at_ns: int) -> None:
+        """`operator` is on duty at `desk` from `at_ns` (None: explicitly nobody)."""
+        hist = self.history.setdefault(desk, [])
+        cur = self._current(desk, at_ns)
+        if cur is not None:
+            hist[hist.index(cur)] = Login(cur.desk, cur.operator, cur.source, cur.since_ns,
+                                          at_ns)
+        shift = self.shift_of(desk, operator, at_ns) if operator is not None else None
+        until = shift[1] if shift is not None else at_ns + self.max_login_ns
+        hist.append(Login(desk, operator, source, at_ns, until))
+        del hist[:-HISTORY]
+        self._save(desk)
+
+    def logout(self, desk: str, at_ns: int) -> Login | None:
+        cur = self._current(desk, at_ns)
+        if cur is None:
+            return None
+        hist = self.history[desk]
+        hist[hist.index(cur)] = Login(cur.desk, cur.operator, cur.source, cur.since_ns, at_ns)
+        self._save(desk)
+        return cur
+
+    def badge(self, desk: str, operator: str | None, at_ns: int) -> bool:
+        """A badge scan: logs `operator` in, or out if they were on duty. True = login."""
+        cur = self._current(desk, at_ns)
+        if cur is not None and cur.source == "badge" and cur.operator == operator:
+            self.logout(desk, at_ns)
+            return False
+        self.login(desk, operator, "badge", at_ns)
+        return True
+
+    # -- the answer -------------------------------------------------------------
+
+    def who(self, desk: str, at_ns: int) -> OperatorTag:
+        cur = self._current(desk, at_ns)
+        if cur is not None:
+            if cur.operator is None:
+                # "Nobody" by command, or a badge nobody knows (issue 5).
+                return OperatorTag(None, "badge" if cur.source == "badge" else "none")
+            return OperatorTag(cur.operator, cur.source)
+        for _, s in self.shifts:
+            if s.desk == desk and s.occurrence(at_ns) is not None:
+                return OperatorTag(s.operator, "schedule")
+        fixed = self.fixed.get(desk)
+        if fixed is not None:
+            return OperatorTag(fixed, "config")
+        return OperatorTag.nobody()
+
+    def since(self, desk: str, at_ns: int) -> int | None:
+        cur = self._current(desk, at_ns)
+        if cur is not None:
+            return cur.since_ns
+        occ = self.shift_of(desk, None, at_ns)
+        return occ[0] if occ is not None else None
+
+    def close(self) -> None:
+        self._roster_db.close()
+        self._logins_db.close()
+
+
+def check_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"an IANA time zone like Europe/Berlin, not {name!r}") from e
+    return name
+
+
+def shift_json(shift_id: int, s: Shift) -> dict[str, Any]:
+    return {"id": shift_id, "desk": s.desk, "operator": s.operator,
+            "days": ",".join(DAYS[d] for d in s.days), "from": s.start, "to": s.end, "tz": s.tz}

@@ -1,0 +1,129 @@
+"""Operator on duty: precedence of badge, command, roster and config; expiry;
+time zones and daylight-saving days.  Times are injected, nothing sleeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from edge.events import OperatorTag
+from edge.operators import Operators, Shift, parse_days, parse_hhmm
+
+H = 3600 * 10**9
+
+
+def utc(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp() * 10**9)
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Operators:
+    o = Operators(tmp_path, {"desk-1": "op-fixed"}, max_login_s=10 * 3600)
+    # Mon-Fri 08:00-16:00 in Berlin: op-anna; evenings op-boris.
+    o.add_shift(Shift("desk-1", "op-anna", parse_days("mon-fri"), "08:00", "16:00",
+                      "Europe/Berlin"))
+    o.add_shift(Shift("desk-1", "op-boris", parse_days("mon-fri"), "16:00", "20:00",
+                      "Europe/Berlin"))
+    return o
+
+
+def test_parsing() -> None:
+    assert parse_days("mon-fri") == (0, 1, 2, 3, 4)
+    assert parse_days("sat,sun") == (5, 6)
+    assert parse_days("fri-mon") == (0, 4, 5, 6)
+    assert parse_hhmm("24:00") == dt.time(0, 0)
+    for bad in ("monday", "x-y"):
+        with pytest.raises(ValueError, match="weekdays"):
+            parse_days(bad)
+    with pytest.raises(ValueError, match="08:00"):
+        parse_hhmm("8am")
+
+
+def test_precedence_roster_then_badge_then_command_then_logout(ops: Operators) -> None:
+    tue_9 = utc("2026-11-24T08:00:00")  # 09:00 in Berlin (CET)
+    assert ops.who("desk-1", tue_9) == OperatorTag("op-anna", "schedule")
+    assert ops.who("desk-1", utc("2026-11-24T15:30:00")) == OperatorTag("op-boris", "schedule")
+    assert ops.who("desk-1", utc("2026-11-24T20:00:00")) == OperatorTag("op-fixed", "config")
+    assert ops.who("desk-2", tue_9) == OperatorTag.nobody()
+    # A badge scan overrides the roster; a later command overrides the badge.
+    assert ops.badge("desk-1", "op-carl", tue_9 + 60 * 10**9) is True
+    assert ops.who("desk-1", tue_9 + 61 * 10**9) == OperatorTag("op-carl", "badge")
+    ops.login("desk-1", "op-dana", "command", tue_9 + 120 * 10**9)
+    assert ops.who("desk-1", tue_9 + 121 * 10**9) == OperatorTag("op-dana", "command")
+    # "Nobody" by command is explicit: it overrides the roster too.
+    ops.login("desk-1", None, "command", tue_9 + 180 * 10**9)
+    assert ops.who("desk-1", tue_9 + 181 * 10**9) == OperatorTag(None, "none")
+    ops.logout("desk-1", tue_9 + 240 * 10**9)
+    assert ops.who("desk-1", tue_9 + 241 * 10**9) == OperatorTag("op-anna", "schedule")
+    # Earlier moments keep the operator they had (replayed presses).
+    assert ops.who("desk-1", tue_9 + 90 * 10**9) == OperatorTag("op-carl", "badge")
+
+
+def test_same_badge_again_logs_out_and_unknown_badge_is_source_badge(ops: Operators) -> None:
+    t = utc("2026-11-24T18:00:00")  # 19:00 Berlin: op-boris's shift
+    ops.badge("desk-1", "op-carl", t)
+    assert ops.badge("desk-1", "op-carl", t + 10**9) is False
+    assert ops.who("desk-1", t + 2 * 10**9) == OperatorTag("op-boris", "schedule")
+    ops.badge("desk-1", None, t + 3 * 10**9)
+    assert ops.who("desk-1", t + 4 * 10**9) == OperatorTag(None, "badge")
+
+
+def test_a_login_without_logout_ends_with_the_shift_or_the_limit(ops: Operators) -> None:
+    t = utc("2026-11-24T09:00:00")  # 10:00 Berlin, op-anna's shift until 15:00 UTC
+    ops.badge("desk-1", "op-anna", t)
+    assert ops.who("desk-1", utc("2026-11-24T14:59:00")) == OperatorTag("op-anna", "badge")
+    assert ops.who("desk-1", utc("2026-11-24T15:01:00")) == OperatorTag("op-boris", "schedule")
+    # Someone with no shift at this desk: the 10 hour limit.
+    ops.login("desk-1", "op-eve", "command", utc("2026-11-28T06:00:00"))  # a Saturday
+    assert ops.who("desk-1", utc("2026-11-28T15:59:00")) == OperatorTag("op-eve", "command")
+    assert ops.who("desk-1", utc("2026-11-28T16:01:00")) == OperatorTag("op-fixed", "config")
+
+
+def test_time_zones_decide_the_shift(tmp_path: Path) -> None:
+    o = Operators(tmp_path, {})
+    o.add_shift(Shift("front", "op-tokyo", parse_days("mon-fri"), "09:00", "17:00",
+                      "Asia/Tokyo"))
+    # Monday 09:00 in Tokyo is Monday 00:00 UTC; Sunday 23:59 UTC is Monday 08:59 there.
+    assert o.who("front", utc("2026-11-23T00:00:00")).id == "op-tokyo"
+    assert o.who("front", utc("2026-11-22T23:59:00")).id is None
+    assert o.who("front", utc("2026-11-23T07:59:00")).id == "op-tokyo"
+    assert o.who("front", utc("2026-11-23T08:00:00")).id is None
+
+
+def test_daylight_saving_changes_keep_the_local_hours(tmp_path: Path) -> None:
+    o = Operators(tmp_path, {})
+    # A night shift over the spring change (Berlin, 2026-03-29 02:00 -> 03:00):
+    # Sat 22:00 CET = 21:00 UTC to Sun 06:00 CEST = 04:00 UTC, seven hours.
+    o.add_shift(Shift("night", "op-owl", parse_days("sat"), "22:00", "06:00",
+                      "Europe/Berlin"))
+    assert o.who("night", utc("2026-03-28T20:59:00")).id is None
+    assert o.who("night", utc("2026-03-28T21:00:00")).id == "op-owl"
+    assert o.who("night", utc("2026-03-29T03:59:00")).id == "op-owl"
+    assert o.who("night", utc("2026-03-29T04:01:00")).id is None
+    # Autumn change (2026-10-25 03:00 CEST -> 02:00 CET): Sunday 08:00-16:00 CET.
+    o.add_shift(Shift("sunday", "op-sun", parse_days("sun"), "08:00", "16:00",
+                      "Europe/Berlin"))
+    assert o.who("sunday", utc("2026-10-25T06:59:00")).id is None
+    assert o.who("sunday", utc("2026-10-25T07:00:00")).id == "op-sun"
+    assert o.who("sunday", utc("2026-10-25T14:59:00")).id == "op-sun"
+    assert o.who("sunday", utc("2026-10-25T15:00:00")).id is None
+
+
+def test_roster_and_logins_survive_a_restart_and_roster_edits_are_seen(tmp_path: Path) -> None:
+    t = utc("2026-11-24T09:00:00")
+    first = Operators(tmp_path, {})
+    first.login("desk-1", "op-carl", "command", t)
+    first.close()
+    daemon_view = Operators(tmp_path, {})
+    assert daemon_view.who("desk-1", t + 10**9) == OperatorTag("op-carl", "command")
+    # The CLI adds a shift with its own instance; the daemon's notices the file changed.
+    cli = Operators(tmp_path, {})
+    sid = cli.add_shift(Shift("desk-2", "op-anna", parse_days("tue"), "08:00", "16:00",
+                              "Europe/Berlin"))
+    assert daemon_view.reload_roster() is True
+    assert daemon_view.who("desk-2", t).id == "op-anna"
+    assert cli.remove_shift(sid) is True
+    assert daemon_view.reload_roster() is True
+    assert daemon_view.who("desk-2", t).id is None
