@@ -169,6 +169,7 @@ class Config:
     survey: SurveyConfig = SurveyConfig(None, True)
     # badge number (upper-case) -> operator id; badge numbers are personal data
     badges: dict[str, str] = field(default_factory=dict, repr=False)
+    max_login_s: float = 10 * 3600
     source: str = ""
 
     @property
@@ -498,9 +499,13 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                 raise badges_t.error("(a badge)", "(hidden)", "must map to an operator id "
                                      "string of 1 to 64 characters")
             badges[badge.upper()] = op
+    ops_t = top.table("operators") or _Table({}, "operators", source)
+    max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
+    ops_t.finish()
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
-                  led_ms, SurveyConfig(doctors_file, personal is not False), badges, source)
+                  led_ms, SurveyConfig(doctors_file, personal is not False), badges,
+                  max_login_h * 3600, source)
 
 
 def load_config(path: Path) -> Config:

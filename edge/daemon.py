@@ -78,6 +78,7 @@ from edge.events import (
     new_event_id,
 )
 from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
+from edge.operators import Operators
 from edge.store import Append, Store, StoreDiskFullError, StoreError
 
 __all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
@@ -161,8 +162,11 @@ class Daemon:
         # Read by terminal workers on their own threads: an immutable snapshot.
         self._doctors_now = self.doctors.current()
         self.devices: dict[str, _Device] = {}
-        # Who is logged in at each desk by badge (issue 5 adds roster and commands).
-        self._badge_login: dict[str, OperatorTag] = {}
+        self.desks = sorted({*config.desks, *(d.desk for d in config.devices)})
+        self.operators = Operators(config.store.path.parent,
+                                   {n: d.operator for n, d in config.desks.items()},
+                                   max_login_s=config.max_login_s)
+        self._roster_checked = 0.0
         for d in config.devices:
             if d.kind in ("keyboard", "badge"):
                 kw = KeyboardWorker(d, self.inbox.put, self.clock, keyboards, sysfs=sysfs)
@@ -281,6 +285,10 @@ class Daemon:
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
         self._pump()
+        if now - self._roster_checked >= 1.0:
+            self._roster_checked = now
+            if self.operators.reload_roster():
+                log.info("shift roster reloaded (%d shifts)", len(self.operators.shifts))
         if now >= self._next_health:
             self._next_health = now + self.config.health_interval_s
             self._publish_health()
@@ -336,12 +344,9 @@ class Daemon:
             return
         desk = dev.cfg.desk
         op = self.config.badges.get(msg.badge.upper())
-        current = self._badge_login.get(desk)
-        if current is not None and current.id == op:
-            del self._badge_login[desk]
+        if not self.operators.badge(desk, op, msg.host_wall_ns):
             log.info("desk %s: operator %s logged out by badge", desk, op or "(unknown badge)")
             return
-        self._badge_login[desk] = OperatorTag(op, "badge")
         if op is None:
             alarm = f"unknown badge scanned at desk {desk}"
             if alarm not in self.alarms:
@@ -350,14 +355,9 @@ class Daemon:
         else:
             log.info("desk %s: operator %s logged in by badge", desk, op)
 
-    def _operator(self, desk: str) -> OperatorTag:
-        badge = self._badge_login.get(desk)
-        if badge is not None:
-            return badge
-        d = self.config.desks.get(desk)
-        if d is not None and d.operator is not None:
-            return OperatorTag(d.operator, "config")
-        return OperatorTag.nobody()
+    def _operator(self, desk: str, at_wall_ns: int) -> OperatorTag:
+        """Who was on duty at `desk` when the event happened (not when it is sent)."""
+        return self.operators.who(desk, at_wall_ns)
 
     def _make_event(self, dev: _Device, r: DeviceReport) -> Event:
         rep = r.report
@@ -375,7 +375,7 @@ class Daemon:
             device=DeviceRef(dev.cfg.id, "console", dev.cfg.serial),
             body=Press(button=rep.button, label=label, score=score,
                        hold=rep.type is ReportType.HOLD),
-            operator=self._operator(dev.cfg.desk),
+            operator=self._operator(dev.cfg.desk, r.host_wall_ns - age_ns),
             time=EventTime(wall_ns=r.host_wall_ns - age_ns, synced=self.clock.synced(),
                            boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
                            age_ms=rep.age_ms),
@@ -400,7 +400,7 @@ class Daemon:
         return Event(
             event_id=new_event_id(), desk=dev.cfg.desk,
             device=DeviceRef(dev.cfg.id, "terminal", r.serial), body=body,
-            operator=self._operator(dev.cfg.desk),
+            operator=self._operator(dev.cfg.desk, r.host_wall_ns - age_ns),
             time=EventTime(wall_ns=r.host_wall_ns - age_ns, synced=self.clock.synced(),
                            boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
                            age_ms=rec.age_ms))
@@ -411,7 +411,7 @@ class Daemon:
             event_id=new_event_id(), desk=dev.cfg.desk,
             device=DeviceRef(dev.cfg.id, "keyboard", dev.cfg.serial),
             body=Press(button=r.press.usage, label=r.press.label, score=r.press.score),
-            operator=self._operator(dev.cfg.desk),
+            operator=self._operator(dev.cfg.desk, r.host_wall_ns),
             time=EventTime(wall_ns=r.host_wall_ns, synced=self.clock.synced(),
                            boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns))
 
@@ -592,11 +592,23 @@ class Daemon:
                 error = "request_id must be a string of at most 128 characters"
             elif name == "doctors":
                 error = self._cmd_doctors(body)
+            elif name == "operator":
+                error = self._cmd_operator(body)
             elif name != "ping":
-                error = f"unknown command {name!r}; known: doctors, ping"
+                error = f"unknown command {name!r}; known: doctors, operator, ping"
         result = {"request_id": request_id, "ok": error is None, "error": error}
         self._control_mids.add(self.link.publish(f"{msg.topic}/result",
                                                  json.dumps(result).encode()))
+
+    def _cmd_operator(self, body: dict[str, Any]) -> str | None:
+        desk, op = body.get("desk"), body.get("operator", ...)
+        if not isinstance(desk, str) or desk not in self.desks:
+            return f"desk must be one of {', '.join(self.desks)}"
+        if op is ... or not (op is None or (isinstance(op, str) and 1 <= len(op) <= 64)):
+            return "operator must be an operator id of 1 to 64 characters, or null for nobody"
+        self.operators.login(desk, op, "command", self.clock.wall_ns())
+        log.info("desk %s: operator %s on duty by command", desk, op or "nobody")
+        return None
 
     def _cmd_doctors(self, body: dict[str, Any]) -> str | None:
         try:
@@ -703,9 +715,20 @@ class Daemon:
             "rejected": dict(self.rejected),
             "drops": h["drops"],
             "devices": devices,
+            "desks": self._desk_status(),
             "clock": {"synced": h["clock_synced"], "boot_id": self.clock.boot_id},
             "alarms": h["alarms"],
         }
+
+    def _desk_status(self) -> list[dict[str, Any]]:
+        now = self.clock.wall_ns()
+        out = []
+        for desk in self.desks:
+            tag = self.operators.who(desk, now)
+            since = self.operators.since(desk, now)
+            out.append({"desk": desk, "operator": tag.id, "source": tag.source,
+                        "since": format_wall(since) if since is not None else None})
+        return out
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -726,4 +749,5 @@ class Daemon:
             self._flush_delivered()
         self.store.close()
         self.doctors.close()
+        self.operators.close()
 

@@ -93,6 +93,11 @@ def _status(d: Daemon) -> dict[str, Any]:
     return box.get(timeout=5)
 
 
+def _on_duty(d: Daemon) -> tuple[str | None, str]:
+    desk = next(x for x in _status(d)["desks"] if x["desk"] == "desk-3")
+    return desk["operator"], desk["source"]
+
+
 def test_badge_scan_sets_the_operator_of_the_following_presses(
         desk: tuple[Daemon, dict[str, MemoryKeyboard]], subscribe: Callable[[str], Subscriber],
         validate: Callable[[str, Any], None], caplog: pytest.LogCaptureFixture) -> None:
@@ -108,16 +113,16 @@ def test_badge_scan_sets_the_operator_of_the_following_presses(
     r["keyboard"].tap(0x1E)
     after(1)
     r["badge"].scan("04A7F3")
-    wait_for(lambda: daemon._badge_login.get("desk-3") is not None, 5, "login")
+    wait_for(lambda: _on_duty(daemon) == ("op-17", "badge"), 5, "login")
     r["keyboard"].tap(0x20)
     r["keyboard"].tap(0x2C)  # space: not mapped
     after(2)
     r["badge"].scan("04A7F3")  # the same badge again: logged out
-    wait_for(lambda: daemon._badge_login.get("desk-3") is None, 5, "logout")
+    wait_for(lambda: _on_duty(daemon) == (None, "none"), 5, "logout")
     r["keyboard"].tap(0x1F)
     after(3)
     r["badge"].scan("99ZZ99")  # nobody we know
-    wait_for(lambda: daemon._badge_login.get("desk-3") is not None, 5, "unknown badge")
+    wait_for(lambda: _on_duty(daemon) == (None, "badge"), 5, "unknown badge")
     r["keyboard"].tap(0x1E)
     events = after(4)
     for m in sub.snapshot():
@@ -137,3 +142,47 @@ def test_badge_scan_sets_the_operator_of_the_following_presses(
     assert "logged in by badge" in caplog.text
     assert "04A7F3" not in caplog.text
     assert "99ZZ99" not in caplog.text
+
+
+def test_operator_command_and_bad_operator_commands(
+        desk: tuple[Daemon, dict[str, MemoryKeyboard]], subscribe: Callable[[str], Subscriber],
+        validate: Callable[[str, Any], None]) -> None:
+    daemon, r = desk
+    sub = subscribe("feedback/+/+/+/cmd/+/result")
+    events = subscribe("feedback/+/+/+/event/#")
+    wait_for(lambda: all(x["state"] == "connected" for x in _status(daemon)["devices"]), 10,
+             "devices")
+    topic = "feedback/v1/clinic-3/reception-1/cmd/operator"
+
+    def send(payload: bytes, rid: str | None) -> dict[str, Any]:
+        before = len(sub.snapshot())
+        sub.client.publish(topic, payload, qos=1)
+        got = wait_for(lambda: (m := sub.snapshot()) and len(m) > before and m, 10, "result")
+        validate(got[-1].topic, got[-1].json())
+        result: dict[str, Any] = got[-1].json()
+        assert result["request_id"] == rid
+        return result
+
+    ok = send(b'{"request_id": "a", "desk": "desk-3", "operator": "op-42"}', "a")
+    assert ok == {"request_id": "a", "ok": True, "error": None}
+    assert _on_duty(daemon) == ("op-42", "command")
+    bad = [
+        (b"{not json", None, "JSON object"),
+        (b'{"request_id": "b", "desk": "desk-9", "operator": "op-1"}', "b", "desk must be"),
+        (b'{"request_id": "c", "desk": "desk-3", "operator": 17}', "c", "operator must be"),
+        (b'{"request_id": "d", "desk": "desk-3"}', "d", "operator must be"),
+        (b'{"request_id": 5, "desk": "desk-3", "operator": "x"}', None, "request_id"),
+        (b'{"request_id": "e", "desk": "desk-3", "operator": "' + b"x" * 70_000 + b'"}', None,
+         "64 KiB"),
+        (b'["desk-3", "op-1"]', None, "JSON object"),
+    ]
+    for payload, rid, words in bad:
+        result = send(payload, rid)
+        assert result["ok"] is False
+        assert words in result["error"]
+        assert _on_duty(daemon) == ("op-42", "command"), payload[:40]
+    r["keyboard"].tap(0x1E)
+    got = wait_for(events.events, 10, "a press")
+    assert got[0]["operator"] == {"id": "op-42", "source": "command"}
+    assert send(b'{"request_id": "f", "desk": "desk-3", "operator": null}', "f")["ok"]
+    assert _on_duty(daemon) == (None, "none")
