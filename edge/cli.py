@@ -54,8 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"feedback-edge: cannot open the store {cfg.store.path}: {e}", file=sys.stderr)
         return 1
     try:
-        control = ControlServer(cfg.control_socket, lambda box: daemon.inbox.put(
-            _status_request(box)))
+        control = ControlServer(cfg.control_socket, lambda box, request: daemon.inbox.put(
+            _status_request(box, request)))
     except OSError as e:
         print(f"feedback-edge: cannot create the control socket {cfg.control_socket}: "
               f"{e.strerror}", file=sys.stderr)
@@ -75,10 +75,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_request(box: Any) -> object:
+def _status_request(box: Any, request: dict[str, Any]) -> object:
     from edge.daemon import StatusRequest  # noqa: PLC0415
 
-    return StatusRequest(box)
+    return StatusRequest(box, request)
 
 
 def _age(seconds: float | None) -> str:
@@ -222,6 +222,77 @@ def _snippet(row: dict[str, Any], vid: int, pid: int) -> str:
     return "\n".join(lines)
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from edge.control import query  # noqa: PLC0415
+    from edge.operators import (  # noqa: PLC0415
+        Operators,
+        Shift,
+        check_zone,
+        parse_days,
+        parse_hhmm,
+        shift_json,
+    )
+
+    cfg = _load(args.config)
+    desks = sorted({*cfg.desks, *(d.desk for d in cfg.devices)})
+    if getattr(args, "desk", None) is not None and args.desk not in desks:
+        print(f"feedback-edge: desk {args.desk!r} is not in the config; desks: "
+              f"{', '.join(desks) or '(none)'}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.op in ("login", "logout"):
+        operator = args.operator if args.op == "login" else None
+        request: dict[str, Any] = {"cmd": "operator", "desk": args.desk, "operator": operator}
+        if args.op == "logout":
+            request = {"cmd": "operator", "desk": args.desk, "logout": True}
+        try:
+            reply = query(cfg.control_socket, request=request)
+        except OSError:
+            print("feedback-edge: the daemon is not running; start it first so the login "
+                  "counts from now", file=sys.stderr)
+            return 1
+        if not reply.get("ok"):
+            print(f"feedback-edge: {reply.get('error')}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"desk {args.desk}: " + (f"{operator} on duty from now" if operator else
+                                        "logged out (the roster or config decides again)"))
+        return 0
+    ops = Operators(cfg.store.path.parent, {n: d.operator for n, d in cfg.desks.items()},
+                    cfg.max_login_s)
+    try:
+        if args.op == "add":
+            try:
+                shift = Shift(args.desk, args.operator, parse_days(args.days),
+                              parse_hhmm(args.start).strftime("%H:%M"),
+                              parse_hhmm(args.end).strftime("%H:%M"), check_zone(args.tz))
+            except ValueError as e:
+                print(f"feedback-edge: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            print(f"shift {ops.add_shift(shift)} added")
+        elif args.op == "remove":
+            if not ops.remove_shift(args.id):
+                print(f"feedback-edge: no shift {args.id} (see `operator list`)",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            print(f"shift {args.id} removed")
+        elif args.op == "list":
+            rows = [shift_json(i, s) for i, s in ops.shifts]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in [] if args.json else rows:
+                print(f"{r['id']:>3}  {r['desk']:<12} {r['operator']:<16} {r['days']:<28} "
+                      f"{r['from']}-{r['to']} {r['tz']}")
+        elif args.op == "who":
+            now = time.time_ns()
+            for desk in desks:
+                tag = ops.who(desk, now)
+                print(f"{desk:<12} {tag.id or '-':<16} ({tag.source})")
+    finally:
+        ops.close()
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedback-edge", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"feedback-edge {__version__}")
@@ -238,6 +309,28 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
+    operator = sub.add_parser("operator", help="who is on duty: shifts, logins")
+    ops = operator.add_subparsers(dest="op", required=True)
+    add = ops.add_parser("add", help="add a recurring shift to the roster")
+    add.add_argument("--desk", required=True)
+    add.add_argument("--operator", required=True)
+    add.add_argument("--days", required=True, help="e.g. mon-fri, sat,sun")
+    add.add_argument("--from", dest="start", required=True, help="local time, e.g. 08:00")
+    add.add_argument("--to", dest="end", required=True, help="local time, e.g. 16:00")
+    add.add_argument("--tz", required=True, help="IANA zone, e.g. Europe/Berlin")
+    rm = ops.add_parser("remove", help="remove a shift by its id")
+    rm.add_argument("id", type=int)
+    ls = ops.add_parser("list", help="the roster")
+    ls.add_argument("--json", action="store_true")
+    login = ops.add_parser("login", help="someone is on duty at a desk from now")
+    login.add_argument("--desk", required=True)
+    login.add_argument("--operator", required=True)
+    logout = ops.add_parser("logout", help="nobody is on duty at a desk from now")
+    logout.add_argument("--desk", required=True)
+    ops.add_parser("who", help="who is on duty at each desk now")
+    for p_ in (add, rm, ls, login, logout, ops.choices["who"]):
+        p_.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    operator.set_defaults(func=_cmd_operator)
     devices = sub.add_parser("devices", help="list the USB devices attached now")
     devices.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     devices.add_argument("--json", action="store_true")

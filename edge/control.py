@@ -1,9 +1,10 @@
 """The local control socket: how `feedback-edge status` asks a running daemon.
 
 A unix stream socket (mode 0660) next to the store or where the config puts
-it.  A client sends one JSON line (`{"cmd": "status"}`) and reads one JSON
-reply; the server thread hands the request to the main loop and relays its
-answer, so the daemon's state is only ever read by the thread that owns it.
+it.  A client sends one JSON line (`{"cmd": "status"}`, or `{"cmd":
+"operator", "desk": ..., "operator": ...}`) and reads one JSON reply; the
+server thread hands the request to the main loop and relays its answer, so
+the daemon's state is only ever touched by the thread that owns it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 class ControlServer:
     def __init__(self, path: Path,
-                 ask: Callable[[queue.SimpleQueue[dict[str, Any]]], None]) -> None:
+                 ask: Callable[[queue.SimpleQueue[dict[str, Any]], dict[str, Any]], None],
+                 ) -> None:
         self.path = path
         self._ask = ask
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,11 +65,13 @@ class ControlServer:
                 try:
                     line = conn.makefile("rb").readline(4096)
                     request = json.loads(line) if line else {}
-                    if not isinstance(request, dict) or request.get("cmd") != "status":
-                        reply: dict[str, Any] = {"error": "unknown request; known: status"}
+                    if not isinstance(request, dict) or \
+                            request.get("cmd") not in ("status", "operator"):
+                        reply: dict[str, Any] = {"error": "unknown request; known: status, "
+                                                 "operator"}
                     else:
                         box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-                        self._ask(box)
+                        self._ask(box, request)
                         try:
                             reply = box.get(timeout=5.0)
                         except queue.Empty:
@@ -77,12 +81,13 @@ class ControlServer:
                     log.debug("control client: %s", e)
 
 
-def query(path: Path, timeout: float = 6.0) -> dict[str, Any]:
-    """Ask a running daemon for its status; raises OSError if none answers."""
+def query(path: Path, timeout: float = 6.0,
+          request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask a running daemon (status by default); raises OSError if none answers."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(b'{"cmd": "status"}\n')
+        s.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
         data = s.makefile("rb").readline()
     reply = json.loads(data)
     if not isinstance(reply, dict):

@@ -101,7 +101,10 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
+    """A control-socket request (status, or an operator login) for the main loop."""
+
     reply: queue.SimpleQueue[dict[str, Any]]
+    request: dict[str, Any] = field(default_factory=lambda: {"cmd": "status"})
 
 
 @dataclass(slots=True)
@@ -318,7 +321,14 @@ class Daemon:
             self._attached = msg.devices
             self._publish_devices()
         elif isinstance(msg, StatusRequest):
-            msg.reply.put(self.status())
+            if msg.request.get("cmd") == "operator":
+                if msg.request.get("logout") is True:
+                    error = self._logout(msg.request.get("desk"))
+                else:
+                    error = self._cmd_operator(msg.request)
+                msg.reply.put({"ok": error is None, "error": error})
+            else:
+                msg.reply.put(self.status())
         elif isinstance(msg, Stop):
             self._stopping = msg.reason
 
@@ -608,6 +618,14 @@ class Daemon:
             return "operator must be an operator id of 1 to 64 characters, or null for nobody"
         self.operators.login(desk, op, "command", self.clock.wall_ns())
         log.info("desk %s: operator %s on duty by command", desk, op or "nobody")
+        return None
+
+    def _logout(self, desk: object) -> str | None:
+        """End the desk's login: back to the roster or the config's operator."""
+        if not isinstance(desk, str) or desk not in self.desks:
+            return f"desk must be one of {', '.join(self.desks)}"
+        ended = self.operators.logout(desk, self.clock.wall_ns())
+        log.info("desk %s: %s logged out", desk, (ended.operator if ended else None) or "nobody")
         return None
 
     def _cmd_doctors(self, body: dict[str, Any]) -> str | None:
