@@ -37,6 +37,16 @@ Example::
     serial = "00C0FFEE0001"    # found under /dev/serial/by-id; or port = "/dev/ttyUSB0"
     desk = "office-12"
 
+    [guards]
+    burst_presses = 5          # more than 5 presses within 10 s at a desk: flagged "burst"
+    burst_window_s = 10
+    after_hours = "flag"       # or "drop" (counted, never stored)
+    [guards.opening_hours]
+    days = "mon-sat"
+    from = "08:00"
+    to = "20:00"
+    tz = "Europe/Berlin"
+
     [survey]
     doctors_file = "/etc/feedback-edge/doctors.json"   # {"rev": 3, "doctors": [...]}
     send_personal_data = true  # phone and comment go to the collector (the callback list)
@@ -58,6 +68,7 @@ __all__ = [
     "ConfigError",
     "DeskConfig",
     "DeviceConfig",
+    "GuardsConfig",
     "StoreConfig",
     "SurveyConfig",
     "TlsConfig",
@@ -156,6 +167,17 @@ class SurveyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardsConfig:
+    burst_presses: int  # more than this many presses ...
+    burst_window_s: float  # ... within this many seconds at one desk: `burst`
+    hours_days: tuple[int, ...] | None  # opening hours; None: always open
+    hours_from: str
+    hours_to: str
+    hours_tz: str
+    after_hours: str  # "flag" or "drop"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     site: str
     edge: str
@@ -170,6 +192,7 @@ class Config:
     # badge number (upper-case) -> operator id; badge numbers are personal data
     badges: dict[str, str] = field(default_factory=dict, repr=False)
     max_login_s: float = 10 * 3600
+    guards: GuardsConfig = GuardsConfig(5, 10.0, None, "00:00", "00:00", "UTC", "flag")
     source: str = ""
 
     @property
@@ -502,10 +525,46 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     ops_t = top.table("operators") or _Table({}, "operators", source)
     max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
     ops_t.finish()
+    guards = _parse_guards(top.table("guards") or _Table({}, "guards", source))
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
                   led_ms, SurveyConfig(doctors_file, personal is not False), badges,
-                  max_login_h * 3600, source)
+                  max_login_h * 3600, guards, source)
+
+
+def _parse_guards(t: _Table) -> GuardsConfig:
+    from edge.operators import check_zone, parse_days, parse_hhmm  # noqa: PLC0415
+
+    burst = t.integer("burst_presses", 5, 1, 1000)
+    window = t.number("burst_window_s", 10.0, 1.0, 3600.0)
+    action = t.string("after_hours", default="flag", allowed='"flag" or "drop"')
+    if action not in ("flag", "drop"):
+        raise t.error("after_hours", action, '"flag" (keep and mark) or "drop" (count and '
+                      "discard)")
+    hours = t.table("opening_hours")
+    if hours is None:
+        t.finish()
+        return GuardsConfig(burst, window, None, "00:00", "00:00", "UTC", str(action))
+    values: dict[str, str] = {}
+    for key in ("days", "from", "to", "tz"):
+        v = hours.required_string(key, allowed={"days": "weekdays like mon-sat",
+                                                "from": "a local time like 08:00",
+                                                "to": "a local time like 20:00",
+                                                "tz": "an IANA zone like Europe/Berlin"}[key])
+        try:
+            if key == "days":
+                parse_days(v)
+            elif key == "tz":
+                check_zone(v)
+            else:
+                parse_hhmm(v)
+        except ValueError as e:
+            raise hours.error(key, v, str(e)) from None
+        values[key] = v
+    hours.finish()
+    t.finish()
+    return GuardsConfig(burst, window, parse_days(values["days"]), values["from"],
+                        values["to"], values["tz"], str(action))
 
 
 def load_config(path: Path) -> Config:

@@ -77,6 +77,7 @@ from edge.events import (
     format_wall,
     new_event_id,
 )
+from edge.guards import Guards
 from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
 from edge.operators import Operators
 from edge.store import Append, Store, StoreDiskFullError, StoreError
@@ -170,6 +171,7 @@ class Daemon:
                                    {n: d.operator for n, d in config.desks.items()},
                                    max_login_s=config.max_login_s)
         self._roster_checked = 0.0
+        self.guards = Guards(config.guards)
         for d in config.devices:
             if d.kind in ("keyboard", "badge"):
                 kw = KeyboardWorker(d, self.inbox.put, self.clock, keyboards, sysfs=sysfs)
@@ -369,12 +371,24 @@ class Daemon:
         """Who was on duty at `desk` when the event happened (not when it is sent)."""
         return self.operators.who(desk, at_wall_ns)
 
-    def _make_event(self, dev: _Device, r: DeviceReport) -> Event:
+    def _guard(self, desk: str, mono_ns: int, wall_ns: int, hold: bool) -> list[str] | None:
+        """The guards' flags for a press, or None if it is to be dropped (counted)."""
+        flags, drop = self.guards.press(desk, mono_ns, wall_ns, hold)
+        if drop:
+            self.store_errors["after_hours"] = self.store_errors.get("after_hours", 0) + 1
+            return None
+        return flags
+
+    def _make_event(self, dev: _Device, r: DeviceReport) -> Event | None:
         rep = r.report
         age_ns = rep.age_ms * 1_000_000
         label, score = dev.labels[rep.button] if rep.button < len(dev.labels) else \
             (f"button-{rep.button}", None)
-        flags: list[str] = []
+        guard = self._guard(dev.cfg.desk, r.host_mono_ns - age_ns, r.host_wall_ns - age_ns,
+                            rep.type is ReportType.HOLD)
+        if guard is None:
+            return None
+        flags: list[str] = list(guard)
         if rep.replay:
             flags.append("replayed")
         if rep.overflow:
@@ -415,15 +429,19 @@ class Daemon:
                            boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns - age_ns,
                            age_ms=rec.age_ms))
 
-    def _button_event(self, dev: _Device, r: ButtonPressed) -> Event:
+    def _button_event(self, dev: _Device, r: ButtonPressed) -> Event | None:
         # Keyboard-class buttons have no device clock: the press is when we read it.
+        flags = self._guard(dev.cfg.desk, r.host_mono_ns, r.host_wall_ns, False)
+        if flags is None:
+            return None
         return Event(
             event_id=new_event_id(), desk=dev.cfg.desk,
             device=DeviceRef(dev.cfg.id, "keyboard", dev.cfg.serial),
             body=Press(button=r.press.usage, label=r.press.label, score=r.press.score),
             operator=self._operator(dev.cfg.desk, r.host_wall_ns),
             time=EventTime(wall_ns=r.host_wall_ns, synced=self.clock.synced(),
-                           boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns))
+                           boot_id=self.clock.boot_id, mono_ns=r.host_mono_ns),
+            flags=tuple(flags))
 
     def _ingest(self, reports: list[DeviceReport | TerminalRecord | ButtonPressed]) -> None:
         appends: list[Append] = []
@@ -437,8 +455,10 @@ class Daemon:
                 continue
             dev.last_seen_ns = r.host_wall_ns
             if isinstance(r, ButtonPressed):
-                appends.append(Append(self._button_event(dev, r)))
-                plan.append((dev, r, len(appends) - 1))
+                event = self._button_event(dev, r)
+                if event is not None:
+                    appends.append(Append(event))
+                    plan.append((dev, r, len(appends) - 1))
                 continue
             if isinstance(r, TerminalRecord):
                 # (terminal serial, record id) identifies a record for good.
@@ -464,8 +484,11 @@ class Daemon:
                 if action.new_session:
                     dev.resets += 1
                     forget.append(dev.source)
-                appends.append(Append(self._make_event(dev, r), (dev.source, action.key)))
-                plan.append((dev, r, len(appends) - 1))
+                event = self._make_event(dev, r)
+                # A dropped press still records its key, so its replays are
+                # recognised instead of being judged (and counted) again.
+                appends.append(Append(event, (dev.source, action.key)))
+                plan.append((dev, r, len(appends) - 1 if event is not None else None))
         try:
             result = self.store.commit(appends, forget, remove=self._delivered)
         except StoreError as e:

@@ -1,0 +1,52 @@
+"""Abuse and noise guards on presses: they flag, and drop only when told to.
+
+- `burst`: a press that finds `burst_presses` or more presses at the same desk
+  within the `burst_window_s` before it (by the monotonic clock, so a wall
+  clock step cannot make or hide a burst): the 6th press in 10 s and every
+  one after it is flagged, the first five are not (they were already
+  published when the burst became a burst).
+- `after_hours`: a press whose wall time is outside the opening hours (days,
+  from-to, zone) is flagged, or dropped and counted if configured so.
+- `test`: a console HOLD (a button held for 2 s) is an installer's test; the
+  HOLD event is flagged, and reports exclude it and the PRESS of the same
+  device and button just before it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from edge.config import GuardsConfig
+from edge.operators import Shift
+
+__all__ = ["Guards"]
+
+
+class Guards:
+    def __init__(self, cfg: GuardsConfig) -> None:
+        self.cfg = cfg
+        self._window_ns = int(cfg.burst_window_s * 1e9)
+        self._recent: dict[str, deque[int]] = {}
+        self._open = None if cfg.hours_days is None else Shift(
+            "", "", cfg.hours_days, cfg.hours_from, cfg.hours_to, cfg.hours_tz)
+
+    def is_open(self, wall_ns: int) -> bool:
+        return self._open is None or self._open.occurrence(wall_ns) is not None
+
+    def press(self, desk: str, mono_ns: int, wall_ns: int, hold: bool) -> tuple[list[str], bool]:
+        """(flags, drop) for a press at `desk`."""
+        flags: list[str] = []
+        if hold:
+            flags.append("test")
+        else:
+            recent = self._recent.setdefault(desk, deque())
+            while recent and recent[0] < mono_ns - self._window_ns:
+                recent.popleft()
+            if sum(1 for t in recent if t <= mono_ns) >= self.cfg.burst_presses:
+                flags.append("burst")
+            recent.append(mono_ns)
+        if not self.is_open(wall_ns):
+            if self.cfg.after_hours == "drop":
+                return flags, True
+            flags.append("after_hours")
+        return flags, False
