@@ -172,6 +172,11 @@ class Daemon:
                                    max_login_s=config.max_login_s)
         self._roster_checked = 0.0
         self.guards = Guards(config.guards)
+        # Clock watch: (synced, wall - mono) at the last look, and the anchor
+        # (mono_ns, wall_ns) that the collector and the store correct with.
+        self._clock_seen: tuple[bool, int] | None = None
+        self.anchor: tuple[int, int] | None = None
+        self.corrected = 0
         for d in config.devices:
             if d.kind in ("keyboard", "badge"):
                 kw = KeyboardWorker(d, self.inbox.put, self.clock, keyboards, sysfs=sysfs)
@@ -290,6 +295,7 @@ class Daemon:
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
         self._pump()
+        self._check_clock()
         if now - self._roster_checked >= 1.0:
             self._roster_checked = now
             if self.operators.reload_roster():
@@ -532,6 +538,60 @@ class Daemon:
             log.warning("device %s: its ring overflowed, %d presses lost", dev.cfg.id, n)
         dev.lost_seen = lost_total
 
+    # -- time ---------------------------------------------------------------------
+
+    def _check_clock(self) -> None:
+        """Publish a timesync anchor when the clock becomes synchronised or steps."""
+        synced = self.clock.synced()
+        mono, wall = self.clock.mono_ns(), self.clock.wall_ns()
+        offset = wall - mono
+        seen, self._clock_seen = self._clock_seen, (synced, offset)
+        if not synced:
+            return
+        if seen is None or not seen[0]:
+            reason = "synchronised"
+        elif abs(offset - seen[1]) > 1_000_000_000:
+            # A step while synchronised (an NTP step, an operator's `date`).
+            # seq and the publishing order never depend on the wall clock; the
+            # new anchor lets the collector map monotonic times to wall times.
+            reason = "stepped"
+            log.warning("wall clock stepped by %.1f s", (offset - seen[1]) / 1e9)
+        else:
+            return
+        self.anchor = (mono, wall)
+        self._publish_anchor(reason)
+        if reason == "synchronised":
+            n = self.store.rewrite_pending(self._correct_time,
+                                           skip=frozenset(self._inflight_seqs))
+            self.corrected += n
+            if n:
+                log.info("clock synchronised: corrected the time of %d stored events", n)
+
+    def _correct_time(self, payload: bytes) -> bytes | None:
+        """An unsynchronised event of this boot, re-timed from the anchor."""
+        assert self.anchor is not None  # noqa: S101 - only called with an anchor
+        try:
+            event = json.loads(payload)
+            t = event["time"]
+            if t["synced"] is not False or t["boot_id"] != self.clock.boot_id:
+                return None
+            mono, wall = self.anchor
+            t["wall"] = format_wall(wall - (mono - int(t["mono_ns"])))
+            t["synced"] = True
+            event["flags"] = [*event["flags"], "time_corrected"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def _publish_anchor(self, reason: str) -> None:
+        if self.anchor is None or not self.link.connected:
+            return  # sent on the next connect
+        mono, wall = self.anchor
+        payload = {"boot_id": self.clock.boot_id, "mono_ns": mono, "wall": format_wall(wall),
+                   "reason": reason}
+        self._control_mids.add(self.link.publish(f"{self.config.topic_root}/timesync",
+                                                 json.dumps(payload).encode()))
+
     # -- store -> broker ---------------------------------------------------------
 
     def _on_connected(self, msg: Connected) -> None:
@@ -546,6 +606,7 @@ class Daemon:
         self._control_mids.add(self.link.publish(self._status_topic, self._status("online"),
                                                  retain=True))
         self._publish_devices()
+        self._publish_anchor("connected")
         self.link.subscribe(f"{root}/cmd/+")
 
     def _pump(self) -> None:
@@ -757,7 +818,10 @@ class Daemon:
             "drops": h["drops"],
             "devices": devices,
             "desks": self._desk_status(),
-            "clock": {"synced": h["clock_synced"], "boot_id": self.clock.boot_id},
+            "clock": {"synced": h["clock_synced"], "boot_id": self.clock.boot_id,
+                      "anchor": None if self.anchor is None else
+                      {"mono_ns": self.anchor[0], "wall": format_wall(self.anchor[1])},
+                      "corrected_events": self.corrected},
             "alarms": h["alarms"],
         }
 

@@ -429,6 +429,43 @@ class Store:
         self._count -= removed
         self._bytes -= removed_bytes
 
+    def rewrite_pending(self, fn: Callable[[bytes], bytes | None],
+                        skip: set[int] | frozenset[int] = frozenset()) -> int:
+        """Replace pending payloads where `fn` returns new bytes; returns how many.
+
+        For rare whole-outbox corrections (the clock became synchronised), so
+        it reads every pending row; `skip` are seqs already handed to the broker.
+        """
+        db = self._db
+        changed: list[tuple[int, bytes]] = []
+        for seq, payload in db.execute("SELECT seq, payload FROM outbox ORDER BY seq"):
+            if seq in skip:
+                continue
+            new = fn(bytes(payload))
+            if new is not None:
+                changed.append((int(seq), new))
+        if not changed:
+            return 0
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for seq, new in changed:
+                old = db.execute("SELECT length(payload) FROM outbox WHERE seq=?",
+                                 (seq,)).fetchone()
+                db.execute("UPDATE outbox SET payload=? WHERE seq=?", (new, seq))
+                if old is not None:
+                    self._bytes += len(new) - int(old[0])
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            log.warning("could not rewrite pending events: %s", e)
+            return 0
+        for seq, new in changed:
+            cached = self._tail.get(seq)
+            if cached is not None:
+                self._tail[seq] = Pending(seq, cached.topic, new)
+        return len(changed)
+
     # -- reading ---------------------------------------------------------
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:

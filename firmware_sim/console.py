@@ -285,6 +285,12 @@ class ConsoleFirmware:
                 now_uptime=self._now(), lost=self.lost))
 
     @property
+    def idle(self) -> bool:
+        """No scripted contact changes pending and every button released and settled."""
+        with self._lock:
+            return not self._script and not any(b.raw or b.stable for b in self._buttons)
+
+    @property
     def unacked(self) -> int:
         with self._lock:
             return len(self._ring)

@@ -186,13 +186,14 @@ def _schema(name: str) -> dict[str, Any]:
 def validate() -> Callable[[str, Any], None]:
     """validate(topic, payload): the published payload matches the contract's schema."""
     validators = {name: jsonschema.Draft202012Validator(_schema(f"{name}.schema.json"))
-                  for name in ("event", "status", "devices", "health", "command-result")}
+                  for name in ("event", "status", "devices", "health", "command-result",
+                               "timesync")}
 
     def check(topic: str, payload: Any) -> None:
         parts = topic.split("/")
         kind = parts[4]
         name = {"event": "event", "status": "status", "devices": "devices", "health": "health",
-                "cmd": "command-result"}[kind]
+                "cmd": "command-result", "timesync": "timesync"}[kind]
         validators[name].validate(payload)
 
     return check
