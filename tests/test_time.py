@@ -24,10 +24,12 @@ S = 10**9
 
 
 class Rig:
-    def __init__(self, tmp: Path, broker: Broker, clock: ManualClock) -> None:
+    def __init__(self, tmp: Path, broker: Broker, clock: ManualClock,
+                 config_tail: str = "") -> None:
         cfg = write_config(tmp / "edge.toml", port=broker.port, store=tmp / "o.sqlite",
                            devices=[{"kind": "console", "serial": "00A1B2C3D4E5",
                                      "desk": "desk-1"}])
+        cfg.write_text(cfg.read_text() + config_tail)
         self.fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=_uptime)
         self.clock = clock
         self.daemon = Daemon(load_config(cfg), clock=clock,
@@ -134,3 +136,18 @@ def test_a_clock_stepped_back_an_hour_keeps_seq_and_is_explained_by_an_anchor(
     for e in events[3:]:
         explained = _wall_ns(stepped["wall"]) - (stepped["mono_ns"] - e["time"]["mono_ns"])
         assert abs(explained - _wall_ns(e["time"]["wall"])) < 2 * 10**6
+
+
+def test_after_hours_flag_lands_on_the_presses_after_closing_time(
+        tmp_path: Path, broker: Broker, events_and_anchors: Subscriber) -> None:
+    # Friday 2026-11-27, 17:59:00 in Berlin (16:59 UTC); the clinic closes at 18:00.
+    clock = ManualClock(wall_ns=utc("2026-11-27T16:59:00"), mono_ns=50 * S, synced=True)
+    hours = ('[guards.opening_hours]\ndays = "mon-fri"\nfrom = "08:00"\nto = "18:00"\n'
+             'tz = "Europe/Berlin"\n')
+    sub = events_and_anchors
+    with Rig(tmp_path, broker, clock, "[guards]\n" + hours) as rig:
+        rig.press(0)
+        clock.advance(120)  # 18:01
+        rig.press(1)
+        wait_for(lambda: len(sub.events()) == 2, 10, "two events")
+    assert [e["flags"] for e in sub.events()] == [[], ["after_hours"]]
