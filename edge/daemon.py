@@ -45,6 +45,7 @@ from drivers.hid_transport import HidapiTransport, HidTransport, SocketTransport
 from drivers.terminal import Abandoned as TermAbandoned
 from drivers.terminal import Answer as TermAnswer
 from drivers.terminal import Presence as TermPresence
+from drivers.usb_discovery import classify, scan
 from edge import __version__
 from edge.clock import Clock, SystemClock
 from edge.config import Config, DeviceConfig
@@ -80,6 +81,7 @@ from edge.events import (
 from edge.guards import Guards
 from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
 from edge.operators import Operators
+from edge.sdnotify import Notifier, Watchdog
 from edge.store import Append, Store, StoreDiskFullError, StoreError
 
 __all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
@@ -188,7 +190,11 @@ class Daemon:
                 continue
             worker = ConsoleWorker(d, functools.partial(transport, d), self.inbox.put, self.clock)
             self.devices[d.id] = _Device(d, worker, ConsoleHost(self.store.keys(f"console:{d.id}")))
+        self._sysfs = sysfs
         self._discovery = DiscoveryWatcher(self.inbox.put, sysfs)
+        self.notifier = Notifier()
+        self.last_turn = time.monotonic()
+        self._status_sent = ("", 0.0)
         self._attached: tuple[tuple[Any, str | None], ...] = ()
         # Publisher state.
         self._window = config.broker.window
@@ -226,6 +232,8 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        # One scan before READY=1, so "ready" means the hardware was looked at.
+        self._attached = tuple((d, classify(d)) for d in scan(self._sysfs))
         for dev in self.devices.values():
             dev.worker.start()
         self._discovery.start()
@@ -234,14 +242,39 @@ class Daemon:
     def request_stop(self, reason: str = "stop requested") -> None:
         self.inbox.put(Stop(reason))
 
+    def alive(self) -> bool:
+        """For the watchdog: the main loop and the MQTT thread both still turn."""
+        # The main loop turns at least once a second; allow for a slow fsync.
+        limit = max(3.0, (self.notifier.watchdog_s or 0) / 2)
+        return time.monotonic() - self.last_turn < limit and self.link.alive(limit)
+
+    def _status_line(self) -> str:
+        return (f"{self.store.depth - len(self._delivered)} queued, broker "
+                f"{self.broker_state}, {sum(d.state == 'connected' for d in self.devices.values())}"
+                f"/{len(self.devices)} devices")
+
+    def _notify_status(self) -> None:
+        line = self._status_line()
+        last, at = self._status_sent
+        if line != last and time.monotonic() - at >= 1.0:
+            self._status_sent = (line, time.monotonic())
+            self.notifier.send(f"STATUS={line}")
+
     def run(self) -> None:
         """Run until a Stop message; then publish offline and close cleanly."""
         self.start()
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+        watchdog = Watchdog(self.notifier, self.alive)
+        watchdog.start()
         try:
             while self._stopping is None:
                 self.turn(self._timeout())
+                self._notify_status()
         finally:
+            self.notifier.send("STOPPING=1", f"STATUS=stopping: {self._stopping}")
+            watchdog.stop()
             self._shutdown()
+            self.notifier.close()
 
     def _flush_delivered(self) -> None:
         self.store.remove(self._delivered)
@@ -269,6 +302,7 @@ class Daemon:
             except queue.Empty:
                 break
         self.turns += 1
+        self.last_turn = time.monotonic()
         reports: list[DeviceReport | TerminalRecord | ButtonPressed] = []
         acks: list[PubAck] = []
         for msg in batch:

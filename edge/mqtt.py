@@ -31,6 +31,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,8 @@ class MqttLink:
                                      rng or random.Random())
         self._connack_ok = threading.Event()
         self.connected = False
+        # When the network thread last went round its loop (watchdog).
+        self.heartbeat = time.monotonic()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
         # The daemon keeps its own window (within the broker's Receive
@@ -203,6 +206,7 @@ class MqttLink:
         """One connection's life: select on the socket and the wake-up pipe."""
         c = self._client
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             sock = c.socket()
             if sock is None:
                 return
@@ -234,7 +238,11 @@ class MqttLink:
             if self._connack_ok.is_set():
                 delay = self._delay(False)
             log.debug("reconnecting to broker in %.1f s", delay)
-            self._stop.wait(delay)
+            # Waiting in slices keeps the heartbeat fresh through long back-offs.
+            until = time.monotonic() + delay
+            while not self._stop.is_set() and time.monotonic() < until:
+                self.heartbeat = time.monotonic()
+                self._stop.wait(min(1.0, until - time.monotonic()))
 
     # -- used by the main loop ------------------------------------------------
 
@@ -247,6 +255,10 @@ class MqttLink:
 
     def subscribe(self, topic: str) -> None:
         self._client.subscribe(topic, qos=1)
+
+    def alive(self, within_s: float) -> bool:
+        """The network thread runs and went round its loop within `within_s`."""
+        return self._thread.is_alive() and time.monotonic() - self.heartbeat < within_s
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()

@@ -216,15 +216,16 @@ def write_config(path: Path, *, port: int, store: Path, devices: list[dict[str, 
 class Proc:
     """A real child process (daemon or simulator) with its output in a file."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.logfile = log
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         with self.logfile.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
