@@ -293,6 +293,13 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_udev_rules(args: argparse.Namespace) -> int:
+    from edge.deploy import udev_rules  # noqa: PLC0415
+
+    print(udev_rules(_load(args.config)), end="")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedback-edge", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"feedback-edge {__version__}")
@@ -331,6 +338,10 @@ def _parser() -> argparse.ArgumentParser:
     for p_ in (add, rm, ls, login, logout, ops.choices["who"]):
         p_.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     operator.set_defaults(func=_cmd_operator)
+    rules = sub.add_parser("udev-rules", help="udev rules for the config's keyboard-class "
+                           "devices")
+    rules.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    rules.set_defaults(func=_cmd_udev_rules)
     devices = sub.add_parser("devices", help="list the USB devices attached now")
     devices.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     devices.add_argument("--json", action="store_true")
