@@ -62,6 +62,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon.store.close()
         return 1
     control.start()
+    page = None
+    if cfg.web.enabled:
+        from edge.web import StatusPage  # noqa: PLC0415
+
+        try:
+            page = StatusPage(cfg.web.host, cfg.web.port, lambda box, request: daemon.inbox.put(
+                _status_request(box, request)), cfg.web.token)
+            page.start()
+        except OSError as e:
+            # The daemon matters more than its page: run without it, loudly.
+            logging.getLogger("edge.web").error("status page on %s:%d unavailable: %s",
+                                                cfg.web.host, cfg.web.port, e.strerror)
 
     def on_signal(signum: int, _frame: object) -> None:
         daemon.request_stop(signal.Signals(signum).name)
@@ -72,6 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon.run()
     finally:
         control.stop()
+        if page is not None:
+            page.stop()
     return 0
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "StoreConfig",
     "SurveyConfig",
     "TlsConfig",
+    "WebConfig",
     "load_config",
     "parse_config",
 ]
@@ -178,6 +179,14 @@ class GuardsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    enabled: bool
+    host: str
+    port: int
+    token: str | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     site: str
     edge: str
@@ -193,6 +202,7 @@ class Config:
     badges: dict[str, str] = field(default_factory=dict, repr=False)
     max_login_s: float = 10 * 3600
     guards: GuardsConfig = GuardsConfig(5, 10.0, None, "00:00", "00:00", "UTC", "flag")
+    web: WebConfig = WebConfig(True, "127.0.0.1", 8480, None)
     source: str = ""
 
     @property
@@ -526,10 +536,32 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
     ops_t.finish()
     guards = _parse_guards(top.table("guards") or _Table({}, "guards", source))
+    web = _parse_web(top.table("web") or _Table({}, "web", source))
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
                   led_ms, SurveyConfig(doctors_file, personal is not False), badges,
-                  max_login_h * 3600, guards, source)
+                  max_login_h * 3600, guards, web, source)
+
+
+def _parse_web(t: _Table) -> WebConfig:
+    enabled = t.get("enabled")
+    if enabled is not _MISSING and not isinstance(enabled, bool):
+        raise t.error("enabled", enabled, "must be true or false")
+    listen = t.string("listen", default="127.0.0.1:8480",
+                      pattern=re.compile(r"^[^\s:]+:\d{1,5}$"),
+                      allowed="host:port, e.g. 127.0.0.1:8480 or 0.0.0.0:8480")
+    assert listen is not None  # noqa: S101 - has a default
+    host, port_text = listen.rsplit(":", 1)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise t.error("listen", listen, "the port must be from 0 to 65535")
+    token_file = t.path_value("token_file", must_exist=True)
+    token = token_file.read_text(encoding="utf-8").strip() if token_file else None
+    if not _is_loopback(host) and not token:
+        raise t.error("listen", listen, "a page reachable from the LAN needs token_file "
+                      "(the page shows who is on duty)")
+    t.finish()
+    return WebConfig(enabled is not False, host, port, token)
 
 
 def _parse_guards(t: _Table) -> GuardsConfig:

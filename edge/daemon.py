@@ -18,6 +18,7 @@ latency low (shared/measured.md).
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -179,6 +180,8 @@ class Daemon:
         self._clock_seen: tuple[bool, int] | None = None
         self.anchor: tuple[int, int] | None = None
         self.corrected = 0
+        # The last stored events for the status page, without personal data.
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         for d in config.devices:
             if d.kind in ("keyboard", "badge"):
                 kw = KeyboardWorker(d, self.inbox.put, self.clock, keyboards, sysfs=sysfs)
@@ -545,6 +548,8 @@ class Daemon:
         last_seq: dict[str, int] = {}
         for dev, r, idx in plan:
             stored = idx is not None and result.seqs[idx] is not None
+            if stored and idx is not None:
+                self._remember(appends[idx].event)
             if idx is not None and not stored:
                 dev.duplicates += 1
             if stored:
@@ -563,6 +568,24 @@ class Daemon:
             self.devices[dev_id].console()[0].send(encode_ack(seq))
         if result.dropped:
             log.warning("store full: dropped %s", result.dropped)
+
+    def _remember(self, event: Event | None) -> None:
+        if event is None:
+            return
+        body = event.body
+        if isinstance(body, Press):
+            what = f"{body.label}{' (held)' if body.hold else ''}"
+        elif isinstance(body, SurveyAnswer):
+            what = f"answer {body.q1} for {body.doctor}"  # never the phone or comment
+        elif isinstance(body, Presence):
+            what = f"presence {body.engaged}/{body.approaches}"
+        elif isinstance(body, Abandoned):
+            what = f"abandoned at {body.step}"
+        else:
+            what = event.kind
+        self.recent.appendleft({"time": format_wall(event.time.wall_ns), "desk": event.desk,
+                                "device": event.device.id, "what": what,
+                                "operator": event.operator.id, "flags": list(event.flags)})
 
     def _count_device_loss(self, dev: _Device, lost_total: int) -> None:
         before = dev.lost_seen if dev.lost_seen is not None else 0
@@ -852,6 +875,7 @@ class Daemon:
             "drops": h["drops"],
             "devices": devices,
             "desks": self._desk_status(),
+            "recent": list(self.recent),
             "clock": {"synced": h["clock_synced"], "boot_id": self.clock.boot_id,
                       "anchor": None if self.anchor is None else
                       {"mono_ns": self.anchor[0], "wall": format_wall(self.anchor[1])},
