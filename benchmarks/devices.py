@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._baseline import raw_paho  # noqa: E402
 from firmware_sim.server import control  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -79,32 +80,6 @@ class Counter:
     def total(self) -> int:
         with self.lock:
             return sum(self.kinds.values())
-
-
-def raw_paho_cpu(port: int, payload: bytes, n: int = 5000) -> float:
-    """CPU seconds this process spends publishing n QoS 1 messages with paho."""
-    room = threading.Semaphore(20)
-    done = threading.Semaphore(0)
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw",
-                    protocol=MQTTProtocolVersion.MQTTv5)
-
-    def on_publish(*_: object) -> None:
-        room.release()
-        done.release()
-
-    c.on_publish = on_publish
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    t0 = time.process_time()
-    for _ in range(n):
-        room.acquire()
-        c.publish("bench/raw", payload, qos=1)
-    for _ in range(n):
-        done.acquire()
-    used = time.process_time() - t0
-    c.disconnect()
-    c.loop_stop()
-    return used
 
 
 def main() -> None:
@@ -193,7 +168,7 @@ def main() -> None:
         elapsed = time.monotonic() - t0
         busy_cpu = cpu_seconds(daemon.pid) - c0
         events = counter.total() - before
-        raw = raw_paho_cpu(port, counter.payload) / 5
+        raw = raw_paho(port, [counter.payload] * 5000, topic="bench/raw")[1] / 5
     finally:
         for p in reversed(procs):
             p.terminate()

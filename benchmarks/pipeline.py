@@ -27,12 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._baseline import raw_paho  # noqa: E402
 from drivers.console import ConsoleReport, ReportType  # noqa: E402
 from edge.config import load_config  # noqa: E402
 from edge.daemon import Daemon  # noqa: E402
@@ -81,33 +79,6 @@ def sample_event(i: int) -> Event:
                  Press(button=i % 3, label="good", score=1), OperatorTag("op-17", "config"),
                  EventTime(time.time_ns(), True, "4f0c8c1e-6c1d-4e1c-9f63-0a8b5a3b8e21",
                            time.monotonic_ns(), 0))
-
-
-def raw_paho(port: int, payloads: list[bytes], window: int = 20) -> float:
-    """Baseline: QoS 1 publish with an app-level window, wait for every PUBACK."""
-    done = threading.Semaphore(0)
-    room = threading.Semaphore(window)
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw",
-                    protocol=MQTTProtocolVersion.MQTTv5)
-
-    def on_publish(*_: object) -> None:
-        room.release()
-        done.release()
-
-    c.on_publish = on_publish
-    c.max_inflight_messages_set(window)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    t0 = time.perf_counter()
-    for p in payloads:
-        room.acquire()
-        c.publish("feedback/v1/bench/raw/event/fc3-00a1b2c3d4e5", p, qos=1)
-    for _ in payloads:
-        done.acquire()
-    elapsed = time.perf_counter() - t0
-    c.disconnect()
-    c.loop_stop()
-    return len(payloads) / elapsed
 
 
 class TimedDaemon(Daemon):
@@ -278,7 +249,7 @@ def main() -> None:
         # neighbour slows both halves of a pair alike.
         pairs = []
         for i in range(args.rounds):
-            r = raw_paho(port, payloads)
+            r = raw_paho(port, payloads)[0]
             (work / f"t{i}").mkdir()
             pairs.append((r, pipeline_throughput(work / f"t{i}", port, args.events)))
         ratios = sorted(p / r for r, p in pairs)

@@ -4,7 +4,8 @@
   within the `burst_window_s` before it (by the monotonic clock, so a wall
   clock step cannot make or hide a burst): the 6th press in 10 s and every
   one after it is flagged, the first five are not (they were already
-  published when the burst became a burst).
+  published when the burst became a burst).  Presses are taken in arrival
+  order, which is time order except for a console's replays.
 - `after_hours`: a press whose wall time is outside the opening hours (days,
   from-to, zone) is flagged, or dropped and counted if configured so.
 - `test`: a console HOLD (a button held for 2 s) is an installer's test; the
@@ -39,10 +40,12 @@ class Guards:
         if hold:
             flags.append("test")
         else:
-            recent = self._recent.setdefault(desk, deque())
-            while recent and recent[0] < mono_ns - self._window_ns:
-                recent.popleft()
-            if sum(1 for t in recent if t <= mono_ns) >= self.cfg.burst_presses:
+            # Only the last `burst_presses` press times matter: this press is
+            # part of a burst if the oldest of them is still within the window.
+            # O(1) per press however fast a device floods.
+            n = self.cfg.burst_presses
+            recent = self._recent.setdefault(desk, deque(maxlen=n))
+            if len(recent) == n and recent[0] >= mono_ns - self._window_ns:
                 flags.append("burst")
             recent.append(mono_ns)
         if not self.is_open(wall_ns):

@@ -88,3 +88,12 @@ def test_flags_on_published_events(tmp_path: Path, broker: Broker,
         (0, False, []), (0, True, ["test"]),
         (1, False, []), (1, False, []), (1, False, ["burst"]), (1, False, ["burst"]),
     ]
+
+
+def test_a_flood_keeps_only_what_the_burst_rule_needs() -> None:
+    g = guards()
+    wall = utc("2026-11-24T10:00:00")
+    flags = [g.press("d", i, wall, False)[0] for i in range(10_000)]  # all within 10 s
+    assert flags[:5] == [[]] * 5
+    assert all(f == ["burst"] for f in flags[5:])
+    assert len(g._recent["d"]) == 5
