@@ -204,8 +204,10 @@ class Daemon:
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._inflight_seqs: set[int] = set()
         self._cursor = 0  # highest seq handed to paho since the last rewind
+        self._published_high = 0  # highest seq ever handed to paho
         self._retry_at: float | None = None
         self._reject_streak = 0
+        self._probing = False
         self._control_mids: set[int] = set()
         self._delivered: list[int] = []
         self._delivered_since = 0.0
@@ -669,23 +671,30 @@ class Daemon:
     def _pump(self) -> None:
         if not self.link.connected or self._retry_at is not None:
             return
-        room = self._window - len(self._inflight)
+        # After a refusal, one event at a time until the broker takes one
+        # again: a later seq must not get in ahead of a refused earlier one.
+        window = 1 if self._probing else self._window
+        room = window - len(self._inflight)
         while room > 0:
             # Only after a rewind (a rejected PUBACK) can seqs above the cursor
             # be in flight or delivered already; normally nothing is skipped.
-            skip = {q for q in self._inflight_seqs if q > self._cursor}
-            skip.update(q for q in self._delivered if q > self._cursor)
+            skip: set[int] = set()
+            if self._cursor < self._published_high:
+                skip = {q for q in self._inflight_seqs if q > self._cursor}
+                skip.update(q for q in self._delivered if q > self._cursor)
             batch = [p for p in self.store.pending(self._cursor, room + len(skip))
                      if p.seq not in skip][:room]
             if not batch:
-                return
+                break
             for p in batch:
-                mid = self.link.publish(p.topic, p.payload, qos=1)
+                mid = self.link.publish(p.topic, p.payload, qos=1, wake=False)
                 self._inflight[mid] = p.seq
                 self._inflight_seqs.add(p.seq)
                 self._cursor = max(self._cursor, p.seq)
+                self._published_high = max(self._published_high, p.seq)
                 self.published += 1
             room -= len(batch)
+            self.link.wake()
 
     def _on_pubacks(self, acks: list[PubAck]) -> None:
         done: list[int] = []
@@ -700,16 +709,19 @@ class Daemon:
             if a.ok:
                 done.append(seq)
                 self._reject_streak = 0
+                self._probing = False
                 continue
-            # Rejected (quota, not authorised, ...): keep it and try again
-            # later from this seq on, so order is kept as far as possible.
+            # Refused (quota, not authorised, ...): keep it; retry from this
+            # seq on, one at a time, after a back-off that grows per probe.
             self.rejected[a.reason] = self.rejected.get(a.reason, 0) + 1
-            delay = _REJECT_RETRY_S[min(self._reject_streak, len(_REJECT_RETRY_S) - 1)]
-            self._reject_streak += 1
-            log.warning("broker rejected event seq %d: %s; retrying in %.0f s", seq, a.reason,
-                        delay)
             self._cursor = min(self._cursor, seq - 1)
-            self._retry_at = time.monotonic() + delay
+            if self._retry_at is None:
+                delay = _REJECT_RETRY_S[min(self._reject_streak, len(_REJECT_RETRY_S) - 1)]
+                self._reject_streak += 1
+                self._retry_at = time.monotonic() + delay
+                log.warning("broker refused event seq %d: %s; retrying in %.0f s", seq,
+                            a.reason, delay)
+            self._probing = True
         if done:
             if not self._delivered:
                 self._delivered_since = time.monotonic()

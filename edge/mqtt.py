@@ -246,12 +246,19 @@ class MqttLink:
 
     # -- used by the main loop ------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                wake: bool = True) -> int:
+        """Queue a message in paho.  With wake=False the caller calls wake()
+        once after a batch: one syscall per batch instead of per message."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        # paho only signals when its "registered for write" flag was clear,
-        # and the network thread may be about to clear it: wake it always.
-        self._on_register_write(self._client, None, None)
+        if wake:
+            self.wake()
         return int(info.mid)
+
+    def wake(self) -> None:
+        # paho only signals when its "registered for write" flag was clear,
+        # and the network thread may be about to clear it: wake it ourselves.
+        self._on_register_write(self._client, None, None)
 
     def subscribe(self, topic: str) -> None:
         self._client.subscribe(topic, qos=1)
