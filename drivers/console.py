@@ -360,10 +360,6 @@ class ConsoleHost:
         self._remember(key, r.event_uptime)
         return Record(r, key, new_session)
 
-    def forget_last(self, key: str) -> None:
-        """The store refused the event (disk full): it was not stored after all."""
-        self._keys.pop(key, None)
-
 
 def _uptime_of(key: str) -> int:
     try:

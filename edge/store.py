@@ -492,10 +492,6 @@ class Store:
         return [str(k) for (k,) in self._db.execute(
             "SELECT key FROM dedup WHERE source=? ORDER BY at", (source,))]
 
-    def seen(self, source: str, key: str) -> bool:
-        return self._db.execute("SELECT 1 FROM dedup WHERE source=? AND key=?",
-                                (source, key)).fetchone() is not None
-
     def disk_free(self) -> int | None:
         try:
             st = os.statvfs(self.path.parent)
