@@ -73,6 +73,7 @@ __all__ = [
     "SurveyConfig",
     "TlsConfig",
     "WebConfig",
+    "is_loopback",
     "load_config",
     "parse_config",
 ]
@@ -291,7 +292,8 @@ class _Table:
                 raise self.error(name, self.data[name], allowed)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback IP address (plain TCP and an open status page are fine there)."""
     if host == "localhost":
         return True
     try:
@@ -331,7 +333,7 @@ def _parse_broker(t: _Table, site: str, edge: str) -> BrokerConfig:
     plaintext_ok = t.get("allow_plaintext")
     if plaintext_ok is not _MISSING and not isinstance(plaintext_ok, bool):
         raise t.error("allow_plaintext", plaintext_ok, "must be true or false")
-    if tls is None and not _is_loopback(host) and plaintext_ok is not True:
+    if tls is None and not is_loopback(host) and plaintext_ok is not True:
         raise t.error("host", host, "plain TCP is allowed only to localhost; add [broker.tls] "
                       "or set allow_plaintext = true to accept an unencrypted link")
     window = t.integer("window", 20, 1, 1000)
@@ -557,7 +559,7 @@ def _parse_web(t: _Table) -> WebConfig:
         raise t.error("listen", listen, "the port must be from 0 to 65535")
     token_file = t.path_value("token_file", must_exist=True)
     token = token_file.read_text(encoding="utf-8").strip() if token_file else None
-    if not _is_loopback(host) and not token:
+    if not is_loopback(host) and not token:
         raise t.error("listen", listen, "a page reachable from the LAN needs token_file "
                       "(the page shows who is on duty)")
     t.finish()

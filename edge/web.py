@@ -13,7 +13,6 @@ loop for the snapshot, like the control socket does.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import queue
@@ -22,6 +21,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from edge.config import is_loopback
 
 __all__ = ["StatusPage"]
 
@@ -101,16 +102,9 @@ refresh(); setInterval(refresh, 1000);
 """
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class StatusPage:
     def __init__(self, host: str, port: int, ask: Ask, token: str | None = None) -> None:
-        if not _is_loopback(host) and not token:
+        if not is_loopback(host) and not token:
             raise ValueError("a status page on the LAN needs a token (web.token_file)")
         self._ask = ask
         self._token = token
