@@ -151,6 +151,15 @@ def _is_disk_full(e: sqlite3.Error) -> bool:
         "full" in str(e).lower()
 
 
+def _file_bytes(path: Path) -> int:
+    """What the store takes on disk: the database and its WAL."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += os.stat(str(path) + suffix).st_size
+    return total
+
+
 def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     """Contiguous (first, last) runs of the given seqs."""
     out: list[tuple[int, int]] = []
@@ -516,11 +525,7 @@ class Store:
             if seq not in done:
                 row = (created,)
                 break
-        file_bytes = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                file_bytes += os.stat(str(self.path) + suffix).st_size
-        return StoreStats(self._count - len(done), self._bytes, file_bytes,
+        return StoreStats(self._count - len(done), self._bytes, _file_bytes(self.path),
                           int(row[0]) if row else None, self._last_seq, dict(self._drops))
 
     def close(self) -> None:
@@ -549,9 +554,5 @@ def read_stats(path: Path) -> StoreStats | None:
         return None
     finally:
         db.close()
-    file_bytes = 0
-    for suffix in ("", "-wal"):
-        with contextlib.suppress(OSError):
-            file_bytes += os.stat(str(path) + suffix).st_size
-    return StoreStats(int(count), int(total), file_bytes, int(row[0]) if row else None,
+    return StoreStats(int(count), int(total), _file_bytes(path), int(row[0]) if row else None,
                       high, drops)
