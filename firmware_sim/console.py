@@ -100,7 +100,6 @@ class ConsoleFirmware:
         self._send_cb = send
         # Public so that a server can order its own lock after this one.
         self.lock = threading.RLock()
-        self._lock = self.lock
         self.host_attached = False
         self.leds: list[LedState] = []
         self.counters = _Counters()
@@ -114,7 +113,7 @@ class ConsoleFirmware:
         return self._clock() - self._boot_at
 
     def power_up(self) -> None:
-        with self._lock:
+        with self.lock:
             self._boot_at = self._clock()
             self.powered = True
             self._seq = 0
@@ -128,14 +127,14 @@ class ConsoleFirmware:
 
     def power_cut(self) -> None:
         """Power loss: the RAM ring is gone; nothing is sent until power_up()."""
-        with self._lock:
+        with self.lock:
             self.powered = False
             self._ring = []
             self._script = []
 
     def set_sender(self, send: Callable[[bytes], None] | None) -> None:
         """A host opened (or closed, with None) the device."""
-        with self._lock:
+        with self.lock:
             self._send_cb = send
             self.host_attached = send is not None
 
@@ -143,7 +142,7 @@ class ConsoleFirmware:
 
     def contact(self, button: int, closed: bool) -> None:
         """A raw contact change now, bounces and all."""
-        with self._lock:
+        with self.lock:
             if not self.powered or not 0 <= button < self.buttons:
                 return
             b = self._buttons[button]
@@ -155,7 +154,7 @@ class ConsoleFirmware:
     def press(self, button: int, hold_ms: int = 120, bounce: bool = True,
               delay_ms: int = 0) -> None:
         """Script a human press starting `delay_ms` from now: bounce, hold, release."""
-        with self._lock:
+        with self.lock:
             t = self._clock() + delay_ms
             steps = [(0, True)]
             if bounce:
@@ -171,7 +170,7 @@ class ConsoleFirmware:
 
     def next_due_ms(self) -> int | None:
         """Absolute clock time (as uptime_ms() counts) of the next thing to do."""
-        with self._lock:
+        with self.lock:
             if not self.powered:
                 return None
             due: list[int] = [s[0] for s in self._script[:1]]
@@ -185,7 +184,7 @@ class ConsoleFirmware:
             return min(due) if due else None
 
     def tick(self) -> None:
-        with self._lock:
+        with self.lock:
             if not self.powered:
                 return
             now_abs = self._clock()
@@ -253,7 +252,7 @@ class ConsoleFirmware:
 
     def output_report(self, data: bytes) -> None:
         """An output report from the host (report ID first)."""
-        with self._lock:
+        with self.lock:
             if not self.powered or len(data) != COMMAND_REPORT_LEN or data[0] != REPORT_COMMAND:
                 return
             cmd = data[1]
@@ -278,7 +277,7 @@ class ConsoleFirmware:
             # Unknown commands are ignored, as the sheet says.
 
     def feature_report(self) -> bytes:
-        with self._lock:
+        with self.lock:
             return encode_info(ConsoleInfo(
                 protocol=1, fw_major=self.fw[0], fw_minor=self.fw[1], buttons=self.buttons,
                 layout=self.layout, ring=RING, unacked=len(self._ring),
@@ -287,10 +286,10 @@ class ConsoleFirmware:
     @property
     def idle(self) -> bool:
         """No scripted contact changes pending and every button released and settled."""
-        with self._lock:
+        with self.lock:
             return not self._script and not any(b.raw or b.stable for b in self._buttons)
 
     @property
     def unacked(self) -> int:
-        with self._lock:
+        with self.lock:
             return len(self._ring)
