@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._baseline import raw_paho  # noqa: E402
+from benchmarks._common import raw_paho, start_broker  # noqa: E402
 from firmware_sim.server import control  # noqa: E402
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -87,11 +79,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-devices-"))
-    port = free_port()
-    (work / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                                 "max_queued_messages 0\nset_tcp_nodelay true\n")
-    procs = [subprocess.Popen([MOSQUITTO, "-c", str(work / "m.conf")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    broker, port = start_broker(work)
+    procs = [broker]
     py = [sys.executable, "-m"]
     try:
         consoles = [work / f"fc3-{i}.sock" for i in range(6)]

@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._baseline import raw_paho  # noqa: E402
+from benchmarks._common import raw_paho, start_broker  # noqa: E402
 from drivers.console import ConsoleReport, ReportType  # noqa: E402
 from edge.config import load_config  # noqa: E402
 from edge.daemon import Daemon  # noqa: E402
@@ -46,31 +45,6 @@ from edge.events import (  # noqa: E402
 )
 from edge.mqtt import PubAck  # noqa: E402
 from edge.store import Append, Store  # noqa: E402
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-        except OSError:
-            threading.Event().wait(0.02)
-        else:
-            return proc, port
-    raise SystemExit("mosquitto did not start")
 
 
 def sample_event(i: int) -> Event:
