@@ -259,9 +259,12 @@ class Daemon:
                 f"/{len(self.devices)} devices")
 
     def _notify_status(self) -> None:
-        line = self._status_line()
         last, at = self._status_sent
-        if line != last and time.monotonic() - at >= 1.0:
+        # At most once a second; the line is only built when one may be sent.
+        if not self.notifier.enabled or time.monotonic() - at < 1.0:
+            return
+        line = self._status_line()
+        if line != last:
             self._status_sent = (line, time.monotonic())
             self.notifier.send(f"STATUS={line}")
 
