@@ -314,6 +314,45 @@ def _cmd_udev_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from edge.provision import Options, ProvisionError, provision  # noqa: PLC0415
+
+    opts = Options(args.bootfs, args.config, args.wifi, args.wifi_psk_file, args.wifi_country,
+                   args.ssh_key, args.admin_user, args.hostname, args.os, args.wheelhouse)
+    try:
+        for line in provision(opts):
+            print(line)
+    except ProvisionError as e:
+        print(f"feedback-edge provision: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print("Done: unmount the card, put it in the Pi, plug in the devices and power it up.")
+    return 0
+
+
+def _cmd_wheelhouse(args: argparse.Namespace) -> int:
+    from edge.provision import ProvisionError, build_wheelhouse  # noqa: PLC0415
+
+    try:
+        build_wheelhouse(args.dir)
+    except ProvisionError as e:
+        print(f"feedback-edge wheelhouse: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: {len(list(args.dir.glob('*.whl')))} wheels, checked offline for "
+          "aarch64 and armv7 with Python 3.11 and 3.13")
+    return 0
+
+
+def _refuse_secret_flags(argv: list[str]) -> None:
+    from edge.provision import SECRET_FLAGS  # noqa: PLC0415
+
+    for arg in argv:
+        if arg.split("=", 1)[0] in SECRET_FLAGS:
+            print(f"feedback-edge provision: {arg.split('=', 1)[0]}: secrets are not taken on "
+                  "the command line (they stay in shell history and show in ps); put the "
+                  "Wi-Fi passphrase in a file and give --wifi-psk-file FILE", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedback-edge", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"feedback-edge {__version__}")
@@ -361,10 +400,30 @@ def _parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true")
     devices.add_argument("--sysfs", type=Path, default=Path("/sys"), help=argparse.SUPPRESS)
     devices.set_defaults(func=_cmd_devices)
+    prov = sub.add_parser("provision", help="prepare a freshly flashed Raspberry Pi OS card")
+    prov.add_argument("bootfs", type=Path, help="mount point of the card's boot partition")
+    prov.add_argument("--config", type=Path, required=True,
+                      help="the site's edge.toml; files it names sit next to it")
+    prov.add_argument("--wifi", metavar="SSID")
+    prov.add_argument("--wifi-psk-file", type=Path, metavar="FILE")
+    prov.add_argument("--wifi-country", metavar="CC", help="two-letter country code, e.g. DE")
+    prov.add_argument("--ssh-key", type=Path, metavar="FILE", help="an OpenSSH public key")
+    prov.add_argument("--admin-user", default="admin", help="the SSH login (default admin)")
+    prov.add_argument("--hostname", help="default: SITE-EDGE from the config")
+    prov.add_argument("--os", choices=["auto", "bookworm", "trixie"], default="auto")
+    prov.add_argument("--wheelhouse", type=Path, metavar="DIR",
+                      help="a wheelhouse made by `feedback-edge wheelhouse` (default: build one)")
+    prov.set_defaults(func=_cmd_provision)
+    wheel = sub.add_parser("wheelhouse", help="build the offline wheelhouse for the Pis once")
+    wheel.add_argument("dir", type=Path)
+    wheel.set_defaults(func=_cmd_wheelhouse)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["provision"]:
+        _refuse_secret_flags(argv)
     args = _parser().parse_args(argv)
     result: int = args.func(args)
     return result

@@ -214,10 +214,15 @@ class Config:
 class _Table:
     """Reads one TOML table, remembering which keys were used."""
 
-    def __init__(self, data: dict[str, Any], path: str, source: str) -> None:
+    def __init__(self, data: dict[str, Any], path: str, source: str,
+                 base_dir: Path | None = None) -> None:
         self.data = data
         self.path = path
         self.source = source
+        # Relative file names are relative to the config file, so one site
+        # folder (edge.toml and the files it names) validates on the
+        # installer's laptop and works unchanged in /etc/feedback-edge.
+        self.base_dir = base_dir
         self.used: set[str] = set()
 
     def key(self, name: str) -> str:
@@ -271,6 +276,8 @@ class _Table:
         if not value:
             raise self.error(name, value, "must be a non-empty file path")
         p = Path(value)
+        if self.base_dir is not None and not p.is_absolute():
+            p = self.base_dir / p
         if must_exist and not p.is_file():
             raise self.error(name, value, "must name an existing, readable file")
         return p
@@ -281,7 +288,7 @@ class _Table:
             return None
         if not isinstance(value, dict):
             raise self.error(name, value, "must be a table ([" + self.key(name) + "])")
-        return _Table(value, self.key(name), self.source)
+        return _Table(value, self.key(name), self.source, self.base_dir)
 
     def finish(self) -> None:
         for name in self.data:
@@ -457,7 +464,7 @@ def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> Device
 
 def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError on the first mistake."""
-    top = _Table(data, "", source)
+    top = _Table(data, "", source, base_dir)
     site = top.required_string("site", pattern=NAME_RE,
                                allowed="1 to 32 lower-case letters, digits or '-'")
     edge = top.required_string("edge", pattern=NAME_RE,
@@ -468,10 +475,8 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                           source)
     broker = _parse_broker(broker_t, site, edge)
 
-    store_t = top.table("store") or _Table({}, "store", source)
+    store_t = top.table("store") or _Table({}, "store", source, base_dir)
     store_path = store_t.path_value("path") or Path("/var/lib/feedback-edge/outbox.sqlite")
-    if base_dir is not None and not store_path.is_absolute():
-        store_path = base_dir / store_path
     store = StoreConfig(
         path=store_path,
         max_events=store_t.integer("max_events", 500_000, 100, 100_000_000),
@@ -509,15 +514,13 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                               f"must be unique; devices[{seen[d.id]}] has the same id", source)
         seen[d.id] = i
 
-    daemon_t = top.table("daemon") or _Table({}, "daemon", source)
+    daemon_t = top.table("daemon") or _Table({}, "daemon", source, base_dir)
     control = daemon_t.path_value("control_socket") or store.path.parent / "control.sock"
     health_interval = daemon_t.number("health_interval_s", 60.0, 1.0, 3600.0)
     led_ms = daemon_t.integer("led_ms", 1500, 0, 60_000)
     daemon_t.finish()
-    survey_t = top.table("survey") or _Table({}, "survey", source)
+    survey_t = top.table("survey") or _Table({}, "survey", source, base_dir)
     doctors_file = survey_t.path_value("doctors_file")
-    if doctors_file is not None and base_dir is not None and not doctors_file.is_absolute():
-        doctors_file = base_dir / doctors_file
     personal = survey_t.get("send_personal_data")
     if personal is not _MISSING and not isinstance(personal, bool):
         raise survey_t.error("send_personal_data", personal, "must be true or false")
@@ -534,11 +537,11 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                 raise badges_t.error("(a badge)", "(hidden)", "must map to an operator id "
                                      "string of 1 to 64 characters")
             badges[badge.upper()] = op
-    ops_t = top.table("operators") or _Table({}, "operators", source)
+    ops_t = top.table("operators") or _Table({}, "operators", source, base_dir)
     max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
     ops_t.finish()
-    guards = _parse_guards(top.table("guards") or _Table({}, "guards", source))
-    web = _parse_web(top.table("web") or _Table({}, "web", source))
+    guards = _parse_guards(top.table("guards") or _Table({}, "guards", source, base_dir))
+    web = _parse_web(top.table("web") or _Table({}, "web", source, base_dir))
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
                   led_ms, SurveyConfig(doctors_file, personal is not False), badges,
@@ -602,7 +605,7 @@ def _parse_guards(t: _Table) -> GuardsConfig:
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate `path`.  Relative store paths are relative to the file."""
+    """Read and validate `path`.  Relative file names are relative to the file."""
     try:
         raw = path.read_bytes()
     except OSError as e:

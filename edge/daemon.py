@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from drivers.console import (
     encode_show,
 )
 from drivers.hid_transport import HidapiTransport, HidTransport, SocketTransport
+from drivers.hidraw_transport import HidrawConsole
 from drivers.terminal import Abandoned as TermAbandoned
 from drivers.terminal import Answer as TermAnswer
 from drivers.terminal import Presence as TermPresence
@@ -137,11 +139,17 @@ class _Device:
         return self.worker, self.host
 
 
+# hidapi has no armv7 wheel; there the console is read through hidraw directly.
+_HAVE_HIDAPI = importlib.util.find_spec("hid") is not None
+
+
 def open_transport(cfg: DeviceConfig) -> HidTransport:
     if cfg.transport == "socket":
         assert cfg.socket is not None  # noqa: S101 - config validation guarantees it
         return SocketTransport(cfg.socket)
-    return HidapiTransport(cfg.vid, cfg.pid, cfg.serial)
+    if _HAVE_HIDAPI:
+        return HidapiTransport(cfg.vid, cfg.pid, cfg.serial)
+    return HidrawConsole.find(cfg.vid, cfg.pid, cfg.serial)
 
 
 class Daemon:
