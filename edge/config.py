@@ -50,6 +50,12 @@ Example::
     [survey]
     doctors_file = "/etc/feedback-edge/doctors.json"   # {"rev": 3, "doctors": [...]}
     send_personal_data = true  # phone and comment go to the collector (the callback list)
+
+    [delivery]
+    mode = "collector"         # keep events until the collector's ack watermark covers them;
+                               # "broker" (default): until the broker's PUBACK
+    resend_after_s = 60        # sent but not acknowledged by the collector: send again
+    max_unacked = 500          # at most this many sent and not yet acknowledged
 """
 
 from __future__ import annotations
@@ -66,15 +72,18 @@ __all__ = [
     "BrokerConfig",
     "Config",
     "ConfigError",
+    "DeliveryConfig",
     "DeskConfig",
     "DeviceConfig",
     "GuardsConfig",
     "StoreConfig",
     "SurveyConfig",
+    "Table",
     "TlsConfig",
     "WebConfig",
     "is_loopback",
     "load_config",
+    "parse_broker",
     "parse_config",
 ]
 
@@ -188,6 +197,15 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """When an event may leave the store (mqtt-contract.md, "Delivery to the collector")."""
+
+    mode: str = "broker"  # "broker": on PUBACK; "collector": when the ack watermark covers it
+    resend_after_s: float = 60.0  # sent, not covered by the watermark this long: send again
+    max_unacked: int = 500  # sent but not yet acknowledged by the collector, at most
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     site: str
     edge: str
@@ -205,13 +223,14 @@ class Config:
     guards: GuardsConfig = GuardsConfig(5, 10.0, None, "00:00", "00:00", "UTC", "flag")
     web: WebConfig = WebConfig(True, "127.0.0.1", 8480, None)
     source: str = ""
+    delivery: DeliveryConfig = DeliveryConfig()
 
     @property
     def topic_root(self) -> str:
         return f"feedback/v1/{self.site}/{self.edge}"
 
 
-class _Table:
+class Table:
     """Reads one TOML table, remembering which keys were used."""
 
     def __init__(self, data: dict[str, Any], path: str, source: str,
@@ -282,13 +301,13 @@ class _Table:
             raise self.error(name, value, "must name an existing, readable file")
         return p
 
-    def table(self, name: str) -> _Table | None:
+    def table(self, name: str) -> Table | None:
         value = self.get(name)
         if value is _MISSING:
             return None
         if not isinstance(value, dict):
             raise self.error(name, value, "must be a table ([" + self.key(name) + "])")
-        return _Table(value, self.key(name), self.source, self.base_dir)
+        return Table(value, self.key(name), self.source, self.base_dir)
 
     def finish(self) -> None:
         for name in self.data:
@@ -309,10 +328,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _parse_broker(t: _Table, site: str, edge: str) -> BrokerConfig:
+def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
+    """A [broker] table (shared with the collector's config)."""
     host = t.required_string("host", allowed="a host name or IP address")
     port = t.integer("port", 1883, 1, 65535)
-    client_id = t.string("client_id", default=f"feedback-edge-{site}-{edge}",
+    client_id = t.string("client_id", default=default_client_id,
                          pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
                          allowed="1 to 64 letters, digits, '_', '.', '-'")
     keepalive = t.integer("keepalive_s", 30, 5, 600)
@@ -353,7 +373,7 @@ def _parse_broker(t: _Table, site: str, edge: str) -> BrokerConfig:
                         window, rmin, rmax)
 
 
-def _parse_labels(t: _Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
+def _parse_labels(t: Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
     labels = t.get("labels")
     scores = t.get("scores")
     if labels is _MISSING:
@@ -373,7 +393,7 @@ def _parse_labels(t: _Table) -> tuple[tuple[str, ...] | None, tuple[int | None, 
     return tuple(labels), tuple(scores)
 
 
-def _parse_terminal(t: _Table, index: int, desk: str) -> DeviceConfig:
+def _parse_terminal(t: Table, index: int, desk: str) -> DeviceConfig:
     serial = t.string("serial", default=None, pattern=SERIAL_RE,
                       allowed="12 upper-case hex digits, as printed on the label")
     port = t.path_value("port")
@@ -388,7 +408,7 @@ def _parse_terminal(t: _Table, index: int, desk: str) -> DeviceConfig:
                         None, None, port)
 
 
-def _parse_keyboard(t: _Table, index: int, desk: str, kind: str) -> DeviceConfig:
+def _parse_keyboard(t: Table, index: int, desk: str, kind: str) -> DeviceConfig:
     vid = t.integer("vid", -1, 0, 0xFFFF)
     pid = t.integer("pid", -1, 0, 0xFFFF)
     if vid < 0 or pid < 0:
@@ -426,7 +446,7 @@ def _parse_keyboard(t: _Table, index: int, desk: str, kind: str) -> DeviceConfig
                         None, usb_port, tuple(keys))
 
 
-def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
+def _parse_device(t: Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
     kind = t.required_string("kind", allowed=f"one of {', '.join(DEVICE_KINDS)}")
     if kind not in DEVICE_KINDS:
         raise t.error("kind", kind, f"must be one of {', '.join(DEVICE_KINDS)}")
@@ -464,7 +484,7 @@ def _parse_device(t: _Table, index: int, desks: dict[str, DeskConfig]) -> Device
 
 def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError on the first mistake."""
-    top = _Table(data, "", source, base_dir)
+    top = Table(data, "", source, base_dir)
     site = top.required_string("site", pattern=NAME_RE,
                                allowed="1 to 32 lower-case letters, digits or '-'")
     edge = top.required_string("edge", pattern=NAME_RE,
@@ -473,9 +493,9 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     if broker_t is None:
         raise ConfigError("broker", _MISSING, "required: a [broker] table with at least host",
                           source)
-    broker = _parse_broker(broker_t, site, edge)
+    broker = parse_broker(broker_t, f"feedback-edge-{site}-{edge}")
 
-    store_t = top.table("store") or _Table({}, "store", source, base_dir)
+    store_t = top.table("store") or Table({}, "store", source, base_dir)
     store_path = store_t.path_value("path") or Path("/var/lib/feedback-edge/outbox.sqlite")
     store = StoreConfig(
         path=store_path,
@@ -506,7 +526,7 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
             raise ConfigError("devices", raw_devices, "must be a list of [[devices]] tables",
                               source)
         for i, raw in enumerate(raw_devices):
-            devices.append(_parse_device(_Table(raw, f"devices[{i}]", source), i, desks))
+            devices.append(_parse_device(Table(raw, f"devices[{i}]", source), i, desks))
     seen: dict[str, int] = {}
     for i, d in enumerate(devices):
         if d.id in seen:
@@ -514,12 +534,12 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                               f"must be unique; devices[{seen[d.id]}] has the same id", source)
         seen[d.id] = i
 
-    daemon_t = top.table("daemon") or _Table({}, "daemon", source, base_dir)
+    daemon_t = top.table("daemon") or Table({}, "daemon", source, base_dir)
     control = daemon_t.path_value("control_socket") or store.path.parent / "control.sock"
     health_interval = daemon_t.number("health_interval_s", 60.0, 1.0, 3600.0)
     led_ms = daemon_t.integer("led_ms", 1500, 0, 60_000)
     daemon_t.finish()
-    survey_t = top.table("survey") or _Table({}, "survey", source, base_dir)
+    survey_t = top.table("survey") or Table({}, "survey", source, base_dir)
     doctors_file = survey_t.path_value("doctors_file")
     personal = survey_t.get("send_personal_data")
     if personal is not _MISSING and not isinstance(personal, bool):
@@ -537,18 +557,30 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                 raise badges_t.error("(a badge)", "(hidden)", "must map to an operator id "
                                      "string of 1 to 64 characters")
             badges[badge.upper()] = op
-    ops_t = top.table("operators") or _Table({}, "operators", source, base_dir)
+    ops_t = top.table("operators") or Table({}, "operators", source, base_dir)
     max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
     ops_t.finish()
-    guards = _parse_guards(top.table("guards") or _Table({}, "guards", source, base_dir))
-    web = _parse_web(top.table("web") or _Table({}, "web", source, base_dir))
+    guards = _parse_guards(top.table("guards") or Table({}, "guards", source, base_dir))
+    web = _parse_web(top.table("web") or Table({}, "web", source, base_dir))
+    delivery = _parse_delivery(top.table("delivery") or Table({}, "delivery", source))
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
                   led_ms, SurveyConfig(doctors_file, personal is not False), badges,
-                  max_login_h * 3600, guards, web, source)
+                  max_login_h * 3600, guards, web, source, delivery)
 
 
-def _parse_web(t: _Table) -> WebConfig:
+def _parse_delivery(t: Table) -> DeliveryConfig:
+    mode = t.string("mode", default="broker", allowed='"broker" or "collector"')
+    if mode not in ("broker", "collector"):
+        raise t.error("mode", mode, '"broker" (an event leaves the store on the broker\'s '
+                      'PUBACK) or "collector" (when the collector\'s ack watermark covers it)')
+    resend = t.number("resend_after_s", 60.0, 5.0, 86400.0)
+    unacked = t.integer("max_unacked", 500, 1, 100_000)
+    t.finish()
+    return DeliveryConfig(str(mode), resend, unacked)
+
+
+def _parse_web(t: Table) -> WebConfig:
     enabled = t.get("enabled")
     if enabled is not _MISSING and not isinstance(enabled, bool):
         raise t.error("enabled", enabled, "must be true or false")
@@ -569,7 +601,7 @@ def _parse_web(t: _Table) -> WebConfig:
     return WebConfig(enabled is not False, host, port, token)
 
 
-def _parse_guards(t: _Table) -> GuardsConfig:
+def _parse_guards(t: Table) -> GuardsConfig:
     from edge.operators import check_zone, parse_days, parse_hhmm  # noqa: PLC0415
 
     burst = t.integer("burst_presses", 5, 1, 1000)

@@ -70,6 +70,7 @@ from edge.doctors import DoctorList, validate_doctors
 from edge.events import (
     Abandoned,
     DeviceRef,
+    Dropped,
     Event,
     EventBody,
     EventTime,
@@ -92,6 +93,7 @@ __all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
 log = logging.getLogger(__name__)
 
 _REJECT_RETRY_S = (1.0, 5.0, 30.0, 60.0)
+COLLECTOR_STATE_TOPIC = "feedback/v1/collector/state"
 # Delivered events are deleted in batches, usually inside the next insert's
 # transaction, which rewrites the same page anyway: at clinic rates that
 # halves the bytes written per event.  A deletion lost to a crash only means
@@ -219,6 +221,12 @@ class Daemon:
         self._control_mids: set[int] = set()
         self._delivered: list[int] = []
         self._delivered_since = 0.0
+        # `collector` delivery: events stay until the collector's watermark covers them.
+        self._end_to_end = config.delivery.mode == "collector"
+        self._collector_online = False
+        self._watermark = 0  # every seq <= this is committed at the collector
+        self._progress_at = time.monotonic()  # the watermark last moved (or nothing was owed)
+        self.resent = 0
         # Counters.
         self.published = 0
         self.acked = 0
@@ -344,6 +352,7 @@ class Daemon:
             self._flush_delivered()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
+        self._check_resend(now)
         self._pump()
         self._check_clock()
         if now - self._roster_checked >= 1.0:
@@ -581,6 +590,21 @@ class Daemon:
             self.devices[dev_id].console()[0].send(encode_ack(seq))
         if result.dropped:
             log.warning("store full: dropped %s", result.dropped)
+            self._announce_drops(result.dropped, "store_full")
+
+    def _announce_drops(self, ranges: list[tuple[int, int]], reason: str) -> None:
+        """A `dropped` event per lost range: the collector's watermark can pass the
+        gap, and the loss is on record centrally, not only in this Pi's counters."""
+        now = EventTime(self.clock.wall_ns(), self.clock.synced(), self.clock.boot_id,
+                        self.clock.mono_ns())
+        ref = DeviceRef(self.config.edge, "edge", None)
+        appends = [Append(Event(new_event_id(), self.config.edge, ref, Dropped(first, last, reason),
+                                OperatorTag(None, "none"), now))
+                   for first, last in ranges]
+        try:
+            self.store.commit(appends)
+        except StoreError as e:
+            log.error("store: could not record dropped range(s) %s: %s", ranges, e)
 
     def _remember(self, event: Event | None) -> None:
         if event is None:
@@ -678,6 +702,9 @@ class Daemon:
         self._publish_devices()
         self._publish_anchor("connected")
         self.link.subscribe(f"{root}/cmd/+")
+        if self._end_to_end:
+            self.link.subscribe(COLLECTOR_STATE_TOPIC)
+            self.link.subscribe(f"{root}/ack")
 
     def _pump(self) -> None:
         if not self.link.connected or self._retry_at is not None:
@@ -686,6 +713,13 @@ class Daemon:
         # again: a later seq must not get in ahead of a refused earlier one.
         window = 1 if self._probing else self._window
         room = window - len(self._inflight)
+        if self._end_to_end:
+            if not self._collector_online:
+                return  # nobody would commit them: keep buffering
+            if self._cursor <= self._watermark:
+                self._progress_at = time.monotonic()  # nothing owed until now
+            # Bounded, so a slow collector's queue on the broker cannot overflow.
+            room = min(room, self.config.delivery.max_unacked - (self._cursor - self._watermark))
         while room > 0:
             # Only after a rewind (a rejected PUBACK) can seqs above the cursor
             # be in flight or delivered already; normally nothing is skipped.
@@ -718,7 +752,9 @@ class Daemon:
                 continue
             self._inflight_seqs.discard(seq)
             if a.ok:
-                done.append(seq)
+                self.acked += 1
+                if not self._end_to_end:
+                    done.append(seq)  # end to end, only the watermark removes events
                 self._reject_streak = 0
                 self._probing = False
                 continue
@@ -737,12 +773,57 @@ class Daemon:
             if not self._delivered:
                 self._delivered_since = time.monotonic()
             self._delivered.extend(done)
-            self.acked += len(done)
+
+    def _on_collector_state(self, payload: bytes) -> None:
+        try:
+            state = json.loads(payload).get("state")
+        except (ValueError, AttributeError):
+            state = None
+        online = state == "online"
+        if online != self._collector_online:
+            log.info("collector %s: %s", "online" if online else "offline",
+                     "publishing" if online else "buffering until it is back")
+        self._collector_online = online
+        self._progress_at = time.monotonic()
+
+    def _on_watermark(self, payload: bytes) -> None:
+        try:
+            seq = json.loads(payload).get("seq")
+        except (ValueError, AttributeError):
+            seq = None
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            log.warning("ignored a malformed ack watermark on %s/ack", self.config.topic_root)
+            return
+        if seq <= self._watermark:
+            return  # an older collector instance's word, or a repeat
+        self._watermark = seq
+        self._progress_at = time.monotonic()
+        self._cursor = max(self._cursor, seq)
+        self.store.remove_through(seq)
+
+    def _check_resend(self, now: float) -> None:
+        """Sent events the collector has not acknowledged in time go out again."""
+        owed = self._published_high > self._watermark and self._cursor > self._watermark
+        if not (self._end_to_end and self._collector_online and owed):
+            return
+        if now - self._progress_at < self.config.delivery.resend_after_s:
+            return
+        log.warning("collector acknowledged nothing above seq %d for %.0f s: sending again",
+                    self._watermark, now - self._progress_at)
+        self.resent += self._cursor - self._watermark
+        self._cursor = self._watermark
+        self._progress_at = now
 
     # -- commands ---------------------------------------------------------------
 
     def _on_inbound(self, msg: Inbound) -> None:
         root = self.config.topic_root
+        if self._end_to_end and msg.topic == COLLECTOR_STATE_TOPIC:
+            self._on_collector_state(msg.payload)
+            return
+        if self._end_to_end and msg.topic == f"{root}/ack":
+            self._on_watermark(msg.payload)
+            return
         if msg.retain:
             # A retained command would be replayed at every reconnect.
             log.warning("ignored retained command on %s", msg.topic)
@@ -860,6 +941,11 @@ class Daemon:
             "clock_synced": self.clock.synced(),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "alarms": list(self.alarms),
+            "delivery": {"mode": self.config.delivery.mode,
+                         "collector_online": self._collector_online if self._end_to_end
+                         else None,
+                         "watermark": self._watermark if self._end_to_end else None,
+                         "resent": self.resent},
         }
 
     def _publish_health(self) -> None:
@@ -894,6 +980,7 @@ class Daemon:
                       "last_seq": self.store.last_seq},
             "published": self.published,
             "delivered": self.acked,
+            "delivery": h["delivery"],
             "rejected": dict(self.rejected),
             "drops": h["drops"],
             "devices": devices,

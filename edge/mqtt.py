@@ -44,7 +44,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import BrokerConfig
 
-__all__ = ["Connected", "Disconnected", "Inbound", "MqttLink", "PubAck", "backoff_delays"]
+__all__ = ["Connected", "Disconnected", "Inbound", "MqttLink", "PubAck", "backoff_delays",
+           "set_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ def backoff_delays(low: float, high: float, rng: random.Random) -> Callable[[boo
     return next_delay
 
 
+def set_credentials(c: mqtt.Client, cfg: BrokerConfig) -> None:
+    """Username/password and TLS (server verified against the CA) from the config."""
+    if cfg.username is not None:
+        c.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls is not None:
+        c.tls_set(ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                  certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                  keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                  cert_reqs=ssl.CERT_REQUIRED)
+
+
 class MqttLink:
     def __init__(self, cfg: BrokerConfig, *, will: tuple[str, bytes],
                  post: Callable[[object], None], rng: random.Random | None = None) -> None:
@@ -114,13 +126,7 @@ class MqttLink:
         # would sit in paho's queue until the next PUBACK came in.
         c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
-        if cfg.username is not None:
-            c.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls is not None:
-            c.tls_set(ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                      certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                      keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                      cert_reqs=ssl.CERT_REQUIRED)
+        set_credentials(c, cfg)
         c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

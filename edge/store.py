@@ -477,6 +477,11 @@ class Store:
 
     # -- reading ---------------------------------------------------------
 
+    def remove_through(self, seq: int) -> None:
+        """Forget every event with seq <= `seq` (the collector has committed them)."""
+        rows = self._db.execute("SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq", (seq,))
+        self.remove([int(r[0]) for r in rows])
+
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:
         """Up to `limit` pending events with seq > after_seq, in seq order."""
         if after_seq + 1 in self._tail:
