@@ -210,7 +210,14 @@ def build_wheelhouse(dest: Path, targets: Iterable[Target] = PI_TARGETS,
         raise ProvisionError(f"{project} is not the project's source tree: build the "
                              "wheelhouse from a checkout, or pass --wheelhouse DIR")
     dest.mkdir(parents=True, exist_ok=True)
-    _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(project)])
+    with tempfile.TemporaryDirectory() as tmp:
+        # From a clean copy: setuptools' in-tree build/ keeps files that were
+        # deleted from the source, and they would ship.
+        src = Path(tmp) / "src"
+        shutil.copytree(project, src, ignore=shutil.ignore_patterns(
+            ".venv", "build", "dist", ".git", "*.egg-info", "__pycache__", ".*_cache",
+            ".hypothesis", "demo-run"))
+        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(src)])
     own = sorted(dest.glob("feedback_edge-*.whl"))[-1]
     for t in targets:
         extra = "[hid]" if t.hid else ""
