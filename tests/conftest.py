@@ -249,3 +249,7 @@ def procs() -> Iterator[Callable[[list[str], Path], Proc]]:
     yield make
     for p in started:
         p.kill(signal.SIGKILL)
+
+
+# The collector's fixtures (PostgreSQL, database backends, collector processes).
+from tests.collector_fixtures import backend, collectors, postgres  # noqa: E402, F401

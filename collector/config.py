@@ -1,0 +1,98 @@
+"""The collector's configuration: one TOML file, `collector.toml`.
+
+Example::
+
+    id = "central-1"            # this instance; unique among the collectors
+    group = "collectors"        # the shared-subscription group they share events in
+
+    [broker]                    # as in edge.toml: host, port, username, password_file, [broker.tls]
+    host = "mqtt.clinic.example"
+    port = 8883
+    username = "collector"
+    password_file = "collector-password"
+    [broker.tls]
+    ca_file = "ca.pem"
+
+    [database]
+    path = "/var/lib/feedback-collector/feedback.sqlite"   # SQLite (default), or:
+    # dsn = "postgresql://collector@db.clinic.example/feedback"  # several instances, one database
+
+    [reports]
+    tz = "Europe/Berlin"        # days, weeks and months are local to this zone
+
+    [callbacks]
+    stale_after_hours = 24      # a callback still `new` after this long is flagged
+
+Mistakes are `edge.config.ConfigError`s naming key, value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.config import BrokerConfig, ConfigError, Table, parse_broker
+
+__all__ = ["CollectorConfig", "load_collector_config", "parse_collector_config"]
+
+_ID = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    id: str
+    group: str
+    broker: BrokerConfig
+    db_path: Path | None
+    dsn: str | None
+    tz: str
+    stale_after_s: float
+    batch: int = 500
+
+
+def parse_collector_config(data: dict[str, object], source: str = "",
+                           base_dir: Path | None = None) -> CollectorConfig:
+    from edge.operators import check_zone  # noqa: PLC0415
+
+    top = Table(data, "", source, base_dir)
+    ident = top.required_string("id", pattern=_ID, allowed="1 to 32 lower-case letters, "
+                                "digits or '-'")
+    group = top.string("group", default="collectors", pattern=_ID,
+                       allowed="1 to 32 lower-case letters, digits or '-'")
+    broker_t = top.table("broker")
+    if broker_t is None:
+        raise ConfigError("broker", "(missing)", "required: a [broker] table with at least host",
+                          source)
+    broker = parse_broker(broker_t, f"feedback-collector-{ident}")
+    db_t = top.table("database") or Table({}, "database", source, base_dir)
+    dsn = db_t.string("dsn", default=None, allowed="a PostgreSQL connection string")
+    path = db_t.path_value("path")
+    if dsn is not None and path is not None:
+        raise db_t.error("dsn", "(hidden)", "give either path (SQLite) or dsn (PostgreSQL)")
+    if dsn is None and path is None:
+        path = Path("/var/lib/feedback-collector/feedback.sqlite")
+    db_t.finish()
+    rep_t = top.table("reports") or Table({}, "reports", source, base_dir)
+    tz = rep_t.string("tz", default="UTC", allowed="an IANA zone like Europe/Berlin")
+    try:
+        check_zone(str(tz))
+    except ValueError as e:
+        raise rep_t.error("tz", tz, str(e)) from None
+    rep_t.finish()
+    cb_t = top.table("callbacks") or Table({}, "callbacks", source, base_dir)
+    stale_h = cb_t.number("stale_after_hours", 24.0, 0.1, 24 * 90)
+    cb_t.finish()
+    top.finish()
+    return CollectorConfig(str(ident), str(group), broker, path, dsn, str(tz), stale_h * 3600)
+
+
+def load_collector_config(path: Path) -> CollectorConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError("(file)", str(path), f"cannot be read: {e.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError("(syntax)", str(path), f"is not valid TOML: {e}") from None
+    return parse_collector_config(data, str(path), path.parent)

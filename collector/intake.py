@@ -1,0 +1,272 @@
+"""MQTT intake: every message validated, stored once, acknowledged after commit.
+
+Events come through the shared subscription
+`$share/{group}/feedback/v1/+/+/event/+`, so several collector instances
+split the load; status, devices, health and timesync are subscribed by every
+instance (retained messages are not delivered on shared subscriptions, and
+storing them twice is harmless).
+
+paho runs with `manual_ack=True`: on_message only queues the message; the
+main loop commits a batch in one transaction and only then sends the PUBACKs,
+in arrival order.  A collector killed before its commit never acknowledged
+the batch, and the broker delivers it again to the persistent session
+(clean_start false, a week's session expiry) or to another instance.
+
+Payloads that are not JSON, carry an unknown schema version or fail the
+schema are stored in `quarantine` with the reason and counted; they are
+acknowledged too (delivering them again would not make them valid).  Reasons
+name the failing field and rule, never its value: a value may be a phone
+number.
+
+After each commit the instance publishes, retained, every watermark that
+moved (`{root}/ack`: `{"collector", "seq"}`); a sweep every 2 s moves
+watermarks past events committed by other instances.  The instance's
+presence is `feedback/v1/collector/state` (retained, offline as the will);
+when another instance's will marks the collectors offline while this one is
+up, it says online again, so edges keep publishing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from jsonschema import Draft202012Validator
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from collector.config import CollectorConfig
+from collector.db import Database, DatabaseError, EdgeKey, IngestResult, Item
+from edge.events import EVENT_SCHEMA, format_wall
+from edge.mqtt import set_credentials
+
+__all__ = ["STATE_TOPIC", "Intake", "classify", "load_schema"]
+
+log = logging.getLogger(__name__)
+
+STATE_TOPIC = "feedback/v1/collector/state"
+_SIDE = {"status": "status", "devices": "devices", "health": "health", "timesync": "timesync"}
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """One of the contract's JSON Schemas, shipped once in edge/schemas/."""
+    text = (resources.files("edge") / "schemas" / f"{name}.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+_VALIDATORS = {name: Draft202012Validator(load_schema(name))
+               for name in ("event", "status", "devices", "health", "timesync")}
+
+
+def _why(name: str, body: Any) -> str | None:
+    errors = sorted(_VALIDATORS[name].iter_errors(body), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    e = errors[0]
+    where = "/".join(str(p) for p in e.absolute_path) or "(top)"
+    return f"invalid: {where} fails {e.validator}"
+
+
+def classify(topic: str, payload: bytes) -> Item | None:
+    """What a message is, validated; None for topics the collector does not store."""
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[:2] != ["feedback", "v1"] or parts[2] == "collector":
+        return None
+    site, edge, rest = parts[2], parts[3], parts[4:]
+    kind = "event" if rest[0] == "event" and len(rest) == 2 else _SIDE.get("/".join(rest))
+    if kind is None:
+        return None  # commands, results, acks: not intake's business
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        return Item("quarantine", site, edge, topic=topic, raw=payload,
+                    reason=f"json: {type(e).__name__}")
+    if kind == "event":
+        version = body.get("schema") if isinstance(body, dict) else None
+        if version != EVENT_SCHEMA:
+            return Item("quarantine", site, edge, topic=topic, raw=payload,
+                        reason=f"schema: unknown version {str(version)[:40]!r}")
+    why = _why(kind, body)
+    if why is None and kind == "event" and (body["site"], body["edge"]) != (site, edge):
+        why = "topic: site/edge differ from the payload's"
+    if why is not None:
+        return Item("quarantine", site, edge, topic=topic, raw=payload, reason=why)
+    return Item(kind, site, edge, body=body)
+
+
+@dataclass(slots=True)
+class _Connected:
+    pass
+
+
+class Intake:
+    def __init__(self, cfg: CollectorConfig, db: Database) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.stop_event = threading.Event()
+        self.connected = threading.Event()
+        self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
+                       "db_errors": 0}
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.broker.client_id,
+                        protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        set_credentials(c, cfg.broker)
+        c.will_set(STATE_TOPIC, self._state("offline"), qos=1, retain=True)
+        c.reconnect_delay_set(int(max(1, cfg.broker.reconnect_min_s)),
+                              int(max(1, cfg.broker.reconnect_max_s)))
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        c.on_disconnect = self._on_disconnect
+        self._client = c
+
+    def _state(self, state: str) -> bytes:
+        return json.dumps({"state": state, "since": format_wall(time.time_ns()),
+                           "collector": self.cfg.id}).encode()
+
+    # -- paho thread: record and return ----------------------------------------------
+
+    def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("broker refused the connection: %s", rc)
+            return
+        g = self.cfg.group
+        c.subscribe([(f"$share/{g}/feedback/v1/+/+/event/+", 1),
+                     ("feedback/v1/+/+/status", 1), ("feedback/v1/+/+/devices", 1),
+                     ("feedback/v1/+/+/health", 0), ("feedback/v1/+/+/timesync", 1),
+                     (STATE_TOPIC, 1)])
+        c.publish(STATE_TOPIC, self._state("online"), qos=1, retain=True)
+        self.inbox.put(_Connected())
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        if not self.stop_event.is_set():
+            log.warning("broker connection lost: %s", rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(msg)
+
+    # -- main loop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect_async(self.cfg.broker.host, self.cfg.broker.port,
+                                   self.cfg.broker.keepalive_s, clean_start=False,
+                                   properties=props)
+        self._client.loop_start()
+
+    def run(self) -> None:
+        self.start()
+        next_sweep = time.monotonic() + 2.0
+        try:
+            while not self.stop_event.is_set():
+                batch = self._take(timeout=0.5)
+                if batch:
+                    self._process(batch)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + 2.0
+                    self._sweep()
+        finally:
+            self.close()
+
+    def _take(self, timeout: float) -> list[object]:
+        try:
+            batch = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.cfg.batch:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[object]) -> None:
+        msgs = [m for m in batch if isinstance(m, mqtt.MQTTMessage)]
+        if any(isinstance(m, _Connected) for m in batch):
+            self.connected.set()
+            self._publish_watermarks(self._all_watermarks())
+        items: list[Item] = []
+        for m in msgs:
+            if m.topic == STATE_TOPIC:
+                self._on_collector_state(bytes(m.payload))
+                continue
+            item = classify(m.topic, bytes(m.payload))
+            if item is not None:
+                items.append(item)
+        self.counts["received"] += len(msgs)
+        res = self._commit(items) if items else IngestResult()
+        if res is None:
+            return  # stopping before the commit: unacknowledged, so delivered again
+        for m in msgs:
+            if m.qos > 0:
+                self._client.ack(m.mid, m.qos)
+        self.counts["stored"] += res.stored
+        self.counts["duplicates"] += res.duplicates
+        self.counts["quarantined"] += res.quarantined
+        if res.quarantined:
+            log.warning("%d message(s) quarantined (see `feedback-collector quarantine`)",
+                        res.quarantined)
+        for site, edge, lo, hi, reason in res.dropped_ranges:
+            log.warning("edge %s/%s dropped seq %d..%d (%s)", site, edge, lo, hi, reason)
+        self._publish_watermarks(res.watermarks)
+
+    def _commit(self, items: list[Item]) -> IngestResult | None:
+        delay = 0.5
+        while True:
+            try:
+                return self.db.ingest(items)
+            except DatabaseError as e:
+                self.counts["db_errors"] += 1
+                log.error("database: %s; the batch is not acknowledged, retrying in %.1f s",
+                          e, delay)
+                if self.stop_event.wait(delay):
+                    return None
+                delay = min(delay * 2, 30.0)
+
+    def _sweep(self) -> None:
+        try:
+            self._publish_watermarks(self.db.sweep())
+        except DatabaseError as e:
+            self.counts["db_errors"] += 1
+            log.error("database: %s", e)
+
+    def _all_watermarks(self) -> dict[EdgeKey, int]:
+        try:
+            return self.db.watermarks()
+        except DatabaseError as e:
+            log.error("database: %s", e)
+            return {}
+
+    def _publish_watermarks(self, marks: dict[EdgeKey, int]) -> None:
+        for (site, edge), seq in marks.items():
+            body = json.dumps({"collector": self.cfg.id, "seq": seq}).encode()
+            self._client.publish(f"feedback/v1/{site}/{edge}/ack", body, qos=1, retain=True)
+
+    def _on_collector_state(self, payload: bytes) -> None:
+        try:
+            state = json.loads(payload)
+        except ValueError:
+            state = {}
+        if isinstance(state, dict) and state.get("state") == "offline" \
+                and not self.stop_event.is_set():
+            # Another instance's will: this one is still here.
+            self._client.publish(STATE_TOPIC, self._state("online"), qos=1, retain=True)
+
+    def close(self) -> None:
+        info = self._client.publish(STATE_TOPIC, self._state("offline"), qos=1, retain=True)
+        with contextlib.suppress(RuntimeError):  # not connected: the will says offline
+            info.wait_for_publish(timeout=2.0)
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,300 @@
+"""The figures clinics manage by, computed from stored events.
+
+Every function takes rows from `Database.events` and returns plain rows, so
+tests check them against figures worked out by hand.  An event's time is its
+corrected time (timesync) when known, else its recorded wall time; days,
+ISO weeks (Monday first) and months are those of the report's time zone.
+
+- Emotional loyalty index (desk consoles and keyboard-class buttons):
+  % good - % bad of the presses.  Three-level labels count as themselves;
+  yes/no as good/bad; five-point marks 5-4 good, 3 neutral, 2-1 bad; other
+  labels by the sign of their score, and not at all without one.  Not counted:
+  HOLDs (a long press is not a vote), a HOLD flagged `test` together with the
+  PRESS of the same device and button just before it (an installer's test),
+  and, unless asked for, presses flagged `burst`.
+- Client-attractiveness index per doctor: % yes - % no of the Q1 answers.
+  The base is the number of answers, or, where a CSV of visits gives the
+  number of patients the doctor served in exactly that period, that number.
+- Answer rate per terminal: answers / approaches (presence counts).
+- Callback list: answers with Q1 "no" and a phone number, newest first, with
+  their handling status; `stale` when still `new` after the configured time.
+
+A period with no counted data is listed with zero counts and no index, never
+with an index of 0, which would read as a neutral result.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+__all__ = ["CallbackRow", "IndexRow", "RateRow", "answer_rate", "callback_list",
+           "doctor_index", "loyalty_index", "mood", "period_key", "period_span", "periods"]
+
+PERIODS = ("day", "week", "month")
+_MOODS = {"good": "good", "yes": "good", "neutral": "neutral", "bad": "bad", "no": "bad"}
+
+
+def event_ms(row: dict[str, Any]) -> int:
+    corrected = row.get("corrected_ms")
+    return int(corrected if corrected is not None else row["wall_ms"])
+
+
+def _local(ms: int, tz: str) -> date:
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(ZoneInfo(tz)).date()
+
+
+def period_key(day: date, period: str) -> str:
+    if period == "day":
+        return day.isoformat()
+    if period == "week":
+        y, w, _ = day.isocalendar()
+        return f"{y}-W{w:02d}"
+    return f"{day.year}-{day.month:02d}"
+
+
+def period_span(day: date, period: str) -> tuple[date, date]:
+    """First and last day of the period holding `day`."""
+    if period == "day":
+        return day, day
+    if period == "week":
+        first = day - timedelta(days=day.weekday())
+        return first, first + timedelta(days=6)
+    first = day.replace(day=1)
+    nxt = (first + timedelta(days=32)).replace(day=1)
+    return first, nxt - timedelta(days=1)
+
+
+def periods(start: date, end: date, period: str) -> list[str]:
+    """Every period key from `start` to `end` (inclusive), in order."""
+    keys: list[str] = []
+    d = start
+    while d <= end:
+        k = period_key(d, period)
+        if not keys or keys[-1] != k:
+            keys.append(k)
+        d += timedelta(days=1)
+    return keys
+
+
+def mood(label: str | None, score: int | None) -> str | None:
+    if label in _MOODS:
+        return _MOODS[label]
+    if label in ("1", "2", "3", "4", "5") and score is not None:
+        return "good" if score >= 4 else "neutral" if score == 3 else "bad"
+    if score is None:
+        return None
+    return "good" if score > 0 else "neutral" if score == 0 else "bad"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    group: str
+    period: str
+    plus: int  # good presses / yes answers
+    neutral: int  # neutral presses / unsure answers
+    minus: int  # bad presses / no answers
+    base: int  # what the percentages are of
+    index: float | None  # (plus - minus) / base * 100, rounded to 0.1
+
+    def as_list(self) -> list[Any]:
+        return [self.group, self.period, self.plus, self.neutral, self.minus, self.base,
+                "" if self.index is None else f"{self.index:.1f}"]
+
+
+def _index(plus: int, minus: int, base: int) -> float | None:
+    return None if base <= 0 else round((plus - minus) * 100 / base, 1)
+
+
+def _flags(row: dict[str, Any]) -> set[str]:
+    return set(str(row.get("flags") or "").split())
+
+
+def _counted_presses(rows: Iterable[dict[str, Any]], include_burst: bool
+                     ) -> Iterator[tuple[dict[str, Any], str]]:
+    """Presses that are votes, with their mood."""
+    by_device: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "press":
+            by_device[(r["site"], r["edge"], r["device_id"])].append(r)
+    for presses in by_device.values():
+        presses.sort(key=lambda r: r["seq"])
+        excluded: set[int] = set()
+        for i, r in enumerate(presses):
+            if r["hold"] and "test" in _flags(r):
+                # The PRESS of the same button just before the test HOLD.
+                for prev in reversed(presses[:i]):
+                    if not prev["hold"] and prev["button"] == r["button"]:
+                        excluded.add(prev["seq"])
+                        break
+        for r in presses:
+            if r["hold"] or r["seq"] in excluded:
+                continue
+            if "burst" in _flags(r) and not include_burst:
+                continue
+            m = mood(r["label"], r["score"])
+            if m is not None:
+                yield r, m
+
+
+def _group(row: dict[str, Any], by: str) -> str:
+    if by == "operator":
+        return row["operator_id"] or "(nobody)"
+    if by == "desk":
+        return f"{row['site']}/{row['desk']}"
+    if by == "site":
+        return str(row["site"])
+    if by == "doctor":
+        return row["doctor"] or "(unknown)"
+    if by == "terminal":
+        return f"{row['site']}/{row['edge']}/{row['device_id']}"
+    raise ValueError(f"unknown grouping {by!r}")
+
+
+def _keys(rows: list[tuple[dict[str, Any], Any]], by: str, period: str, *, tz: str,
+          start: date | None, end: date | None) -> tuple[list[str], list[str]]:
+    groups = sorted({_group(r, by) for r, _ in rows})
+    if start is not None and end is not None:
+        return groups, periods(start, end, period)
+    return groups, sorted({period_key(_local(event_ms(r), tz), period) for r, _ in rows})
+
+
+def _in_range(rows: Iterable[dict[str, Any]], tz: str, start: date | None,
+              end: date | None) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        d = _local(event_ms(r), tz)
+        if (start is None or d >= start) and (end is None or d <= end):
+            out.append(r)
+    return out
+
+
+def loyalty_index(rows: Iterable[dict[str, Any]], *, by: str, period: str, tz: str,
+                  start: date | None = None, end: date | None = None,
+                  include_burst: bool = False) -> list[IndexRow]:
+    """% good - % bad per group (operator, desk or site) and period."""
+    counted = [(r, m) for r, m in _counted_presses(_in_range(rows, tz, start, end),
+                                                   include_burst)]
+    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r, m in counted:
+        counts[(_group(r, by), period_key(_local(event_ms(r), tz), period))][m] += 1
+    groups, keys = _keys(counted, by, period, tz=tz, start=start, end=end)
+    out = []
+    for g in groups:
+        for k in keys:
+            c = counts.get((g, k), {})
+            good, neutral, bad = c.get("good", 0), c.get("neutral", 0), c.get("bad", 0)
+            total = good + neutral + bad
+            out.append(IndexRow(g, k, good, neutral, bad, total, _index(good, bad, total)))
+    return out
+
+
+def doctor_index(rows: Iterable[dict[str, Any]], *, period: str, tz: str,
+                 start: date | None = None, end: date | None = None,
+                 visits: Iterable[tuple[str, str, str, int]] = ()) -> list[IndexRow]:
+    """% yes - % no of Q1 per doctor and period; base: answers or imported visits."""
+    answers = [(r, r["q1"]) for r in _in_range(rows, tz, start, end) if r["kind"] == "answer"]
+    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    spans: dict[str, tuple[date, date]] = {}
+    for r, q1 in answers:
+        day = _local(event_ms(r), tz)
+        k = period_key(day, period)
+        spans[k] = period_span(day, period)
+        counts[(_group(r, "doctor"), k)][q1] += 1
+    seen = {(d, date.fromisoformat(a), date.fromisoformat(b)): n for d, a, b, n in visits}
+    groups, keys = _keys(answers, "doctor", period, tz=tz, start=start, end=end)
+    if start is not None and end is not None:
+        d = start
+        while d <= end:
+            spans.setdefault(period_key(d, period), period_span(d, period))
+            d += timedelta(days=1)
+    out = []
+    for g in groups:
+        for k in keys:
+            c = counts.get((g, k), {})
+            yes, unsure, no = c.get("yes", 0), c.get("unsure", 0), c.get("no", 0)
+            span = spans.get(k)
+            patients = seen.get((g, *span)) if span is not None else None
+            base = patients if patients is not None else yes + unsure + no
+            out.append(IndexRow(g, k, yes, unsure, no, base, _index(yes, no, base)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RateRow:
+    terminal: str
+    period: str
+    answers: int
+    approaches: int
+    rate: float | None  # answers / approaches, as a percentage rounded to 0.1
+
+    def as_list(self) -> list[Any]:
+        return [self.terminal, self.period, self.answers, self.approaches,
+                "" if self.rate is None else f"{self.rate:.1f}"]
+
+
+def answer_rate(rows: Iterable[dict[str, Any]], *, period: str, tz: str,
+                start: date | None = None, end: date | None = None) -> list[RateRow]:
+    """Answers per approach counted by the terminal's presence sensor."""
+    rows = [r for r in _in_range(rows, tz, start, end) if r["kind"] in ("answer", "presence")]
+    answers: dict[tuple[str, str], int] = defaultdict(int)
+    approaches: dict[tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        key = (_group(r, "terminal"), period_key(_local(event_ms(r), tz), period))
+        if r["kind"] == "answer":
+            answers[key] += 1
+        else:
+            approaches[key] += int(r["approaches"] or 0)
+    groups, keys = _keys([(r, None) for r in rows], "terminal", period, tz=tz, start=start,
+                         end=end)
+    out = []
+    for g in groups:
+        for k in keys:
+            a, n = answers.get((g, k), 0), approaches.get((g, k), 0)
+            out.append(RateRow(g, k, a, n, None if n == 0 else round(a * 100 / n, 1)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRow:
+    site: str
+    edge: str
+    event_id: str
+    time: str
+    doctor: str | None
+    phone: str
+    comment: str | None
+    status: str
+    handled_by: str | None
+    handled_at: str | None
+    stale: bool
+
+    def as_list(self) -> list[Any]:
+        return [self.time, self.doctor or "", self.phone, self.comment or "", self.status,
+                self.handled_by or "", self.handled_at or "", "STALE" if self.stale else "",
+                f"{self.site}/{self.edge}/{self.event_id}"]
+
+
+def _fmt(ms: int, tz: str) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(ZoneInfo(tz)).strftime(
+        "%Y-%m-%d %H:%M")
+
+
+def callback_list(rows: Iterable[dict[str, Any]],
+                  states: dict[tuple[str, str, str], tuple[str, str | None, int | None]], *,
+                  now_ms: int, stale_after_s: float, tz: str) -> list[CallbackRow]:
+    """Patients who said no and left a phone number, newest first."""
+    out = []
+    for r in sorted((r for r in rows if r["kind"] == "answer" and r["q1"] == "no"
+                     and r["phone"]), key=event_ms, reverse=True):
+        status, by, at = states.get((r["site"], r["edge"], r["event_id"]), ("new", None, None))
+        t = event_ms(r)
+        out.append(CallbackRow(r["site"], r["edge"], r["event_id"], _fmt(t, tz), r["doctor"],
+                               r["phone"], r["comment"], status, by,
+                               None if at is None else _fmt(at, tz),
+                               status == "new" and (now_ms - t) / 1000 > stale_after_s))
+    return out

@@ -1,0 +1,305 @@
+"""The collector: exactly-once intake, watermarks, quarantine, timesync, end to end.
+
+Every test that stores runs against SQLite and against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from collector.db import Item
+from collector.intake import classify
+from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, encode_event
+from tests.collector_fixtures import (
+    Backend,
+    collector_config,
+    count_events,
+    press_event,
+    wait_events,
+)
+from tests.conftest import Broker, Proc, Subscriber, wait_for
+from tests.test_pipeline import Site
+
+
+def _item(topic: str, payload: bytes) -> Item:
+    item = classify(topic, payload)
+    assert item is not None
+    return item
+
+
+def dropped_event(seq: int, lo: int, hi: int) -> tuple[str, bytes]:
+    ev = Event(f"0192c0de-0000-7000-8000-{seq:012d}", "reception-1",
+               DeviceRef("reception-1", "edge", None), Dropped(lo, hi, "store_full"),
+               OperatorTag(None, "none"), EventTime(1_795_000_000_000_000_000, True, "b", 1))
+    return ("feedback/v1/clinic-3/reception-1/event/reception-1",
+            encode_event(ev, seq, "clinic-3", "reception-1"))
+
+
+def publish_all(broker: Broker, messages: list[tuple[str, bytes]], *, retain: bool = False,
+                client_id: str = "test-edge") -> None:
+    """Publish QoS 1 as an edge would and wait for every PUBACK."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    try:
+        infos = [c.publish(t, p, qos=1, retain=retain) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=30)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def wait_collector_online(sub: Subscriber, n: int = 1) -> None:
+    """`sub` must be subscribed before the collectors start: the state is one retained
+    message, so only the last instance's word would be seen otherwise."""
+    wait_for(lambda: len({m.json().get("collector") for m in sub.snapshot()
+                          if m.json().get("state") == "online"}) >= n, 20,
+             f"{n} collector(s) online")
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "collector.cli", *args, "--config",
+                           str(config)], capture_output=True, text=True, check=False, timeout=60)
+
+
+# -- the database, directly ----------------------------------------------------------
+
+def test_watermark_passes_declared_drops_and_stops_at_what_is_missing(
+        backend: Backend) -> None:
+    db = backend.open()
+    msgs = [press_event(1), press_event(2), press_event(4), dropped_event(5, 3, 3)]
+    res = db.ingest([_item(t, p) for t, p in msgs])
+    assert res.stored == 4
+    assert res.watermarks == {("clinic-3", "reception-1"): 5}
+    assert res.dropped_ranges == [("clinic-3", "reception-1", 3, 3, "store_full")]
+    res = db.ingest([_item(*press_event(7))])
+    assert res.watermarks == {}  # 6 is missing
+    (gap,) = db.gaps()
+    assert gap["watermark"] == 5
+    assert gap["max_seq"] == 7
+    assert gap["missing"] == [(6, 6)]
+    assert gap["dropped"] == [(3, 3, "store_full")]
+    res = db.ingest([_item(*press_event(6))])
+    assert res.watermarks == {("clinic-3", "reception-1"): 7}
+    db.close()
+
+
+def test_the_same_event_delivered_three_times_is_stored_once(backend: Backend) -> None:
+    db = backend.open()
+    topic, payload = press_event(1)
+    first = db.ingest([_item(topic, payload)])
+    again = db.ingest([_item(topic, payload), _item(topic, payload)])
+    assert (first.stored, again.stored, again.duplicates) == (1, 0, 2)
+    assert count_events(backend) == 1
+    assert db.counters()["duplicates"] == 2
+    db.close()
+
+
+@pytest.mark.parametrize("anchor_first", [True, False])
+def test_timesync_corrects_unsynced_events_whichever_arrives_first(
+        backend: Backend, anchor_first: bool) -> None:
+    db = backend.open()
+    # Recorded 5 s after boot with the clock still at 1970-ish; synchronised at 20 s.
+    ev = _item(*press_event(1, synced=False, wall_ns=5_000_000_000, mono_ns=5_000_000_000,
+                            boot_id="boot-x"))
+    anchor = _item("feedback/v1/clinic-3/reception-1/timesync", json.dumps(
+        {"boot_id": "boot-x", "mono_ns": 20_000_000_000, "wall": "2026-11-23T09:00:20.000Z",
+         "reason": "synchronised"}).encode())
+    for batch in ([anchor], [ev]) if anchor_first else ([ev], [anchor]):
+        db.ingest(batch)
+    (row,) = db.events(["press"])
+    assert row["corrected_ms"] == 1_795_424_405_000  # 2026-11-23T09:00:05Z
+    assert row["wall_ms"] == 5_000
+    db.close()
+
+
+def test_malformed_and_unknown_versions_are_kept_aside_with_a_named_reason(
+        backend: Backend) -> None:
+    db = backend.open()
+    topic, good = press_event(1)
+    body = json.loads(good)
+    v2 = dict(body, schema="feedback.event/2")
+    bad_phone = dict(body, kind="answer", answer={
+        "record_id": 1, "doctor": "dr-a", "q1": "no", "q2": "yes", "phone": "call me maybe",
+        "comment": None, "lang": "en"})
+    bad_phone.pop("press")
+    other_edge = dict(body, edge="reception-2")
+    items = [_item(topic, b"{not json"), _item(topic, json.dumps(v2).encode()),
+             _item(topic, json.dumps(bad_phone).encode()),
+             _item(topic, json.dumps(other_edge).encode()),
+             _item("feedback/v1/clinic-3/reception-1/health", b'{"queue_depth": -1}'),
+             _item(topic, good)]
+    res = db.ingest(items)
+    assert (res.stored, res.quarantined) == (1, 5)
+    reasons = sorted(r for _, _, r, _ in db.quarantined())
+    assert reasons[0].startswith("invalid: ")
+    assert any(r.startswith("json: ") for r in reasons)
+    assert "schema: unknown version 'feedback.event/2'" in reasons
+    assert any("site/edge differ" in r for r in reasons)
+    assert not any("call me" in r for r in reasons)  # a value may be personal data
+    counts = db.counters()
+    assert sum(v for k, v in counts.items() if k.startswith("quarantined:")) == 5
+    db.close()
+
+
+# -- the collector process -----------------------------------------------------------
+
+def test_duplicates_by_republish_and_by_two_instances_are_stored_once(
+        broker: Broker, backend: Backend, collectors: Callable[[str], Proc],
+        subscribe: Callable[[str], Subscriber]) -> None:
+    states = subscribe("feedback/v1/collector/state")
+    collectors("central-1")
+    collectors("central-2")
+    wait_collector_online(states, 2)
+    same = press_event(1)
+    unique = [press_event(i) for i in range(2, 202)]
+    # Three deliveries of one event, and every other event twice, split over
+    # the two instances by the shared subscription.
+    publish_all(broker, [same, *unique, same, *unique, same])
+    wait_events(backend, 201)
+    db = backend.open()
+    rows = db.query("SELECT event_id, count(*) FROM events GROUP BY event_id")
+    assert len(rows) == 201
+    assert {n for _, n in rows} == {1}
+    wait_for(lambda: db.watermarks().get(("clinic-3", "reception-1")) == 201, 20,
+             "watermark 201")
+    db.close()
+
+
+def test_collector_sigkilled_mid_stream_loses_nothing_and_doubles_nothing(
+        broker: Broker, backend: Backend, collectors: Callable[[str], Proc],
+        subscribe: Callable[[str], Subscriber]) -> None:
+    states = subscribe("feedback/v1/collector/state")
+    first = collectors("central-1")
+    wait_collector_online(states)
+    msgs = [press_event(i) for i in range(1, 2001)]
+    t = threading.Thread(target=publish_all, args=(broker, msgs))
+    t.start()
+    wait_for(lambda: count_events(backend) >= 300, 60, "a part of the stream stored")
+    first.kill()  # SIGKILL: batches in flight were never acknowledged
+    t.join(60)
+    collectors("central-1")  # same id: the same persistent session
+    wait_events(backend, 2000, 90)
+    db = backend.open()
+    assert db.query("SELECT count(DISTINCT event_id), count(*), min(seq), max(seq) "
+                    "FROM events")[0] == (2000, 2000, 1, 2000)
+    wait_for(lambda: db.watermarks().get(("clinic-3", "reception-1")) == 2000, 20,
+             "watermark 2000")
+    db.close()
+
+
+def test_end_to_end_presses_to_report(tmp_path: Path, broker: Broker, backend: Backend,
+                                      collectors: Callable[[str], Proc],
+                                      procs: Callable[[list[str], Path], Proc]) -> None:
+    collectors("central-1")
+    site = Site(tmp_path, broker, procs)
+    site.config.write_text(site.config.read_text() + '\n[delivery]\nmode = "collector"\n')
+    site.start()
+    site.wait_connected()
+    presses = [0, 0, 1, 2, 0, 2, 0, 1, 0, 0]  # good 6, neutral 2, bad 2
+    for i, b in enumerate(presses):
+        site.press(b, delay_ms=i * 150)
+    wait_events(backend, len(presses), 30)
+    cfg = collector_config(tmp_path / "cli.toml", broker, backend)
+
+    def report(*extra: str) -> tuple[str, ...]:
+        r = _cli(cfg, "report", "loyalty", "--by", "desk", "--period", "day", "--csv", "-",
+                 *extra)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert lines[0] == "desk,day,good,neutral,bad,presses,index"
+        (row,) = lines[1:]
+        desk, _day, *figures = row.split(",")
+        return (desk, *figures)
+
+    # Ten presses in 1.5 s at one desk: from the 6th on they are a `burst`,
+    # left out by default.  First five: good 3, neutral 1, bad 1 -> (3-1)/5.
+    assert report() == ("clinic-3/desk-1", "3", "1", "1", "5", "40.0")
+    # All ten: good 6, neutral 2, bad 2 -> (6-2)/10.
+    assert report("--include-burst") == ("clinic-3/desk-1", "6", "2", "2", "10", "40.0")
+    # The edge removes them once the collector's watermark covers them.
+    wait_for(lambda: site.status().get("queue", {}).get("depth") == 0, 20,
+             "the edge's store emptied by the watermark")
+    assert site.status()["delivery"]["watermark"] == len(presses)
+    fleet = json.loads(_cli(cfg, "fleet", "--json").stdout)
+    assert fleet[0]["edge"] == "clinic-3/reception-1"
+    assert fleet[0]["state"] == "online"
+
+
+@pytest.mark.parametrize(("mode", "all_arrive"), [("collector", True), ("broker", False)])
+def test_collector_down_longer_than_the_broker_queue_holds(
+        tmp_path: Path, procs: Callable[[list[str], Path], Proc], mode: str,
+        all_arrive: bool) -> None:
+    broker = Broker(tmp_path / "broker", extra="max_queued_messages 100\n")
+    broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 0\n", ""))
+    broker.start()
+    try:
+        sqlite = Backend("sqlite", tmp_path, None)
+        cfg = collector_config(tmp_path / "c.toml", broker, sqlite)
+        collector = procs(["collector.cli", "run", "--config", str(cfg)], tmp_path / "c.log")
+        wait_for(lambda: sqlite.path is not None and sqlite.path.exists(), 20, "collector up")
+        site = Site(tmp_path, broker, procs, buttons=5, layout="five-point")
+        site.config.write_text(site.config.read_text()
+                               + f'\n[delivery]\nmode = "{mode}"\nresend_after_s = 5\n')
+        site.start()
+        site.wait_connected()
+        site.press(0)
+        wait_events(sqlite, 1, 20, "the first press, with the collector up")
+        collector.kill(15)  # a clean stop: its session stays, and it says offline
+        for i in range(1000):
+            site.press(i % 5, delay_ms=i * 20, hold_ms=40)
+        wait_for(lambda: site.status().get("published", 0) >= 1001 or
+                 site.status().get("queue", {}).get("depth", 0) >= 1000, 60,
+                 "1,000 presses taken by the edge")
+        collector = procs(["collector.cli", "run", "--config", str(cfg)], tmp_path / "c2.log")
+        if all_arrive:
+            wait_events(sqlite, 1001, 120, "every press after the collector is back")
+            assert count_events(sqlite) == 1001
+        else:
+            wait_for(lambda: site.status().get("queue", {}).get("depth") == 0, 60,
+                     "the edge deleted everything on PUBACK")
+            wait_for(lambda: count_events(sqlite) >= 100, 30, "the broker's queue delivered")
+            lost = 1001 - count_events(sqlite)
+            assert lost >= 800, f"only {lost} lost"  # the broker kept 100 of 1,000
+    finally:
+        broker.stop()
+
+
+def test_commands_to_an_edge_wait_for_its_result(tmp_path: Path, broker: Broker,
+                                                 procs: Callable[[list[str], Path], Proc],
+                                                 subscribe: Callable[[str], Any]) -> None:
+    sqlite = Backend("sqlite", tmp_path, None)
+    cfg = collector_config(tmp_path / "c.toml", broker, sqlite)
+    site = Site(tmp_path, broker, procs)
+    site.start()
+    site.wait_connected()
+    r = _cli(cfg, "operator", "clinic-3/reception-1", "desk-1", "op-9")
+    assert r.returncode == 0, r.stderr
+    assert "op-9 on duty at desk-1" in r.stdout
+    sub = subscribe("feedback/+/+/+/event/#")
+    site.press(0)
+    wait_for(sub.events, 10, "a press after the command")
+    assert sub.events()[0]["operator"] == {"id": "op-9", "source": "command"}
+    r = _cli(cfg, "operator", "clinic-3/reception-1", "desk-99", "op-9")
+    assert r.returncode == 1
+    assert "refused: desk must be one of" in r.stderr
+    r = _cli(cfg, "operator", "clinic-3/nowhere", "desk-1", "op-9", "--timeout", "1")
+    assert r.returncode == 3
+    assert "did not answer" in r.stderr
+    doctors = tmp_path / "doctors.json"
+    doctors.write_text(json.dumps({"rev": 2, "doctors": [
+        {"id": "dr-a", "name": "Dr A", "specialty": "ENT", "photo": None}]}))
+    r = _cli(cfg, "doctors", "clinic-3/reception-1", str(doctors))
+    assert r.returncode == 0, r.stderr
+    assert "doctor list rev 2 applied" in r.stdout
