@@ -24,7 +24,7 @@ from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from edge.config import ConfigError
 
-__all__ = ["main", "send_command"]
+__all__ = ["broker_acl", "main", "send_command"]
 
 DEFAULT_CONFIG = Path("/etc/feedback-collector/collector.toml")
 EXIT_USAGE = 2
@@ -345,6 +345,37 @@ def _cmd_doctors(args: argparse.Namespace) -> int:
     return _report_result(f"doctor list rev {doc['rev']} applied", result, args.edge)
 
 
+def broker_acl(edges: list[tuple[str, str, str]], collector_user: str) -> str:
+    """A Mosquitto acl_file: each edge below its own root only (mqtt-contract.md, Security)."""
+    lines = ["# Written by `feedback-collector broker-acl`.",
+             "# Collectors read everything; they write commands, acks and their state only.",
+             f"user {collector_user}", "topic read feedback/v1/#",
+             "topic write feedback/v1/+/+/cmd/+", "topic write feedback/v1/+/+/ack",
+             "topic readwrite feedback/v1/collector/state"]
+    for site, edge, user in edges:
+        root = f"feedback/v1/{site}/{edge}"
+        lines += ["", f"# edge {site}/{edge}", f"user {user}"]
+        lines += [f"topic write {root}/{t}" for t in
+                  ("status", "event/+", "devices", "health", "timesync", "cmd/+/result")]
+        lines += [f"topic read {root}/cmd/+", f"topic read {root}/ack",
+                  "topic read feedback/v1/collector/state"]
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_broker_acl(args: argparse.Namespace) -> int:
+    edges = []
+    for spec in args.edges:
+        where, _, user = spec.partition("=")
+        try:
+            site, edge = _edge_arg(where)
+        except argparse.ArgumentTypeError as e:
+            print(f"feedback-collector: {spec}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        edges.append((site, edge, user or f"{site}-{edge}"))
+    print(broker_acl(edges, args.collector_user), end="")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedback-collector", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"feedback-collector {__version__}")
@@ -392,6 +423,11 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("edge", type=_edge_arg, help="SITE/EDGE")
     doc.add_argument("file", help='JSON: {"rev": N, "doctors": [...]}')
     doc.add_argument("--timeout", type=float, default=10.0)
+    acl = sub.add_parser("broker-acl", help="the central Mosquitto's ACL for these edges")
+    acl.add_argument("edges", nargs="+", metavar="SITE/EDGE[=USERNAME]",
+                     help="each edge; its broker username defaults to SITE-EDGE")
+    acl.add_argument("--collector-user", default="collector")
+    acl.set_defaults(func=_cmd_broker_acl)
     return p
 
 
