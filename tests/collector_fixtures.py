@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,7 +27,11 @@ from edge.events import (
     encode_event,
     new_event_id,
 )
-from tests.conftest import Broker, Proc, free_port, wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import Broker, Proc
+# tests.conftest imports this module's fixtures: its helpers are imported
+# where they are used, so either module can be imported first.
 
 
 def _pg_bin(name: str) -> str | None:
@@ -46,6 +50,8 @@ class Postgres:
         self.pg_ctl = pg_ctl
         self.dir = Path(tempfile.mkdtemp(prefix="feedback-pg-"))
         self.dir.chmod(0o755)
+        from tests.conftest import free_port
+
         self.port = free_port()
         self._as: list[str] = []
         if os.geteuid() == 0:
@@ -151,6 +157,8 @@ def count_events(backend: Backend) -> int:
 
 
 def wait_events(backend: Backend, n: int, timeout: float = 60, what: str = "") -> None:
+    from tests.conftest import wait_for
+
     wait_for(lambda: count_events(backend) >= n, timeout, what or f"{n} events stored")
 
 
