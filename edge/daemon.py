@@ -253,6 +253,9 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        if self.store.lost is not None:
+            # Without this, a collector-mode watermark would wait for them forever.
+            self._announce_drops([self.store.lost], "store_replaced")
         # One scan before READY=1, so "ready" means the hardware was looked at.
         self._attached = tuple((d, classify(d)) for d in scan(self._sysfs))
         for dev in self.devices.values():

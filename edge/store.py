@@ -249,11 +249,15 @@ class Store:
         db = self._db
         high = _high_seq(db)
         reserved = self._reserved()
+        # Seqs up to here that the collector has not got were lost with a
+        # replaced store; the daemon announces them as dropped.
+        self.lost: tuple[int, int] | None = None
         if fresh and reserved > high:
             # A store that had to start again continues after every seq that
             # could have been used before, so no seq is ever reused.
             high = reserved
             db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?)", (high,))
+            self.lost = (1, high)
         self._last_seq = high
         self._reserved_seq = max(reserved, high)
         count, total = db.execute(

@@ -31,7 +31,7 @@ class Running:
             devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"}],
             extra="health_interval_s = 1"))
         self.sysfs = tmp / "sys"
-        self.sysfs.mkdir()
+        self.sysfs.mkdir(exist_ok=True)
         self.daemon = Daemon(cfg, transport=self._open, sysfs=self.sysfs)
         self.thread = threading.Thread(target=self.daemon.run)
         self._stop_ticks = threading.Event()
@@ -160,3 +160,26 @@ def test_plugged_in_unconfigured_hardware_is_listed_within_seconds(
                                   if any(d["state"] == "unconfigured"
                                          for d in m.json()["devices"])], 10, "retained list")
     validate(inventory[-1].topic, inventory[-1].json())
+
+
+def test_a_replaced_store_announces_its_lost_seqs_as_dropped(
+        tmp_path: Path, broker: Broker, subscribe: Callable[[str], Subscriber],
+        validate: Callable[[str, Any], None]) -> None:
+    from edge.store import SEQ_BLOCK
+
+    sub = subscribe("feedback/+/+/+/event/#")
+    with Running(tmp_path, broker) as r:
+        r.fw.press(0)
+        wait_for(lambda: len(sub.events()) == 1, 10, "a press before the store is lost")
+    for suffix in ("-wal", "-shm"):
+        Path(str(tmp_path / "outbox.sqlite") + suffix).unlink(missing_ok=True)
+    (tmp_path / "outbox.sqlite").write_bytes(b"scribbled over by a failing SD card" * 100)
+    with Running(tmp_path, broker):
+        wait_for(lambda: len(sub.events()) == 2, 10, "the dropped event")
+    msg = sub.snapshot("/event/")[-1]
+    validate(msg.topic, msg.json())
+    dropped = msg.json()
+    assert dropped["kind"] == "dropped"
+    assert dropped["dropped"] == {"from_seq": 1, "to_seq": SEQ_BLOCK,
+                                  "reason": "store_replaced"}
+    assert dropped["seq"] == SEQ_BLOCK + 1  # seqs are still never reused

@@ -116,6 +116,8 @@ def test_corrupt_store_is_moved_aside_with_an_alarm_and_seq_continues(tmp_path: 
     assert seq is not None
     assert seq > 5
     assert seq == SEQ_BLOCK + 1
+    # Whatever of 1..SEQ_BLOCK the collector lacks is gone: the daemon says so.
+    assert s.lost == (1, SEQ_BLOCK)
 
 
 def test_store_damaged_inside_is_detected_by_the_integrity_check(tmp_path: Path) -> None:
