@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from collector import __version__
+from collector import __version__, reports
 from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from edge.config import ConfigError
@@ -179,8 +179,6 @@ def _dates(args: argparse.Namespace) -> tuple[date | None, date | None]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from collector import reports  # noqa: PLC0415
-
     cfg = _cfg(args)
     db = _db(cfg)
     start, end = _dates(args)
@@ -205,8 +203,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_callbacks(args: argparse.Namespace) -> int:
-    from collector import reports  # noqa: PLC0415
-
     cfg = _cfg(args)
     db = _db(cfg)
     rows = reports.callback_list(db.events(["answer"]), db.callbacks_state(),
@@ -398,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("what", choices=["loyalty", "doctors", "answer-rate"])
     rep.add_argument("--by", choices=["operator", "desk", "site"], default="operator",
                      help="loyalty only")
-    rep.add_argument("--period", choices=["day", "week", "month"], default="week")
+    rep.add_argument("--period", choices=reports.PERIODS, default="week")
     rep.add_argument("--from", dest="start", help="first day, e.g. 2026-11-01")
     rep.add_argument("--to", dest="end", help="last day, inclusive")
     rep.add_argument("--tz", help="default: [reports] tz")

@@ -86,6 +86,11 @@ _EVENT_COLS = ("site", "edge", "event_id", "seq", "kind", "desk", "device_id", "
                "payload", "received_ms")
 
 
+_INSERT_EVENT = (f"INSERT INTO events ({', '.join(_EVENT_COLS)}) VALUES "
+                 f"({', '.join('?' * len(_EVENT_COLS))}) "
+                 "ON CONFLICT (site, edge, event_id) DO NOTHING")
+
+
 class DatabaseError(Exception):
     """The database refused or is unreachable; the batch is not acknowledged."""
 
@@ -191,10 +196,12 @@ class Database:
         """Store a batch in one transaction.  Re-running it changes nothing."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         res = IngestResult()
-        touched: set[EdgeKey] = set()
+        top_seq: dict[EdgeKey, int] = {}
         events = sorted((i for i in items if i.kind == "event"),
                         key=lambda i: (i.site, i.edge, i.body["seq"]))
-        others = [i for i in items if i.kind != "event"]
+        # By edge (a stable sort keeps each edge's own order): every transaction
+        # locks edges rows in the same order.
+        others = sorted((i for i in items if i.kind != "event"), key=lambda i: (i.site, i.edge))
         with self.transaction() as cur:
             anchors: dict[tuple[str, str, str], tuple[int, int] | None] = {}
             for key in sorted({(i.site, i.edge) for i in items if i.site}):
@@ -215,10 +222,7 @@ class Database:
                     anchor = anchors[akey]
                     if anchor is not None:
                         row["corrected_ms"] = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
-                cur.execute(f"INSERT INTO events ({', '.join(_EVENT_COLS)}) VALUES "
-                            f"({', '.join('?' * len(_EVENT_COLS))}) "
-                            "ON CONFLICT (site, edge, event_id) DO NOTHING",
-                            [row[c] for c in _EVENT_COLS])
+                cur.execute(_INSERT_EVENT, [row[c] for c in _EVENT_COLS])
                 if cur.rowcount == 1:
                     res.stored += 1
                     if row["kind"] == "dropped":
@@ -226,11 +230,12 @@ class Database:
                                                    row["to_seq"], row["reason"]))
                 else:
                     res.duplicates += 1
-                touched.add((it.site, it.edge))
+                key = (it.site, it.edge)
+                top_seq[key] = max(top_seq.get(key, 0), row["seq"])
+            for key in sorted(top_seq):
                 cur.execute(f"UPDATE edges SET max_seq = {self._greatest}(max_seq, ?), "
                             "last_seen_ms = ? WHERE site = ? AND edge = ?",
-                            (row["seq"], now, it.site, it.edge))
-            for key in sorted(touched):
+                            (top_seq[key], now, *key))
                 moved = self._advance(cur, key)
                 if moved is not None:
                     res.watermarks[key] = moved

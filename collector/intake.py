@@ -46,15 +46,14 @@ from paho.mqtt.properties import Properties
 
 from collector.config import CollectorConfig
 from collector.db import Database, DatabaseError, EdgeKey, IngestResult, Item
-from edge.events import EVENT_SCHEMA, format_wall
+from edge.events import COLLECTOR_STATE_TOPIC, EVENT_SCHEMA, format_wall
 from edge.mqtt import set_credentials
 
-__all__ = ["STATE_TOPIC", "Intake", "classify", "load_schema"]
+__all__ = ["Intake", "classify", "load_schema"]
 
 log = logging.getLogger(__name__)
 
-STATE_TOPIC = "feedback/v1/collector/state"
-_SIDE = {"status": "status", "devices": "devices", "health": "health", "timesync": "timesync"}
+_SIDE = frozenset({"status", "devices", "health", "timesync"})
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
@@ -84,8 +83,11 @@ def classify(topic: str, payload: bytes) -> Item | None:
     if len(parts) < 5 or parts[:2] != ["feedback", "v1"] or parts[2] == "collector":
         return None
     site, edge, rest = parts[2], parts[3], parts[4:]
-    kind = "event" if rest[0] == "event" and len(rest) == 2 else _SIDE.get("/".join(rest))
-    if kind is None:
+    if rest[0] == "event" and len(rest) == 2:
+        kind = "event"
+    elif len(rest) == 1 and rest[0] in _SIDE:
+        kind = rest[0]
+    else:
         return None  # commands, results, acks: not intake's business
     try:
         body = json.loads(payload)
@@ -116,13 +118,13 @@ class Intake:
         self.db = db
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.stop_event = threading.Event()
-        self.connected = threading.Event()
-        self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
-                       "db_errors": 0}
+        # Duplicates and quarantined payloads are counted in the database;
+        # failures to reach the database can only be counted here.
+        self.db_errors = 0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.broker.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
         set_credentials(c, cfg.broker)
-        c.will_set(STATE_TOPIC, self._state("offline"), qos=1, retain=True)
+        c.will_set(COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1, retain=True)
         c.reconnect_delay_set(int(max(1, cfg.broker.reconnect_min_s)),
                               int(max(1, cfg.broker.reconnect_max_s)))
         c.on_connect = self._on_connect
@@ -144,12 +146,11 @@ class Intake:
         c.subscribe([(f"$share/{g}/feedback/v1/+/+/event/+", 1),
                      ("feedback/v1/+/+/status", 1), ("feedback/v1/+/+/devices", 1),
                      ("feedback/v1/+/+/health", 0), ("feedback/v1/+/+/timesync", 1),
-                     (STATE_TOPIC, 1)])
-        c.publish(STATE_TOPIC, self._state("online"), qos=1, retain=True)
+                     (COLLECTOR_STATE_TOPIC, 1)])
+        c.publish(COLLECTOR_STATE_TOPIC, self._state("online"), qos=1, retain=True)
         self.inbox.put(_Connected())
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        self.connected.clear()
         if not self.stop_event.is_set():
             log.warning("broker connection lost: %s", rc)
 
@@ -195,26 +196,21 @@ class Intake:
     def _process(self, batch: list[object]) -> None:
         msgs = [m for m in batch if isinstance(m, mqtt.MQTTMessage)]
         if any(isinstance(m, _Connected) for m in batch):
-            self.connected.set()
             self._publish_watermarks(self._all_watermarks())
         items: list[Item] = []
         for m in msgs:
-            if m.topic == STATE_TOPIC:
+            if m.topic == COLLECTOR_STATE_TOPIC:
                 self._on_collector_state(bytes(m.payload))
                 continue
             item = classify(m.topic, bytes(m.payload))
             if item is not None:
                 items.append(item)
-        self.counts["received"] += len(msgs)
         res = self._commit(items) if items else IngestResult()
         if res is None:
             return  # stopping before the commit: unacknowledged, so delivered again
         for m in msgs:
             if m.qos > 0:
                 self._client.ack(m.mid, m.qos)
-        self.counts["stored"] += res.stored
-        self.counts["duplicates"] += res.duplicates
-        self.counts["quarantined"] += res.quarantined
         if res.quarantined:
             log.warning("%d message(s) quarantined (see `feedback-collector quarantine`)",
                         res.quarantined)
@@ -228,9 +224,9 @@ class Intake:
             try:
                 return self.db.ingest(items)
             except DatabaseError as e:
-                self.counts["db_errors"] += 1
-                log.error("database: %s; the batch is not acknowledged, retrying in %.1f s",
-                          e, delay)
+                self.db_errors += 1
+                log.error("database: %s; the batch is not acknowledged, retrying in %.1f s "
+                          "(%d database errors so far)", e, delay, self.db_errors)
                 if self.stop_event.wait(delay):
                     return None
                 delay = min(delay * 2, 30.0)
@@ -239,8 +235,8 @@ class Intake:
         try:
             self._publish_watermarks(self.db.sweep())
         except DatabaseError as e:
-            self.counts["db_errors"] += 1
-            log.error("database: %s", e)
+            self.db_errors += 1
+            log.error("database: %s (%d database errors so far)", e, self.db_errors)
 
     def _all_watermarks(self) -> dict[EdgeKey, int]:
         try:
@@ -262,10 +258,11 @@ class Intake:
         if isinstance(state, dict) and state.get("state") == "offline" \
                 and not self.stop_event.is_set():
             # Another instance's will: this one is still here.
-            self._client.publish(STATE_TOPIC, self._state("online"), qos=1, retain=True)
+            self._client.publish(COLLECTOR_STATE_TOPIC, self._state("online"), qos=1, retain=True)
 
     def close(self) -> None:
-        info = self._client.publish(STATE_TOPIC, self._state("offline"), qos=1, retain=True)
+        info = self._client.publish(COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1,
+                                    retain=True)
         with contextlib.suppress(RuntimeError):  # not connected: the will says offline
             info.wait_for_publish(timeout=2.0)
         self._client.disconnect()

@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-__all__ = ["CallbackRow", "IndexRow", "RateRow", "answer_rate", "callback_list",
+__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "answer_rate", "callback_list",
            "doctor_index", "loyalty_index", "mood", "period_key", "period_span", "periods"]
 
 PERIODS = ("day", "week", "month")

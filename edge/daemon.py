@@ -68,6 +68,7 @@ from edge.devices import (
 )
 from edge.doctors import DoctorList, validate_doctors
 from edge.events import (
+    COLLECTOR_STATE_TOPIC,
     Abandoned,
     DeviceRef,
     Dropped,
@@ -93,7 +94,6 @@ __all__ = ["Daemon", "StatusRequest", "Stop", "open_transport"]
 log = logging.getLogger(__name__)
 
 _REJECT_RETRY_S = (1.0, 5.0, 30.0, 60.0)
-COLLECTOR_STATE_TOPIC = "feedback/v1/collector/state"
 # Delivered events are deleted in batches, usually inside the next insert's
 # transaction, which rewrites the same page anyway: at clinic rates that
 # halves the bytes written per event.  A deletion lost to a crash only means
@@ -806,7 +806,7 @@ class Daemon:
 
     def _check_resend(self, now: float) -> None:
         """Sent events the collector has not acknowledged in time go out again."""
-        owed = self._published_high > self._watermark and self._cursor > self._watermark
+        owed = self._cursor > self._watermark  # the cursor never passes _published_high
         if not (self._end_to_end and self._collector_online and owed):
             return
         if now - self._progress_at < self.config.delivery.resend_after_s:

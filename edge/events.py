@@ -17,6 +17,7 @@ from typing import Any, Final
 import uuid6
 
 __all__ = [
+    "COLLECTOR_STATE_TOPIC",
     "EVENT_SCHEMA",
     "Abandoned",
     "DeviceRef",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 EVENT_SCHEMA: Final = "feedback.event/1"
+# The collector's retained presence (mqtt-contract.md), read by edges in
+# `collector` delivery mode and written by the collector.
+COLLECTOR_STATE_TOPIC: Final = "feedback/v1/collector/state"
 
 OPERATOR_SOURCES: Final = frozenset({"badge", "command", "schedule", "config", "none"})
 

@@ -442,6 +442,11 @@ class Store:
         self._count -= removed
         self._bytes -= removed_bytes
 
+    def remove_through(self, seq: int) -> None:
+        """Forget every event with seq <= `seq` (the collector has committed them)."""
+        rows = self._db.execute("SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq", (seq,))
+        self.remove([int(r[0]) for r in rows])
+
     def rewrite_pending(self, fn: Callable[[bytes], bytes | None],
                         skip: set[int] | frozenset[int] = frozenset()) -> int:
         """Replace pending payloads where `fn` returns new bytes; returns how many.
@@ -480,11 +485,6 @@ class Store:
         return len(changed)
 
     # -- reading ---------------------------------------------------------
-
-    def remove_through(self, seq: int) -> None:
-        """Forget every event with seq <= `seq` (the collector has committed them)."""
-        rows = self._db.execute("SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq", (seq,))
-        self.remove([int(r[0]) for r in rows])
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:
         """Up to `limit` pending events with seq > after_seq, in seq order."""

@@ -5,7 +5,6 @@ built the way the daemon builds them."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -161,6 +160,3 @@ def wait_events(backend: Backend, n: int, timeout: float = 60, what: str = "") -
 
     wait_for(lambda: count_events(backend) >= n, timeout, what or f"{n} events stored")
 
-
-def as_json(payload: bytes) -> Any:
-    return json.loads(payload)
