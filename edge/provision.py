@@ -179,7 +179,11 @@ def site_files(config_path: Path) -> tuple[Config, dict[str, Path]]:
                 f"{'.'.join(keys)} = {value!r}: for provisioning, name the file relative to "
                 f"edge.toml (e.g. {rel.name!r}) and put it next to edge.toml; it is "
                 "installed beside edge.toml in /etc/feedback-edge on the Pi")
-        files[rel.as_posix()] = config_path.parent / rel
+        src = config_path.parent / rel
+        if not src.is_file():
+            raise ProvisionError(f"the config names {rel}, which is not next to "
+                                 f"{config_path.name} ({src})")
+        files[rel.as_posix()] = src
     if not cfg.store.path.is_absolute() or not cfg.store.path.is_relative_to(STATE_DIR):
         raise ProvisionError(f"[store] path = {str(cfg.store.path)!r}: on the Pi the service "
                              f"may write only under {STATE_DIR}; leave it out for the default")
@@ -377,10 +381,6 @@ def provision(opts: Options) -> list[str]:
     if not HOSTNAME_RE.match(hostname):
         raise ProvisionError(f"--hostname {hostname!r}: 1 to 63 lower-case letters, digits "
                              "or '-', not starting or ending with '-'")
-    for rel, src in files.items():
-        if not src.is_file():
-            raise ProvisionError(f"the config names {rel}, which is not next to "
-                                 f"{opts.config.name} ({src})")
 
     with tempfile.TemporaryDirectory() as tmp:
         wheels = opts.wheelhouse
