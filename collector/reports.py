@@ -69,6 +69,17 @@ def period_span(day: date, period: str) -> tuple[date, date]:
     return first, nxt - timedelta(days=1)
 
 
+def _first_day(key: str, period: str) -> date:
+    """The first day of the period a `period_key` names."""
+    if period == "day":
+        return date.fromisoformat(key)
+    if period == "week":
+        year, week = key.split("-W")
+        return date.fromisocalendar(int(year), int(week), 1)
+    year, month = key.split("-")
+    return date(int(year), int(month), 1)
+
+
 def periods(start: date, end: date, period: str) -> list[str]:
     """Every period key from `start` to `end` (inclusive), in order."""
     keys: list[str] = []
@@ -199,26 +210,16 @@ def doctor_index(rows: Iterable[dict[str, Any]], *, period: str, tz: str,
     """% yes - % no of Q1 per doctor and period; base: answers or imported visits."""
     answers = [(r, r["q1"]) for r in _in_range(rows, tz, start, end) if r["kind"] == "answer"]
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    spans: dict[str, tuple[date, date]] = {}
     for r, q1 in answers:
-        day = _local(event_ms(r), tz)
-        k = period_key(day, period)
-        spans[k] = period_span(day, period)
-        counts[(_group(r, "doctor"), k)][q1] += 1
+        counts[(_group(r, "doctor"), period_key(_local(event_ms(r), tz), period))][q1] += 1
     seen = {(d, date.fromisoformat(a), date.fromisoformat(b)): n for d, a, b, n in visits}
     groups, keys = _keys(answers, "doctor", period, tz=tz, start=start, end=end)
-    if start is not None and end is not None:
-        d = start
-        while d <= end:
-            spans.setdefault(period_key(d, period), period_span(d, period))
-            d += timedelta(days=1)
     out = []
     for g in groups:
         for k in keys:
             c = counts.get((g, k), {})
             yes, unsure, no = c.get("yes", 0), c.get("unsure", 0), c.get("no", 0)
-            span = spans.get(k)
-            patients = seen.get((g, *span)) if span is not None else None
+            patients = seen.get((g, *period_span(_first_day(k, period), period)))
             base = patients if patients is not None else yes + unsure + no
             out.append(IndexRow(g, k, yes, unsure, no, base, _index(yes, no, base)))
     return out
