@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import raw_paho, start_broker  # noqa: E402
 from drivers.console import ConsoleReport, ReportType  # noqa: E402
-from edge.config import load_config  # noqa: E402
+from edge.config import Config, load_config  # noqa: E402
 from edge.daemon import Daemon  # noqa: E402
-from edge.devices import DeviceReport  # noqa: E402
 from edge.events import (  # noqa: E402
     DeviceRef,
     Event,
@@ -43,7 +42,9 @@ from edge.events import (  # noqa: E402
     encode_event,
     new_event_id,
 )
-from edge.mqtt import PubAck  # noqa: E402
+from edge.kinds.base import Reading  # noqa: E402
+from edge.kinds.console import ConsoleInput  # noqa: E402
+from edge.publisher import Publisher  # noqa: E402
 from edge.store import Append, Store  # noqa: E402
 
 
@@ -55,18 +56,36 @@ def sample_event(i: int) -> Event:
                            time.monotonic_ns(), 0))
 
 
-class TimedDaemon(Daemon):
-    """The real daemon, noting when each seq's PUBACK is handled."""
+class TimedPublisher(Publisher):
+    """The real publisher, noting when each seq's PUBACK is handled."""
 
     acked_at: dict[int, int]
 
-    def _on_pubacks(self, acks: list[PubAck]) -> None:
-        now = time.monotonic_ns()
-        for a in acks:
-            seq = self._inflight.get(a.mid)
-            if seq is not None:
-                self.acked_at[seq] = now
-        super()._on_pubacks(acks)
+    def on_puback(self, mid: int, ok: bool, reason: str, now: float) -> bool:
+        seq = self.inflight.get(mid)
+        if seq is not None:
+            self.acked_at[seq] = time.monotonic_ns()
+        return super().on_puback(mid, ok, reason, now)
+
+
+class TimedDaemon(Daemon):
+    """The real daemon with a TimedPublisher."""
+
+    publisher: TimedPublisher
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        timed = TimedPublisher(config.broker.window, now=self.started_s)
+        timed.acked_at = {}
+        self.publisher = timed
+
+    @property
+    def acked(self) -> int:
+        return self.publisher.acked
+
+    @property
+    def acked_at(self) -> dict[int, int]:
+        return self.publisher.acked_at
 
 
 def make_daemon(work: Path, port: int, name: str) -> TimedDaemon:
@@ -76,17 +95,16 @@ port = {port}\nwindow = 20\n[store]\npath = "{work}/{name}.sqlite"\nmin_free_byt
 [daemon]\ncontrol_socket = "{work}/{name}.sock"\n[[devices]]\nkind = "console"
 desk = "desk-1"\ntransport = "socket"\nsocket = "{work}/none.sock"\nserial = "00A1B2C3D4E5"
 """)
-    d = TimedDaemon(load_config(cfg))
-    d.acked_at = {}
-    return d
+    return TimedDaemon(load_config(cfg))
 
 
-def reports(n: int, start_uptime: int = 10_000) -> list[DeviceReport]:
+def reports(n: int, start_uptime: int = 10_000) -> list[Reading]:
     out = []
     for i in range(n):
         up = start_uptime + i * 7
         r = ConsoleReport((i + 1) % 256, ReportType.PRESS, i % 3, False, False, up, up + 30)
-        out.append(DeviceReport("fc3-00a1b2c3d4e5", r, time.monotonic_ns(), time.time_ns(), None))
+        out.append(Reading("fc3-00a1b2c3d4e5", ConsoleInput(r, None), time.monotonic_ns(),
+                           time.time_ns()))
     return out
 
 
@@ -124,7 +142,7 @@ def pipeline_latency(work: Path, port: int, n: int, rate: float) -> tuple[float,
         delay = t0 + i / rate - time.monotonic()
         if delay > 0:
             threading.Event().wait(delay)
-        stamped = DeviceReport(r.device_id, r.report, time.monotonic_ns(), time.time_ns(), None)
+        stamped = Reading(r.device_id, r.data, time.monotonic_ns(), time.time_ns())
         posted.append(stamped.host_mono_ns)
         d.inbox.put(stamped)
     while d.acked < n:

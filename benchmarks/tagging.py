@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge.config import GuardsConfig  # noqa: E402
+from edge.contract.timefmt import parse_days  # noqa: E402
 from edge.events import (  # noqa: E402
     DeviceRef,
     Event,
@@ -32,7 +33,7 @@ from edge.events import (  # noqa: E402
     new_event_id,
 )
 from edge.guards import Guards  # noqa: E402
-from edge.operators import Operators, Shift, parse_days  # noqa: E402
+from edge.operators import Operators, Shift  # noqa: E402
 
 T0 = 1_795_424_400_000_000_000  # Monday 2026-11-23 09:00 Berlin
 STEP = 5 * 10**9  # a press every 5 s of wall time

@@ -19,10 +19,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from collector import __version__, reports
+from collector import __version__, queries, reports, store
 from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
-from edge.config import ConfigError
+from edge.contract import topics
+from edge.contract.toml import ConfigError
 
 __all__ = ["broker_acl", "main", "send_command"]
 
@@ -105,7 +106,7 @@ def _age(ms: int | None, now_ms: int) -> str:
 
 def fleet_rows(db: Database, now_ms: int) -> list[dict[str, Any]]:
     out = []
-    for e in db.edges():
+    for e in queries.edges(db):
         h = e["health"] or {}
         devices = (e["devices"] or {}).get("devices", [])
         problems = [f"{d['id']} {d['state']}" for d in devices
@@ -138,7 +139,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 def _cmd_gaps(args: argparse.Namespace) -> int:
     rows = []
-    for g in _db(_cfg(args)).gaps():
+    for g in store.gaps(_db(_cfg(args))):
         for a, b, reason in g["dropped"]:
             rows.append([f"{g['site']}/{g['edge']}", f"{a}..{b}", b - a + 1,
                          f"dropped at the edge ({reason})"])
@@ -152,8 +153,8 @@ def _cmd_gaps(args: argparse.Namespace) -> int:
 def _cmd_quarantine(args: argparse.Namespace) -> int:
     db = _db(_cfg(args))
     rows = [[i, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)), t, r]
-            for i, t, r, ms in db.quarantined(args.limit)]
-    counts = {k: v for k, v in db.counters().items() if k.startswith("quarantined:")}
+            for i, t, r, ms in store.quarantined(db, args.limit)]
+    counts = {k: v for k, v in store.counters(db).items() if k.startswith("quarantined:")}
     print(_table(["id", "received (UTC)", "topic", "reason"], rows) if rows
           else "nothing quarantined")
     if counts:
@@ -184,19 +185,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     start, end = _dates(args)
     tz = args.tz or cfg.tz
     if args.what == "loyalty":
-        rows = reports.loyalty_index(db.events(["press"]), by=args.by, period=args.period,
-                                     tz=tz, start=start, end=end,
+        rows = reports.loyalty_index(queries.events(db, ["press"]), by=args.by,
+                                     period=args.period, tz=tz, start=start, end=end,
                                      include_burst=args.include_burst)
         _emit(args, [args.by, args.period, "good", "neutral", "bad", "presses", "index"],
               [r.as_list() for r in rows])
     elif args.what == "doctors":
-        rows = reports.doctor_index(db.events(["answer"]), period=args.period, tz=tz,
-                                    start=start, end=end, visits=db.visits())
+        rows = reports.doctor_index(queries.events(db, ["answer"]), period=args.period, tz=tz,
+                                    start=start, end=end, visits=queries.visits(db))
         _emit(args, ["doctor", args.period, "yes", "unsure", "no", "base", "index"],
               [r.as_list() for r in rows])
     else:
-        rates = reports.answer_rate(db.events(["answer", "presence"]), period=args.period,
-                                    tz=tz, start=start, end=end)
+        rates = reports.answer_rate(queries.events(db, ["answer", "presence"]),
+                                    period=args.period, tz=tz, start=start, end=end)
         _emit(args, ["terminal", args.period, "answers", "approaches", "rate %"],
               [r.as_list() for r in rates])
     return 0
@@ -205,7 +206,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_callbacks(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     db = _db(cfg)
-    rows = reports.callback_list(db.events(["answer"]), db.callbacks_state(),
+    rows = reports.callback_list(queries.events(db, ["answer"]), queries.callbacks_state(db),
                                  now_ms=int(time.time() * 1000),
                                  stale_after_s=cfg.stale_after_s, tz=args.tz or cfg.tz)
     _emit(args, ["time", "doctor", "phone", "comment", "status", "handled by", "handled at",
@@ -220,8 +221,8 @@ def _cmd_callback(args: argparse.Namespace) -> int:
         print("feedback-collector: the id is SITE/EDGE/EVENT_ID as `callbacks` lists it",
               file=sys.stderr)
         return EXIT_USAGE
-    if not _db(_cfg(args)).set_callback(site, edge, event_id, status=args.status, who=args.by,
-                                        now_ms=int(time.time() * 1000)):
+    if not queries.set_callback(_db(_cfg(args)), site, edge, event_id, status=args.status,
+                                who=args.by, now_ms=int(time.time() * 1000)):
         print(f"feedback-collector: no callback request {args.id}", file=sys.stderr)
         return 1
     print(f"{args.id}: {args.status} by {args.by}")
@@ -247,7 +248,7 @@ def _cmd_visits(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"feedback-collector: {args.file}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    n = _db(_cfg(args)).import_visits(rows)
+    n = queries.import_visits(_db(_cfg(args)), rows)
     print(f"{n} visit count(s) imported")
     return 0
 
@@ -260,10 +261,10 @@ def send_command(cfg: CollectorConfig, edge: tuple[str, str], name: str,
     import paho.mqtt.client as mqtt  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
 
-    from edge.mqtt import set_credentials  # noqa: PLC0415
+    from edge.contract.broker import set_credentials  # noqa: PLC0415
 
     request_id = str(uuid.uuid4())
-    topic = f"feedback/v1/{edge[0]}/{edge[1]}/cmd/{name}"
+    topic = topics.cmd_topic(topics.topic_root(*edge), name)
     got: dict[str, Any] = {}
     ready, done = threading.Event(), threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2,
@@ -272,7 +273,7 @@ def send_command(cfg: CollectorConfig, edge: tuple[str, str], name: str,
     set_credentials(c, cfg.broker)
 
     def on_connect(cl: mqtt.Client, *_: Any) -> None:
-        cl.subscribe(f"{topic}/result", qos=1)
+        cl.subscribe(topics.result_topic(topic), qos=1)
 
     def on_subscribe(*_: Any) -> None:
         ready.set()
@@ -345,16 +346,20 @@ def broker_acl(edges: list[tuple[str, str, str]], collector_user: str) -> str:
     """A Mosquitto acl_file: each edge below its own root only (mqtt-contract.md, Security)."""
     lines = ["# Written by `feedback-collector broker-acl`.",
              "# Collectors read everything; they write commands, acks and their state only.",
-             f"user {collector_user}", "topic read feedback/v1/#",
-             "topic write feedback/v1/+/+/cmd/+", "topic write feedback/v1/+/+/ack",
-             "topic readwrite feedback/v1/collector/state"]
+             f"user {collector_user}", f"topic read {topics.ALL_TOPICS}",
+             f"topic write {topics.cmd_topic(topics.ANY_ROOT, '+')}",
+             f"topic write {topics.ack_topic(topics.ANY_ROOT)}",
+             f"topic readwrite {topics.COLLECTOR_STATE_TOPIC}"]
     for site, edge, user in edges:
-        root = f"feedback/v1/{site}/{edge}"
+        root = topics.topic_root(site, edge)
         lines += ["", f"# edge {site}/{edge}", f"user {user}"]
-        lines += [f"topic write {root}/{t}" for t in
-                  ("status", "event/+", "devices", "health", "timesync", "cmd/+/result")]
-        lines += [f"topic read {root}/cmd/+", f"topic read {root}/ack",
-                  "topic read feedback/v1/collector/state"]
+        lines += [f"topic write {w}" for w in
+                  (topics.status_topic(root), topics.event_topic(root, "+"),
+                   topics.devices_topic(root), topics.health_topic(root),
+                   topics.timesync_topic(root), topics.result_topic(topics.cmd_topic(root, "+")))]
+        lines += [f"topic read {topics.cmd_topic(root, '+')}",
+                  f"topic read {topics.ack_topic(root)}",
+                  f"topic read {topics.COLLECTOR_STATE_TOPIC}"]
     return "\n".join(lines) + "\n"
 
 

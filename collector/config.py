@@ -23,7 +23,7 @@ Example::
     [callbacks]
     stale_after_hours = 24      # a callback still `new` after this long is flagged
 
-Mistakes are `edge.config.ConfigError`s naming key, value and what is allowed.
+Mistakes are `edge.contract.toml.ConfigError`s naming key, value and what is allowed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import BrokerConfig, ConfigError, Table, parse_broker
+from edge.contract.broker import BrokerConfig, parse_broker
+from edge.contract.timefmt import check_zone
+from edge.contract.toml import ConfigError, Table
 
 __all__ = ["CollectorConfig", "load_collector_config", "parse_collector_config"]
 
@@ -54,8 +56,6 @@ class CollectorConfig:
 
 def parse_collector_config(data: dict[str, object], source: str = "",
                            base_dir: Path | None = None) -> CollectorConfig:
-    from edge.operators import check_zone  # noqa: PLC0415
-
     top = Table(data, "", source, base_dir)
     ident = top.required_string("id", pattern=_ID, allowed="1 to 32 lower-case letters, "
                                 "digits or '-'")

@@ -35,7 +35,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,28 +43,24 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from collector import store
 from collector.config import CollectorConfig
-from collector.db import Database, DatabaseError, EdgeKey, IngestResult, Item
-from edge.events import COLLECTOR_STATE_TOPIC, EVENT_SCHEMA, format_wall
-from edge.mqtt import set_credentials
+from collector.db import Database, DatabaseError, EdgeKey
+from collector.store import IngestResult, Item
+from edge.contract import topics
+from edge.contract.broker import set_credentials
+from edge.contract.payloads import EVENT_SCHEMA, load_schema
+from edge.contract.timefmt import format_wall
 
-__all__ = ["Intake", "classify", "load_schema"]
+__all__ = ["Intake", "classify"]
 
 log = logging.getLogger(__name__)
 
-_SIDE = frozenset({"status", "devices", "health", "timesync"})
+_SIDE = frozenset(topics.SIDE_MESSAGES)
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
-
-def load_schema(name: str) -> dict[str, Any]:
-    """One of the contract's JSON Schemas, shipped once in edge/schemas/."""
-    text = (resources.files("edge") / "schemas" / f"{name}.schema.json").read_text("utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
 _VALIDATORS = {name: Draft202012Validator(load_schema(name))
-               for name in ("event", "status", "devices", "health", "timesync")}
+               for name in ("event", *topics.SIDE_MESSAGES)}
 
 
 def _why(name: str, body: Any) -> str | None:
@@ -79,10 +74,10 @@ def _why(name: str, body: Any) -> str | None:
 
 def classify(topic: str, payload: bytes) -> Item | None:
     """What a message is, validated; None for topics the collector does not store."""
-    parts = topic.split("/")
-    if len(parts) < 5 or parts[:2] != ["feedback", "v1"] or parts[2] == "collector":
+    split = topics.split_topic(topic)
+    if split is None:
         return None
-    site, edge, rest = parts[2], parts[3], parts[4:]
+    site, edge, rest = split
     if rest[0] == "event" and len(rest) == 2:
         kind = "event"
     elif len(rest) == 1 and rest[0] in _SIDE:
@@ -124,7 +119,7 @@ class Intake:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.broker.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
         set_credentials(c, cfg.broker)
-        c.will_set(COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1, retain=True)
+        c.will_set(topics.COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1, retain=True)
         c.reconnect_delay_set(int(max(1, cfg.broker.reconnect_min_s)),
                               int(max(1, cfg.broker.reconnect_max_s)))
         c.on_connect = self._on_connect
@@ -142,12 +137,12 @@ class Intake:
         if rc.is_failure:
             log.warning("broker refused the connection: %s", rc)
             return
-        g = self.cfg.group
-        c.subscribe([(f"$share/{g}/feedback/v1/+/+/event/+", 1),
-                     ("feedback/v1/+/+/status", 1), ("feedback/v1/+/+/devices", 1),
-                     ("feedback/v1/+/+/health", 0), ("feedback/v1/+/+/timesync", 1),
-                     (COLLECTOR_STATE_TOPIC, 1)])
-        c.publish(COLLECTOR_STATE_TOPIC, self._state("online"), qos=1, retain=True)
+        every = topics.ANY_ROOT
+        c.subscribe([(topics.shared_events_filter(self.cfg.group), 1),
+                     (topics.status_topic(every), 1), (topics.devices_topic(every), 1),
+                     (topics.health_topic(every), 0), (topics.timesync_topic(every), 1),
+                     (topics.COLLECTOR_STATE_TOPIC, 1)])
+        c.publish(topics.COLLECTOR_STATE_TOPIC, self._state("online"), qos=1, retain=True)
         self.inbox.put(_Connected())
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
@@ -199,7 +194,7 @@ class Intake:
             self._publish_watermarks(self._all_watermarks())
         items: list[Item] = []
         for m in msgs:
-            if m.topic == COLLECTOR_STATE_TOPIC:
+            if m.topic == topics.COLLECTOR_STATE_TOPIC:
                 self._on_collector_state(bytes(m.payload))
                 continue
             item = classify(m.topic, bytes(m.payload))
@@ -222,7 +217,7 @@ class Intake:
         delay = 0.5
         while True:
             try:
-                return self.db.ingest(items)
+                return store.ingest(self.db, items)
             except DatabaseError as e:
                 self.db_errors += 1
                 log.error("database: %s; the batch is not acknowledged, retrying in %.1f s "
@@ -233,14 +228,14 @@ class Intake:
 
     def _sweep(self) -> None:
         try:
-            self._publish_watermarks(self.db.sweep())
+            self._publish_watermarks(store.sweep(self.db))
         except DatabaseError as e:
             self.db_errors += 1
             log.error("database: %s (%d database errors so far)", e, self.db_errors)
 
     def _all_watermarks(self) -> dict[EdgeKey, int]:
         try:
-            return self.db.watermarks()
+            return store.watermarks(self.db)
         except DatabaseError as e:
             log.error("database: %s", e)
             return {}
@@ -248,7 +243,8 @@ class Intake:
     def _publish_watermarks(self, marks: dict[EdgeKey, int]) -> None:
         for (site, edge), seq in marks.items():
             body = json.dumps({"collector": self.cfg.id, "seq": seq}).encode()
-            self._client.publish(f"feedback/v1/{site}/{edge}/ack", body, qos=1, retain=True)
+            self._client.publish(topics.ack_topic(topics.topic_root(site, edge)), body, qos=1,
+                                 retain=True)
 
     def _on_collector_state(self, payload: bytes) -> None:
         try:
@@ -258,10 +254,11 @@ class Intake:
         if isinstance(state, dict) and state.get("state") == "offline" \
                 and not self.stop_event.is_set():
             # Another instance's will: this one is still here.
-            self._client.publish(COLLECTOR_STATE_TOPIC, self._state("online"), qos=1, retain=True)
+            self._client.publish(topics.COLLECTOR_STATE_TOPIC, self._state("online"), qos=1,
+                                 retain=True)
 
     def close(self) -> None:
-        info = self._client.publish(COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1,
+        info = self._client.publish(topics.COLLECTOR_STATE_TOPIC, self._state("offline"), qos=1,
                                     retain=True)
         with contextlib.suppress(RuntimeError):  # not connected: the will says offline
             info.wait_for_publish(timeout=2.0)

@@ -1,6 +1,6 @@
 """The figures clinics manage by, computed from stored events.
 
-Every function takes rows from `Database.events` and returns plain rows, so
+Every function takes rows from `queries.events` and returns plain rows, so
 tests check them against figures worked out by hand.  An event's time is its
 corrected time (timesync) when known, else its recorded wall time; days,
 ISO weeks (Monday first) and months are those of the report's time zone.

@@ -1,8 +1,10 @@
 """Feedback console FC-3 (USB HID, vendor page 0xFF00): protocol core.
 
 Pure code, no I/O: reports in, decoded reports and host decisions out.  The
-transports (hidapi, in-memory, the simulator's socket) live in
-`drivers.hid_transport`.  Spec: shared/devices/console-hid.md.
+transports are `drivers.hid_transport` (hidapi) and `drivers.hidraw_transport`
+(stdlib only); the simulator has its own.  Spec: shared/devices/console-hid.md.
+USB identity: `VID`:`PID` (`USB_MATCHER`).  The sheet's `seq` is called
+`dev_seq` here (the console's own 8-bit number, not the edge's publish seq).
 
 Input report 1, event (13 bytes on hidraw, little-endian)::
 
@@ -34,7 +36,7 @@ Decode errors, each counted by name and never raised: `bad_length`,
 event claiming to be more than 2^31 ms old, i.e. from the future).
 
 Where the sheet is silent, these are our choices (as a firmware engineer
-would make them, and as firmware_sim implements them):
+would make them, and as the simulated firmware implements them):
 
 - HELLO is an event like any other: it sits in the ring with seq 0 until it
   is ACKed, so a reset that happened while the daemon was down is still seen.
@@ -66,11 +68,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
+from drivers.usb_match import Matcher
+
 __all__ = [
-    "CONSOLE_PID",
-    "CONSOLE_VID",
     "EVENT_REPORT_LEN",
     "INFO_REPORT_LEN",
+    "PID",
+    "USB_MATCHER",
+    "VID",
     "ConsoleDecoder",
     "ConsoleHost",
     "ConsoleInfo",
@@ -91,8 +96,9 @@ __all__ = [
     "encode_show",
 ]
 
-CONSOLE_VID: Final = 0x1209
-CONSOLE_PID: Final = 0xFB02
+VID: Final = 0x1209  # pid.codes
+PID: Final = 0xFB02
+USB_MATCHER: Final = Matcher("console", VID, PID)
 REPORT_EVENT: Final = 0x01
 REPORT_COMMAND: Final = 0x02
 REPORT_INFO: Final = 0x03
@@ -130,7 +136,14 @@ class Layout(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConsoleReport:
-    seq: int
+    """One decoded input report 1 (an event, or a replay of one).
+
+    `dev_seq` is the sheet's `seq` (../shared/devices/console-hid.md): the
+    console's own 8-bit event number, wrapping 255 -> 0 (HELLO is 0).  It is
+    not the edge's publish `seq`.
+    """
+
+    dev_seq: int
     type: ReportType
     button: int
     replay: bool
@@ -145,7 +158,7 @@ class ConsoleReport:
     @property
     def key(self) -> str:
         """What identifies this event within a device's power-up session."""
-        return f"{self.seq}:{self.event_uptime}:{int(self.type)}:{self.button}"
+        return f"{self.dev_seq}:{self.event_uptime}:{int(self.type)}:{self.button}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +184,7 @@ def decode_report(data: bytes, buttons: int) -> ConsoleReport | DecodeError:
     """One input report as read from hidraw (report ID first)."""
     if len(data) != EVENT_REPORT_LEN:
         return DecodeError("bad_length", f"{len(data)} bytes, expected {EVENT_REPORT_LEN}")
-    rid, seq, rtype, button, flags, event_up, now_up = _EVENT.unpack(data)
+    rid, dev_seq, rtype, button, flags, event_up, now_up = _EVENT.unpack(data)
     if rid != REPORT_EVENT:
         return DecodeError("bad_report_id", f"report id {rid}")
     try:
@@ -187,13 +200,13 @@ def decode_report(data: bytes, buttons: int) -> ConsoleReport | DecodeError:
         return DecodeError("bad_button", f"button {button} of {buttons}")
     if (now_up - event_up) % UPTIME_MOD >= 1 << 31:
         return DecodeError("bad_uptime", "event time after report time")
-    return ConsoleReport(seq, kind, button, bool(flags & FLAG_REPLAY),
+    return ConsoleReport(dev_seq, kind, button, bool(flags & FLAG_REPLAY),
                          bool(flags & FLAG_OVERFLOW), event_up, now_up)
 
 
 def encode_report(r: ConsoleReport) -> bytes:
     flags = (FLAG_REPLAY if r.replay else 0) | (FLAG_OVERFLOW if r.overflow else 0)
-    return _EVENT.pack(REPORT_EVENT, r.seq & 0xFF, int(r.type), r.button, flags,
+    return _EVENT.pack(REPORT_EVENT, r.dev_seq & 0xFF, int(r.type), r.button, flags,
                        r.event_uptime % UPTIME_MOD, r.now_uptime % UPTIME_MOD)
 
 
@@ -222,8 +235,9 @@ def _command(*args: int) -> bytes:
     return bytes([REPORT_COMMAND]) + body + bytes(COMMAND_REPORT_LEN - 1 - len(body))
 
 
-def encode_ack(seq: int) -> bytes:
-    return _command(CMD_ACK, seq & 0xFF)
+def encode_ack(dev_seq: int) -> bytes:
+    """ACK every event up to and including `dev_seq` (the console's own seq)."""
+    return _command(CMD_ACK, dev_seq & 0xFF)
 
 
 def encode_show(button: int, mode: int = SHOW_STEADY, ms: int = 1500) -> bytes:

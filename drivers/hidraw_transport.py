@@ -17,6 +17,9 @@ interface directly (read/write of reports, HIDIOCGFEATURE for feature
 reports): the same bytes hidapi's hidraw backend moves, with nothing but the
 standard library.  The daemon uses it where the `hidapi` package cannot be
 installed: PyPI has no armv7 (32-bit Raspberry Pi OS) wheel for it.
+
+Both implement `drivers.transport.Transport` (`HidrawConsole` its
+`HidTransport`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from drivers import usb_discovery
-from drivers.hid_transport import DeviceGoneError
+from drivers.transport import DeviceGoneError, HidTransport, Transport
 
 __all__ = ["HidrawConsole", "HidrawKeyboard", "hidiocgfeature"]
 
@@ -60,7 +63,7 @@ def _read_report(fd: int, timeout_ms: int) -> bytes | None:
     return data
 
 
-class HidrawConsole:
+class HidrawConsole(HidTransport):
     """A console on /dev/hidrawN.  Reports carry the report ID first, as in hidapi."""
 
     def __init__(self, node: Path) -> None:
@@ -83,14 +86,14 @@ class HidrawConsole:
     def read(self, timeout_ms: int) -> bytes | None:
         return _read_report(self._fd, timeout_ms)
 
-    def write(self, report: bytes) -> None:
+    def write(self, data: bytes) -> None:
         with self._wlock:
             try:
-                n = os.write(self._fd, report)
+                n = os.write(self._fd, data)
             except OSError as e:
                 raise DeviceGoneError(str(e)) from e
-            if n != len(report):
-                raise DeviceGoneError(f"short write ({n} of {len(report)} bytes)")
+            if n != len(data):
+                raise DeviceGoneError(f"short write ({n} of {len(data)} bytes)")
 
     def get_feature(self, report_id: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -106,7 +109,10 @@ class HidrawConsole:
             os.close(self._fd)
 
 
-class HidrawKeyboard:
+class HidrawKeyboard(Transport):
+    """A keyboard-class device on /dev/hidrawN (boot reports, no report ID),
+    with its /dev/input/eventN grabbed while open so its keys reach no one else."""
+
     def __init__(self, hidraw: Path, event: Path | None) -> None:
         try:
             self._fd = os.open(hidraw, os.O_RDONLY | os.O_NONBLOCK)
@@ -125,7 +131,7 @@ class HidrawKeyboard:
     def read(self, timeout_ms: int) -> bytes | None:
         return _read_report(self._fd, timeout_ms)
 
-    def write(self, data: bytes, /) -> None:
+    def write(self, data: bytes) -> None:
         raise DeviceGoneError("keyboard-class devices take no output here")
 
     def close(self) -> None:

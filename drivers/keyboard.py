@@ -1,7 +1,9 @@
 """Keyboard-class buttons and badge readers (HID boot keyboard): protocol core.
 
 Pure code: boot keyboard reports in, key presses, button presses and badge
-scans out.  Spec: shared/devices/keyboard-class.md.
+scans out.  Spec: shared/devices/keyboard-class.md.  Matched on the USB bus by
+class, not by VID:PID (`USB_MATCHER`: an interface 3/1/1, HID boot keyboard);
+read through `drivers.hidraw_transport.HidrawKeyboard`.
 
 Boot keyboard input report (8 bytes, no report ID)::
 
@@ -32,7 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from drivers.usb_match import Matcher
+
 __all__ = [
+    "USB_MATCHER",
     "BadgeDecoder",
     "BadgeScan",
     "BootDecoder",
@@ -42,6 +47,8 @@ __all__ = [
     "usage_char",
 ]
 
+# HID class 3, boot subclass 1, keyboard protocol 1: buttons, badge readers.
+USB_MATCHER: Final = Matcher("keyboard", interface=(3, 1, 1))
 REPORT_LEN: Final = 8
 ENTER: Final = 0x28
 ROLLOVER: Final = bytes([1] * 6)

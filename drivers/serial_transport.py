@@ -2,6 +2,10 @@
 
 115200 8N1, no flow control, opened exclusively so that no second process
 (a getty, ModemManager, a second daemon) reads half of the frames.
+
+Implements `drivers.transport.Transport`; `read()` returns None when nothing
+arrived within its timeout, else the bytes waiting (a piece of the stream, cut
+anywhere: `drivers.terminal.FrameDecoder` reassembles frames).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import serial
 
-from drivers.hid_transport import DeviceGoneError
+from drivers.transport import DeviceGoneError, Transport
 
 __all__ = ["SerialTransport", "find_by_serial"]
 
@@ -25,7 +29,7 @@ def find_by_serial(serial_number: str, root: str = BY_ID) -> Path | None:
     return Path(hits[0]) if hits else None
 
 
-class SerialTransport:
+class SerialTransport(Transport):
     def __init__(self, port: Path) -> None:
         try:
             self._s = serial.Serial(str(port), 115200, timeout=0.5, exclusive=True)
@@ -33,13 +37,13 @@ class SerialTransport:
             raise DeviceGoneError(f"cannot open {port}: {e}") from e
         self._wlock = threading.Lock()
 
-    def read(self, timeout_ms: int) -> bytes:
-        """What arrived within `timeout_ms` (b"" if nothing)."""
+    def read(self, timeout_ms: int) -> bytes | None:
+        """What arrived within `timeout_ms` (None if nothing)."""
         try:
             self._s.timeout = timeout_ms / 1000
             first = self._s.read(1)
             if not first:
-                return b""
+                return None
             waiting = self._s.in_waiting
             return bytes(first + (self._s.read(waiting) if waiting else b""))
         except (serial.SerialException, OSError, TypeError) as e:

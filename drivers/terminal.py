@@ -2,6 +2,8 @@
 
 Pure code, no I/O: bytes in, frames and host decisions out.  The serial
 transport is `drivers.serial_transport`.  Spec: shared/devices/terminal-serial.md.
+USB identity (CDC-ACM units): `VID`:`PID` (`USB_MATCHER`); RS-232 units
+behind a USB-UART adapter are configured by port instead.
 
 On the wire every frame is COBS(body) followed by one 0x00::
 
@@ -28,7 +30,7 @@ Where the sheet is silent, our choices:
 - Bytes before the first 0x00 after opening are discarded (the sheet's rule),
   and so is an empty frame (two 0x00 in a row), silently: it is the usual
   idle filler and resynchronisation marker, not an error.  Terminals (and
-  firmware_sim) send a lone 0x00 before HELLO so the HELLO is not lost.
+  the simulator) send a lone 0x00 before HELLO so the HELLO is not lost.
 - A NAK carries the frame's seq when the body could be read far enough to
   know it (json/schema/unknown_type), and null after cobs/crc/too_long.
 - A record is identified by (terminal serial, id): the serial from HELLO, or
@@ -47,9 +49,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
 
+from drivers.usb_match import Matcher
+
 __all__ = [
     "MAX_PAYLOAD",
     "MAX_WIRE",
+    "PID",
+    "USB_MATCHER",
+    "VID",
     "Abandoned",
     "Answer",
     "Frame",
@@ -65,6 +72,9 @@ __all__ = [
     "parse_message",
 ]
 
+VID: Final = 0x1209  # pid.codes
+PID: Final = 0xFB30
+USB_MATCHER: Final = Matcher("terminal", VID, PID)
 VERSION: Final = 1
 MAX_PAYLOAD: Final = 1024
 MAX_WIRE: Final = 1100

@@ -5,7 +5,8 @@ also its port path: bus 1, hub port 1, port 2) we read its identity
 (idVendor, idProduct, serial, manufacturer, product), its interfaces' class
 triples, and the nodes the kernel made for it: /dev/hidrawN, /dev/ttyACMN or
 ttyUSBN, /dev/input/eventN.  Each driver module declares what it matches as
-data (`MATCHERS`), so this module stays generic.
+data (its `USB_MATCHER`, a `Matcher`); `MATCHERS` only collects them, most
+specific first, so this module stays generic.
 
 Pure reading of files under `root` (tests build a small tree on disk).
 """
@@ -18,26 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from drivers import console, keyboard, terminal
+from drivers.usb_match import Matcher
+
 __all__ = ["MATCHERS", "Matcher", "UsbDevice", "classify", "scan"]
 
 SYSFS: Final = Path("/sys")
 _USB_NAME: Final = re.compile(r"^\d+-[\d.]+$")
 
 
-@dataclass(frozen=True, slots=True)
-class Matcher:
-    kind: str
-    vid: int | None = None
-    pid: int | None = None
-    # (class, subclass, protocol) of one interface; None matches any.
-    interface: tuple[int, int | None, int | None] | None = None
-
-
 # Most specific first: our own VID:PIDs, then device classes.
-MATCHERS: Final = (
-    Matcher("console", 0x1209, 0xFB02),
-    Matcher("terminal", 0x1209, 0xFB30),
-    Matcher("keyboard", interface=(3, 1, 1)),  # HID boot keyboard: buttons, badge readers
+MATCHERS: Final[tuple[Matcher, ...]] = (
+    console.USB_MATCHER,
+    terminal.USB_MATCHER,
+    keyboard.USB_MATCHER,
 )
 
 

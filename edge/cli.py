@@ -13,10 +13,14 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import __version__
-from edge.config import Config, ConfigError, load_config
+from edge.config import Config, load_config
+from edge.contract.toml import ConfigError
+
+if TYPE_CHECKING:
+    from drivers.usb_discovery import UsbDevice
 
 __all__ = ["main"]
 
@@ -44,6 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(levelname)s %(name)s: %(message)s")
+    from edge.commands import ControlRequest  # noqa: PLC0415
     from edge.control import ControlServer  # noqa: PLC0415 - keep `check-config` light
     from edge.daemon import Daemon  # noqa: PLC0415
     from edge.store import StoreError  # noqa: PLC0415
@@ -55,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         control = ControlServer(cfg.control_socket, lambda box, request: daemon.inbox.put(
-            _status_request(box, request)))
+            ControlRequest(box, request)))
     except OSError as e:
         print(f"feedback-edge: cannot create the control socket {cfg.control_socket}: "
               f"{e.strerror}", file=sys.stderr)
@@ -68,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         try:
             page = StatusPage(cfg.web.host, cfg.web.port, lambda box, request: daemon.inbox.put(
-                _status_request(box, request)), cfg.web.token)
+                ControlRequest(box, request)), cfg.web.token)
             page.start()
         except OSError as e:
             # The daemon matters more than its page: run without it, loudly.
@@ -87,12 +92,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if page is not None:
             page.stop()
     return 0
-
-
-def _status_request(box: Any, request: dict[str, Any]) -> object:
-    from edge.daemon import StatusRequest  # noqa: PLC0415
-
-    return StatusRequest(box, request)
 
 
 def _age(seconds: float | None) -> str:
@@ -214,40 +213,26 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     if todo:
         print("\nnot in the config yet; add to edge.toml (and set the desk):")
     for r, dev in todo:
-        print(f"\n{_snippet(r, dev.vid, dev.pid)}")
+        print(f"\n{_snippet(r, dev)}")
     return 0
 
 
-def _snippet(row: dict[str, Any], vid: int, pid: int) -> str:
+def _snippet(row: dict[str, Any], usb: UsbDevice) -> str:
     """A [[devices]] block that check-config accepts once the desk is set."""
-    lines = ["[[devices]]"]
-    if row["kind"] == "keyboard":
-        lines += ['kind = "keyboard"   # or "badge" for a badge reader (then no keys)',
-                  f"vid = 0x{vid:04x}", f"pid = 0x{pid:04x}"]
-        lines.append(f'serial = "{row["serial"]}"' if row["serial"] else
-                     f'usb_port = "{row["port_path"]}"   # no serial number: keep it in this port')
-        lines.append('keys = { "0x1e" = ["good", 1], "0x1f" = ["neutral", 0], '
-                     '"0x20" = ["bad", -1] }')
-    else:
-        lines.append(f'kind = "{row["kind"]}"')
-        lines.append(f'serial = "{row["serial"]}"' if row["serial"] else
-                     f'port = "{(row["nodes"] or ["/dev/ttyUSB0"])[0]}"')
-    lines.append('desk = "CHANGE-ME"')
-    return "\n".join(lines)
+    from edge.kinds import KINDS  # noqa: PLC0415
+
+    kind = KINDS.get(row["kind"])
+    body = kind.snippet(usb) if kind is not None and kind.snippet is not None else \
+        [f'kind = "{row["kind"]}"']
+    return "\n".join(["[[devices]]", *body, 'desk = "CHANGE-ME"'])
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
+    from edge.contract.timefmt import check_zone, parse_days, parse_hhmm  # noqa: PLC0415
     from edge.control import query  # noqa: PLC0415
-    from edge.operators import (  # noqa: PLC0415
-        Operators,
-        Shift,
-        check_zone,
-        parse_days,
-        parse_hhmm,
-        shift_json,
-    )
+    from edge.operators import Operators, Shift, shift_json  # noqa: PLC0415
 
     cfg = _load(args.config)
     desks = sorted({*cfg.desks, *(d.desk for d in cfg.devices)})

@@ -60,84 +60,32 @@ Example::
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
+
+from edge.contract.broker import BrokerConfig, is_loopback, parse_broker
+from edge.contract.ids import DESK_RE, NAME_RE
+from edge.contract.timefmt import check_zone, parse_days, parse_hhmm
+from edge.contract.toml import MISSING, ConfigError, Table
+from edge.contract.topics import topic_root
+from edge.kinds import parse_device
+from edge.kinds.base import DeviceConfig
 
 __all__ = [
-    "BrokerConfig",
     "Config",
-    "ConfigError",
     "DeliveryConfig",
     "DeskConfig",
     "DeviceConfig",
     "GuardsConfig",
     "StoreConfig",
     "SurveyConfig",
-    "Table",
-    "TlsConfig",
     "WebConfig",
-    "is_loopback",
     "load_config",
-    "parse_broker",
     "parse_config",
 ]
-
-NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}$")
-SERIAL_RE: Final = re.compile(r"^[0-9A-F]{12}$")
-DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DEVICE_KINDS: Final = ("console", "terminal", "keyboard", "badge")
-_USB_PORT: Final = re.compile(r"^\d+-[\d.]+$")
-_USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}$")
-CONSOLE_VID: Final = 0x1209
-CONSOLE_PID: Final = 0xFB02
-
-
-class ConfigError(ValueError):
-    """A mistake in the configuration, phrased for the person who wrote it."""
-
-    def __init__(self, key: str, value: object, allowed: str, source: str = "") -> None:
-        self.key = key
-        self.value = value
-        self.allowed = allowed
-        self.source = source
-        shown = "(missing)" if value is _MISSING else repr(value)
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key} = {shown}: {allowed}")
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "(missing)"
-
-
-_MISSING: Final = _Missing()
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    ca_file: Path | None
-    cert_file: Path | None
-    key_file: Path | None
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    host: str
-    port: int
-    client_id: str
-    keepalive_s: int
-    username: str | None
-    password: str | None = field(repr=False)
-    tls: TlsConfig | None
-    window: int
-    reconnect_min_s: float
-    reconnect_max_s: float
-
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
@@ -151,24 +99,6 @@ class StoreConfig:
 class DeskConfig:
     name: str
     operator: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceConfig:
-    id: str
-    kind: str
-    desk: str
-    serial: str | None
-    transport: str
-    socket: Path | None
-    vid: int
-    pid: int
-    labels: tuple[str, ...] | None
-    scores: tuple[int | None, ...] | None
-    port: Path | None = None
-    usb_port: str | None = None
-    # keyboard: HID usage -> (label, score)
-    keys: tuple[tuple[int, str, int | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,259 +157,7 @@ class Config:
 
     @property
     def topic_root(self) -> str:
-        return f"feedback/v1/{self.site}/{self.edge}"
-
-
-class Table:
-    """Reads one TOML table, remembering which keys were used."""
-
-    def __init__(self, data: dict[str, Any], path: str, source: str,
-                 base_dir: Path | None = None) -> None:
-        self.data = data
-        self.path = path
-        self.source = source
-        # Relative file names are relative to the config file, so one site
-        # folder (edge.toml and the files it names) validates on the
-        # installer's laptop and works unchanged in /etc/feedback-edge.
-        self.base_dir = base_dir
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, value: object, allowed: str) -> ConfigError:
-        return ConfigError(self.key(name), value, allowed, self.source)
-
-    def get(self, name: str) -> object:
-        self.used.add(name)
-        return self.data.get(name, _MISSING)
-
-    def string(self, name: str, *, default: str | _Missing | None = _MISSING,
-               pattern: re.Pattern[str] | None = None, allowed: str = "") -> str | None:
-        value = self.get(name)
-        if value is _MISSING:
-            if isinstance(default, _Missing):
-                raise self.error(name, value, f"required; {allowed or 'a string'}")
-            return default
-        if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
-            raise self.error(name, value, allowed or "must be a string")
-        return value
-
-    def required_string(self, name: str, *, pattern: re.Pattern[str] | None = None,
-                        allowed: str = "") -> str:
-        value = self.string(name, pattern=pattern, allowed=allowed)
-        assert value is not None  # noqa: S101 - string() raises when a required key is missing
-        return value
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        value = self.get(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.error(name, value, f"must be an integer from {low} to {high}")
-        return value
-
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        value = self.get(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not low <= value <= high:
-            raise self.error(name, value, f"must be a number from {low} to {high}")
-        return float(value)
-
-    def path_value(self, name: str, *, must_exist: bool = False) -> Path | None:
-        value = self.string(name, default=None, allowed="must be a file path (a string)")
-        if value is None:
-            return None
-        if not value:
-            raise self.error(name, value, "must be a non-empty file path")
-        p = Path(value)
-        if self.base_dir is not None and not p.is_absolute():
-            p = self.base_dir / p
-        if must_exist and not p.is_file():
-            raise self.error(name, value, "must name an existing, readable file")
-        return p
-
-    def table(self, name: str) -> Table | None:
-        value = self.get(name)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, dict):
-            raise self.error(name, value, "must be a table ([" + self.key(name) + "])")
-        return Table(value, self.key(name), self.source, self.base_dir)
-
-    def finish(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                hint = difflib.get_close_matches(name, sorted(self.used), n=1)
-                allowed = f"unknown key; did you mean {hint[0]!r}?" if hint else \
-                    f"unknown key; allowed here: {', '.join(sorted(self.used))}"
-                raise self.error(name, self.data[name], allowed)
-
-
-def is_loopback(host: str) -> bool:
-    """localhost or a loopback IP address (plain TCP and an open status page are fine there)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
-    """A [broker] table (shared with the collector's config)."""
-    host = t.required_string("host", allowed="a host name or IP address")
-    port = t.integer("port", 1883, 1, 65535)
-    client_id = t.string("client_id", default=default_client_id,
-                         pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
-                         allowed="1 to 64 letters, digits, '_', '.', '-'")
-    keepalive = t.integer("keepalive_s", 30, 5, 600)
-    username = t.string("username", default=None)
-    password = t.string("password", default=None)
-    password_file = t.path_value("password_file", must_exist=True)
-    if password is not None and password_file is not None:
-        raise t.error("password", "***", "give either password or password_file, not both")
-    if password_file is not None:
-        password = password_file.read_text(encoding="utf-8").strip()
-    if password is not None and username is None:
-        raise t.error("username", _MISSING, "required when a password is given")
-    tls_table = t.table("tls")
-    tls: TlsConfig | None = None
-    if tls_table is not None:
-        tls = TlsConfig(
-            ca_file=tls_table.path_value("ca_file", must_exist=True),
-            cert_file=tls_table.path_value("cert_file", must_exist=True),
-            key_file=tls_table.path_value("key_file", must_exist=True),
-        )
-        if (tls.cert_file is None) != (tls.key_file is None):
-            raise tls_table.error("key_file", str(tls.key_file),
-                                  "cert_file and key_file go together: give both or neither")
-        tls_table.finish()
-    plaintext_ok = t.get("allow_plaintext")
-    if plaintext_ok is not _MISSING and not isinstance(plaintext_ok, bool):
-        raise t.error("allow_plaintext", plaintext_ok, "must be true or false")
-    if tls is None and not is_loopback(host) and plaintext_ok is not True:
-        raise t.error("host", host, "plain TCP is allowed only to localhost; add [broker.tls] "
-                      "or set allow_plaintext = true to accept an unencrypted link")
-    window = t.integer("window", 20, 1, 1000)
-    rmin = t.number("reconnect_min_s", 0.5, 0.05, 60)
-    rmax = t.number("reconnect_max_s", 60, 0.1, 3600)
-    if rmax < rmin:
-        raise t.error("reconnect_max_s", rmax, f"must be at least reconnect_min_s ({rmin})")
-    t.finish()
-    return BrokerConfig(host, port, str(client_id), keepalive, username, password, tls,
-                        window, rmin, rmax)
-
-
-def _parse_labels(t: Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
-    labels = t.get("labels")
-    scores = t.get("scores")
-    if labels is _MISSING:
-        if scores is not _MISSING:
-            raise t.error("scores", scores, "needs labels (one score per label)")
-        return None, None
-    if not isinstance(labels, list) or not 1 <= len(labels) <= 16 or not all(
-            isinstance(x, str) and re.match(r"^[a-z0-9_-]{1,32}$", x) for x in labels):
-        raise t.error("labels", labels,
-                      "must be a list of 1 to 16 labels like \"good\" ([a-z0-9_-], 1-32 chars)")
-    if scores is _MISSING:
-        return tuple(labels), None
-    if not isinstance(scores, list) or len(scores) != len(labels) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in scores):
-        raise t.error("scores", scores, f"must be a list of {len(labels)} integers, "
-                      "one per label")
-    return tuple(labels), tuple(scores)
-
-
-def _parse_terminal(t: Table, index: int, desk: str) -> DeviceConfig:
-    serial = t.string("serial", default=None, pattern=SERIAL_RE,
-                      allowed="12 upper-case hex digits, as printed on the label")
-    port = t.path_value("port")
-    if serial is None and port is None:
-        raise t.error("port", _MISSING, "give serial (found under /dev/serial/by-id) or port "
-                      "(e.g. /dev/ttyUSB0 for an RS-232 unit), or both")
-    default_id = f"st3-{serial.lower()}" if serial else f"terminal-{index + 1}"
-    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
-                      allowed="1 to 32 lower-case letters, digits or '-'")
-    t.finish()
-    return DeviceConfig(str(dev_id), "terminal", desk, serial, "serial", None, 0x1209, 0xFB30,
-                        None, None, port)
-
-
-def _parse_keyboard(t: Table, index: int, desk: str, kind: str) -> DeviceConfig:
-    vid = t.integer("vid", -1, 0, 0xFFFF)
-    pid = t.integer("pid", -1, 0, 0xFFFF)
-    if vid < 0 or pid < 0:
-        raise t.error("vid" if vid < 0 else "pid", _MISSING,
-                      "required for keyboard-class devices (`feedback-edge devices` shows it)")
-    serial = t.string("serial", default=None, pattern=re.compile(r"^[ -~]{1,64}$"),
-                      allowed="the USB serial number as `feedback-edge devices` shows it")
-    usb_port = t.string("usb_port", default=None, pattern=_USB_PORT,
-                        allowed="a USB port path like 1-1.4 (`feedback-edge devices`)")
-    keys: list[tuple[int, str, int | None]] = []
-    raw_keys = t.table("keys")
-    if kind == "keyboard":
-        if raw_keys is None or not raw_keys.data:
-            raise t.error("keys", _MISSING, 'required for buttons: e.g. keys = { "0x1e" = '
-                          '["good", 1], "0x1f" = ["neutral", 0], "0x20" = ["bad", -1] }')
-        for usage, spec in raw_keys.data.items():
-            raw_keys.used.add(usage)
-            if not _USAGE.match(usage):
-                raise raw_keys.error(usage, spec, "keys are HID usages like \"0x1e\"")
-            if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
-                    and re.match(r"^[a-z0-9_-]{1,32}$", spec[0])
-                    and (spec[1] is None or (isinstance(spec[1], int)
-                                             and not isinstance(spec[1], bool)))):
-                raise raw_keys.error(usage, spec, 'must be ["label", score], e.g. ["good", 1]')
-            keys.append((int(usage, 16), spec[0], spec[1]))
-    elif raw_keys is not None:
-        raise t.error("keys", raw_keys.data, "only for kind = \"keyboard\"")
-    prefix = "kbd" if kind == "keyboard" else "badge"
-    default_id = f"{prefix}-{(serial or usb_port or str(index + 1)).lower()}"
-    default_id = re.sub(r"[^a-z0-9-]", "-", default_id)[:32]
-    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
-                      allowed="1 to 32 lower-case letters, digits or '-'")
-    t.finish()
-    return DeviceConfig(str(dev_id), kind, desk, serial, "hidraw", None, vid, pid, None, None,
-                        None, usb_port, tuple(keys))
-
-
-def _parse_device(t: Table, index: int, desks: dict[str, DeskConfig]) -> DeviceConfig:
-    kind = t.required_string("kind", allowed=f"one of {', '.join(DEVICE_KINDS)}")
-    if kind not in DEVICE_KINDS:
-        raise t.error("kind", kind, f"must be one of {', '.join(DEVICE_KINDS)}")
-    desk = t.required_string("desk", pattern=DESK_RE,
-                             allowed="a desk name: 1 to 64 letters, digits, '_', '.', '-'")
-    if desks and desk not in desks:
-        raise t.error("desk", desk, f"must be one of the [desks] tables: {', '.join(desks)}")
-    if kind == "terminal":
-        return _parse_terminal(t, index, desk)
-    if kind in ("keyboard", "badge"):
-        return _parse_keyboard(t, index, desk, kind)
-    transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
-    if transport not in ("hid", "socket"):
-        raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
-    serial = t.string("serial", default=None, pattern=SERIAL_RE,
-                      allowed="12 upper-case hex digits, as printed on the label")
-    if transport == "hid" and serial is None:
-        raise t.error("serial", _MISSING, "required for a USB console: 12 upper-case hex "
-                      "digits, as printed on the label (`feedback-edge devices` lists them)")
-    sock = t.path_value("socket")
-    if transport == "socket" and sock is None:
-        raise t.error("socket", _MISSING, "required when transport = \"socket\"")
-    if transport == "hid" and sock is not None:
-        raise t.error("socket", str(sock), "only allowed with transport = \"socket\"")
-    vid = t.integer("vid", CONSOLE_VID, 0, 0xFFFF)
-    pid = t.integer("pid", CONSOLE_PID, 0, 0xFFFF)
-    labels, scores = _parse_labels(t)
-    default_id = f"fc3-{serial.lower()}" if serial else f"console-{index + 1}"
-    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
-                      allowed="1 to 32 lower-case letters, digits or '-'")
-    t.finish()
-    return DeviceConfig(str(dev_id), kind, desk, serial, str(transport), sock, vid, pid,
-                        labels, scores)
+        return topic_root(self.site, self.edge)
 
 
 def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None = None) -> Config:
@@ -491,7 +169,7 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
                                allowed="1 to 32 lower-case letters, digits or '-'")
     broker_t = top.table("broker")
     if broker_t is None:
-        raise ConfigError("broker", _MISSING, "required: a [broker] table with at least host",
+        raise ConfigError("broker", MISSING, "required: a [broker] table with at least host",
                           source)
     broker = parse_broker(broker_t, f"feedback-edge-{site}-{edge}")
 
@@ -520,13 +198,13 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
 
     raw_devices = top.get("devices")
     devices: list[DeviceConfig] = []
-    if raw_devices is not _MISSING:
+    if raw_devices is not MISSING:
         if not isinstance(raw_devices, list) or not all(isinstance(d, dict)
                                                         for d in raw_devices):
             raise ConfigError("devices", raw_devices, "must be a list of [[devices]] tables",
                               source)
         for i, raw in enumerate(raw_devices):
-            devices.append(_parse_device(Table(raw, f"devices[{i}]", source), i, desks))
+            devices.append(parse_device(Table(raw, f"devices[{i}]", source), i, dict(desks)))
     seen: dict[str, int] = {}
     for i, d in enumerate(devices):
         if d.id in seen:
@@ -542,7 +220,7 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     survey_t = top.table("survey") or Table({}, "survey", source, base_dir)
     doctors_file = survey_t.path_value("doctors_file")
     personal = survey_t.get("send_personal_data")
-    if personal is not _MISSING and not isinstance(personal, bool):
+    if personal is not MISSING and not isinstance(personal, bool):
         raise survey_t.error("send_personal_data", personal, "must be true or false")
     survey_t.finish()
     badges: dict[str, str] = {}
@@ -582,7 +260,7 @@ def _parse_delivery(t: Table) -> DeliveryConfig:
 
 def _parse_web(t: Table) -> WebConfig:
     enabled = t.get("enabled")
-    if enabled is not _MISSING and not isinstance(enabled, bool):
+    if enabled is not MISSING and not isinstance(enabled, bool):
         raise t.error("enabled", enabled, "must be true or false")
     listen = t.string("listen", default="127.0.0.1:8480",
                       pattern=re.compile(r"^[^\s:]+:\d{1,5}$"),
@@ -602,8 +280,6 @@ def _parse_web(t: Table) -> WebConfig:
 
 
 def _parse_guards(t: Table) -> GuardsConfig:
-    from edge.operators import check_zone, parse_days, parse_hhmm  # noqa: PLC0415
-
     burst = t.integer("burst_presses", 5, 1, 1000)
     window = t.number("burst_window_s", 10.0, 1.0, 3600.0)
     action = t.string("after_hours", default="flag", allowed='"flag" or "drop"')

@@ -18,13 +18,9 @@ def udev_rules(cfg: Config) -> str:
              "# Keyboard-class devices: readable by the service user only; the daemon",
              "# holds an exclusive grab on their evdev node so no key reaches a console."]
     for d in cfg.devices:
-        if d.kind not in ("keyboard", "badge"):
-            continue
-        ident = f'ATTRS{{idVendor}}=="{d.vid:04x}", ATTRS{{idProduct}}=="{d.pid:04x}"'
-        if d.serial is not None:
-            ident += f', ATTRS{{serial}}=="{d.serial}"'
-        if d.usb_port is not None:
-            ident += f', KERNELS=="{d.usb_port}"'
+        ident = d.udev_match()
+        if ident is None:
+            continue  # the static rules in systemd/ cover our own VID:PIDs
         lines.append(f"\n# {d.id}: {d.kind} at desk {d.desk}")
         for subsystem, extra in (("hidraw", ""), ("input", ', KERNEL=="event*"')):
             lines.append(f'SUBSYSTEM=="{subsystem}"{extra}, {ident}, GROUP="feedback-edge", '

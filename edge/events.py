@@ -4,21 +4,21 @@ Events are immutable.  A device driver produces an `Event` without a sequence
 number; the store gives it the next per-edge `seq` in the same transaction that
 makes it durable, and the payload published to MQTT is `encode_event(event,
 seq, ...)`, byte for byte what ../shared/mqtt-contract.md describes and what
-`edge/schemas/event.schema.json` validates.
+`edge/contract/schemas/event.schema.json` validates.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import uuid6
 
+from edge.contract.payloads import EVENT_SCHEMA
+from edge.contract.timefmt import format_wall
+
 __all__ = [
-    "COLLECTOR_STATE_TOPIC",
-    "EVENT_SCHEMA",
     "Abandoned",
     "DeviceRef",
     "Dropped",
@@ -31,14 +31,8 @@ __all__ = [
     "SurveyAnswer",
     "encode_event",
     "event_payload",
-    "format_wall",
     "new_event_id",
 ]
-
-EVENT_SCHEMA: Final = "feedback.event/1"
-# The collector's retained presence (mqtt-contract.md), read by edges in
-# `collector` delivery mode and written by the collector.
-COLLECTOR_STATE_TOPIC: Final = "feedback/v1/collector/state"
 
 OPERATOR_SOURCES: Final = frozenset({"badge", "command", "schedule", "config", "none"})
 
@@ -46,13 +40,6 @@ OPERATOR_SOURCES: Final = frozenset({"badge", "command", "schedule", "config", "
 def new_event_id() -> str:
     """A UUIDv7: time-ordered, so ids sort roughly by creation."""
     return str(uuid6.uuid7())
-
-
-def format_wall(wall_ns: int) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. 2026-11-23T09:14:03.512Z."""
-    seconds, ns = divmod(wall_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{ns // 1_000_000:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +88,10 @@ class Press:
         return {"button": self.button, "label": self.label, "score": self.score,
                 "hold": self.hold}
 
+    def summary(self) -> str:
+        """One line for the status page (no personal data)."""
+        return f"{self.label}{' (held)' if self.hold else ''}"
+
 
 @dataclass(frozen=True, slots=True)
 class SurveyAnswer:
@@ -119,6 +110,9 @@ class SurveyAnswer:
         return {"record_id": self.record_id, "doctor": self.doctor, "q1": self.q1,
                 "q2": self.q2, "phone": self.phone, "comment": self.comment, "lang": self.lang}
 
+    def summary(self) -> str:
+        return f"answer {self.q1} for {self.doctor}"  # never the phone or comment
+
 
 @dataclass(frozen=True, slots=True)
 class Presence:
@@ -134,6 +128,9 @@ class Presence:
         return {"record_id": self.record_id, "approaches": self.approaches,
                 "engaged": self.engaged, "period_ms": self.period_ms}
 
+    def summary(self) -> str:
+        return f"presence {self.engaged}/{self.approaches}"
+
 
 @dataclass(frozen=True, slots=True)
 class Abandoned:
@@ -147,6 +144,9 @@ class Abandoned:
     def as_json(self) -> dict[str, Any]:
         return {"record_id": self.record_id, "doctor": self.doctor, "step": self.step}
 
+    def summary(self) -> str:
+        return f"abandoned at {self.step}"
+
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
@@ -159,6 +159,9 @@ class Dropped:
 
     def as_json(self) -> dict[str, Any]:
         return {"from_seq": self.from_seq, "to_seq": self.to_seq, "reason": self.reason}
+
+    def summary(self) -> str:
+        return f"dropped seq {self.from_seq}-{self.to_seq} ({self.reason})"
 
 
 EventBody = Press | SurveyAnswer | Presence | Abandoned | Dropped

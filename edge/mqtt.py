@@ -42,10 +42,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.config import BrokerConfig
+from edge.contract.broker import BrokerConfig, set_credentials
 
-__all__ = ["Connected", "Disconnected", "Inbound", "MqttLink", "PubAck", "backoff_delays",
-           "set_credentials"]
+__all__ = ["Connected", "Disconnected", "Inbound", "MqttLink", "PubAck", "backoff_delays"]
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +92,6 @@ def backoff_delays(low: float, high: float, rng: random.Random) -> Callable[[boo
         return rng.uniform(low / 2, cap)
 
     return next_delay
-
-
-def set_credentials(c: mqtt.Client, cfg: BrokerConfig) -> None:
-    """Username/password and TLS (server verified against the CA) from the config."""
-    if cfg.username is not None:
-        c.username_pw_set(cfg.username, cfg.password)
-    if cfg.tls is not None:
-        c.tls_set(ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                  certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                  keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                  cert_reqs=ssl.CERT_REQUIRED)
 
 
 class MqttLink:

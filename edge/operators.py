@@ -27,39 +27,19 @@ so tests control time without sleeping.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
+from edge.contract.timefmt import DAYS, parse_hhmm
 from edge.events import OperatorTag
 from edge.state import open_state
 
-__all__ = ["Login", "Operators", "Shift", "parse_days", "parse_hhmm"]
+__all__ = ["Login", "Operators", "Shift"]
 
-DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HISTORY: Final = 20
 _NS: Final = 1_000_000_000
-
-
-def parse_days(text: str) -> tuple[int, ...]:
-    """"mon-fri", "sat,sun", "mon,wed-fri" -> weekday numbers (Monday 0)."""
-    out: set[int] = set()
-    for part in text.lower().split(","):
-        ends = part.strip().split("-")
-        if not 1 <= len(ends) <= 2 or any(e not in DAYS for e in ends):
-            raise ValueError(f"weekdays like mon-fri or sat,sun, not {text!r}")
-        a, b = DAYS.index(ends[0]), DAYS.index(ends[-1])
-        out.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(b + 1)])
-    return tuple(sorted(out))
-
-
-def parse_hhmm(text: str) -> dt.time:
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
-    if not m or int(m[1]) > 24 or int(m[2]) > 59 or (int(m[1]) == 24 and int(m[2]) != 0):
-        raise ValueError(f"a time like 08:00, not {text!r}")
-    return dt.time(0, 0) if int(m[1]) == 24 else dt.time(int(m[1]), int(m[2]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,14 +226,6 @@ class Operators:
     def close(self) -> None:
         self._roster_db.close()
         self._logins_db.close()
-
-
-def check_zone(name: str) -> str:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"an IANA time zone like Europe/Berlin, not {name!r}") from e
-    return name
 
 
 def shift_json(shift_id: int, s: Shift) -> dict[str, Any]:

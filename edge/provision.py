@@ -46,7 +46,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import Config, ConfigError, load_config
+from edge.config import Config, load_config
+from edge.contract.toml import ConfigError
 from edge.deploy import udev_rules
 
 __all__ = [
@@ -253,26 +254,21 @@ def _yaml(value: object, indent: int = 0) -> str:
     JSON strings are valid YAML double-quoted strings, so no value (an SSID
     with ': ' or '#') can change the document's structure."""
     pad = " " * indent
+    if not isinstance(value, dict | list) or not value:
+        return json.dumps(value)  # a scalar, or an empty collection in flow style: {} or []
+    lines = []
     if isinstance(value, dict):
-        if not value:
-            return "{}"
-        lines = []
         for k, v in value.items():
             if isinstance(v, dict | list) and v:
                 lines.append(f"{pad}{json.dumps(str(k))}:\n{_yaml(v, indent + 2)}")
             else:
                 lines.append(f"{pad}{json.dumps(str(k))}: {_yaml(v)}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        if not value:
-            return "[]"
-        lines = []
+    else:
         for item in value:
             body = _yaml(item, indent + 2)
             lines.append(f"{pad}- {body.lstrip()}" if isinstance(item, dict | list)
                          else f"{pad}- {body}")
-        return "\n".join(lines)
-    return json.dumps(value)
+    return "\n".join(lines)
 
 
 def user_data(hostname: str, admin: str | None, keys: Sequence[str]) -> str:
@@ -322,6 +318,14 @@ def nm_keyfile(ssid: str, psk: str) -> str:
         "[ipv4]", "method=auto", "", "[ipv6]", "addr-gen-mode=default", "method=auto", ""])
 
 
+def _read_option_file(flag: str, path: Path) -> str:
+    """The text of a file an option names; ProvisionError naming the option if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProvisionError(f"{flag} {path}: cannot read it ({e})") from None
+
+
 def _read_wifi(opts: Options) -> tuple[str | None, str | None]:
     if opts.wifi_ssid is None:
         if opts.wifi_psk_file is not None:
@@ -336,11 +340,7 @@ def _read_wifi(opts: Options) -> tuple[str | None, str | None]:
     if opts.wifi_country is None or not COUNTRY_RE.match(opts.wifi_country):
         raise ProvisionError("--wifi needs --wifi-country CC, the two-letter country code "
                              "(e.g. DE): a Pi's Wi-Fi stays off until it is set")
-    try:
-        psk = opts.wifi_psk_file.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProvisionError(f"--wifi-psk-file {opts.wifi_psk_file}: cannot read it "
-                             f"({e})") from None
+    psk = _read_option_file("--wifi-psk-file", opts.wifi_psk_file).rstrip("\r\n")
     hex_key = len(psk) == 64 and all(c in "0123456789abcdefABCDEF" for c in psk)
     if not hex_key and not (8 <= len(psk) <= 63 and all(32 <= ord(c) < 127 for c in psk)):
         raise ProvisionError(f"--wifi-psk-file {opts.wifi_psk_file}: a WPA passphrase is 8 "
@@ -351,10 +351,7 @@ def _read_wifi(opts: Options) -> tuple[str | None, str | None]:
 def _read_keys(opts: Options) -> list[str]:
     if opts.ssh_key is None:
         return []
-    try:
-        text = opts.ssh_key.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProvisionError(f"--ssh-key {opts.ssh_key}: cannot read it ({e})") from None
+    text = _read_option_file("--ssh-key", opts.ssh_key)
     if "PRIVATE KEY" in text:
         raise ProvisionError(f"--ssh-key {opts.ssh_key} is a private key: give the public "
                              "one (the .pub file), and keep the private key off the card")
@@ -382,6 +379,7 @@ def provision(opts: Options) -> list[str]:
         raise ProvisionError(f"--hostname {hostname!r}: 1 to 63 lower-case letters, digits "
                              "or '-', not starting or ending with '-'")
 
+    bundle = opts.bootfs / BUNDLE
     with tempfile.TemporaryDirectory() as tmp:
         wheels = opts.wheelhouse
         if wheels is None:
@@ -394,9 +392,8 @@ def provision(opts: Options) -> list[str]:
         if free < need:
             raise ProvisionError(f"{opts.bootfs} has {free >> 20} MiB free; the bundle needs "
                                  f"{need >> 20} MiB")
-        _write_bundle(opts, cfg, files, wheels)
+        _write_bundle(bundle, opts.config, cfg, files, wheels)
 
-    bundle = opts.bootfs / BUNDLE
     done = [f"{opts.bootfs}: Raspberry Pi OS {os_name.capitalize()} boot partition",
             f"  {BUNDLE}/: installer, site config ({1 + len(files)} file(s)), unit files, "
             f"{len(list((bundle / 'wheels').glob('*.whl')))} wheels for "
@@ -417,12 +414,12 @@ def provision(opts: Options) -> list[str]:
     return done
 
 
-def _write_bundle(opts: Options, cfg: Config, files: dict[str, Path], wheels: Path) -> None:
-    bundle = opts.bootfs / BUNDLE
+def _write_bundle(bundle: Path, config: Path, cfg: Config, files: dict[str, Path],
+                  wheels: Path) -> None:
     if bundle.exists():
         shutil.rmtree(bundle)
     (bundle / "site").mkdir(parents=True)
-    shutil.copyfile(opts.config, bundle / "site" / "edge.toml")
+    shutil.copyfile(config, bundle / "site" / "edge.toml")
     for rel, src in files.items():
         (bundle / "site" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, bundle / "site" / rel)

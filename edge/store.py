@@ -7,23 +7,6 @@ card an fsync costs milliseconds, and a burst of presses must not cost one
 each.  Insert cost does not depend on the backlog: `seq` is the rowid, so an
 insert appends to the right edge of one B-tree.
 
-Tables::
-
-    outbox(seq INTEGER PRIMARY KEY, topic, payload, created_ms)
-        pending events in publishing order.
-    dedup(source, key, at)
-        the last keys seen per source (a console's (seq, uptime), a terminal's
-        record id), written in the same transaction as the event, so "stored"
-        and "known as stored" can never disagree after a crash.  One B-tree,
-        no index on `at`: pruning scans a source's few thousand keys once
-        every few hundred inserts, which is cheaper than a second index page
-        written on every insert.
-    meta(name, value)
-        drop counters, and `high_seq`: the highest seq ever removed, so a seq
-        is never reused even when the outbox has been emptied.  (It is written
-        with the removals, which are batched, instead of on every insert as
-        AUTOINCREMENT's sqlite_sequence would be.)
-
 Policy when full (`max_events` or `max_bytes`): the oldest pending events are
 dropped in the same transaction as the insert that overflowed, counted under
 `store_full`, and reported by the caller; an insert never fails for lack of
@@ -38,10 +21,8 @@ Removal after PUBACK runs with synchronous=NORMAL: losing a removal to a power
 cut only means publishing that event again, which the collector drops by
 event_id, so it is not worth an fsync.
 
-An unreadable store at start is moved aside (`*.corrupt-<time>`), an alarm is
-raised and a fresh store started.  The highest seq is also reserved in blocks
-in a small state file next to the store, so even a store lost to corruption
-does not make seq numbers repeat.
+Opening the file, recovering from a corrupt one, the tables and the seq
+watermark and reservation (seq never repeats) are `edge.outbox_file`.
 """
 
 from __future__ import annotations
@@ -57,7 +38,18 @@ from pathlib import Path
 from typing import Final
 
 from edge.events import Event
-from edge.state import open_state
+from edge.outbox_file import (
+    StoreDiskFullError,
+    StoreError,
+    StoreStats,
+    drop_counts,
+    file_bytes,
+    is_disk_full,
+    open_outbox,
+    raise_high_seq,
+    read_stats,
+    totals,
+)
 
 __all__ = [
     "Append",
@@ -67,12 +59,11 @@ __all__ = [
     "StoreDiskFullError",
     "StoreError",
     "StoreStats",
+    "read_stats",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
-SEQ_BLOCK: Final = 10_000
 # Freshly committed events are kept in memory too, so the publisher does not
 # read back what was just written (the common case: nothing is queued); a
 # backlog is read ahead in chunks into the same cache.
@@ -84,16 +75,10 @@ _PRUNE_EVERY: Final = 256
 Encoder = Callable[[Event, int], tuple[str, bytes]]
 
 
-class StoreError(Exception):
-    """The store could not do what was asked; nothing was changed."""
-
-
-class StoreDiskFullError(StoreError):
-    """The file system (or the store's page quota) is full."""
-
-
 @dataclass(frozen=True, slots=True)
 class Append:
+    """One event to store with `Store.commit`."""
+
     # None records only the dedup key (a device session marker, say).
     event: Event | None
     # (source, key): if this key was seen before for this source, the event is
@@ -103,6 +88,8 @@ class Append:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
+    """A stored event awaiting delivery: its seq, MQTT topic and encoded payload."""
+
     seq: int
     topic: str
     payload: bytes
@@ -110,54 +97,12 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
+    """What `Store.commit` did."""
+
     # One entry per Append: its seq, or None when it was a known duplicate.
     seqs: list[int | None]
     # Ranges (first, last) of seqs dropped to stay within the limits.
     dropped: list[tuple[int, int]]
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    depth: int
-    payload_bytes: int
-    file_bytes: int
-    oldest_created_ms: int | None
-    last_seq: int
-    drops: dict[str, int]
-
-
-_DDL: Final = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dedup (
-    source TEXT NOT NULL,
-    key TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (source, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value
-) WITHOUT ROWID;
-"""
-
-
-def _is_disk_full(e: sqlite3.Error) -> bool:
-    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
-        "full" in str(e).lower()
-
-
-def _file_bytes(path: Path) -> int:
-    """What the store takes on disk: the database and its WAL."""
-    total = 0
-    for suffix in ("", "-wal"):
-        with contextlib.suppress(OSError):
-            total += os.stat(str(path) + suffix).st_size
-    return total
 
 
 def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
@@ -171,19 +116,17 @@ def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _high_seq(db: sqlite3.Connection) -> int:
-    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
-    removed = db.execute("SELECT value FROM meta WHERE name='high_seq'").fetchone()
-    return max(int(top or 0), int(removed[0]) if removed else 0)
-
-
-def _raise_high_seq(db: sqlite3.Connection, seq: int) -> None:
-    db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?) ON CONFLICT(name) "
-               "DO UPDATE SET value = max(value, excluded.value)", (seq,))
-
-
 class Store:
-    """The outbox.  Not thread-safe: the daemon's main loop owns it."""
+    """The outbox.  Not thread-safe: the daemon's main loop owns it.
+
+    `path` is the SQLite file (created with its directory when missing; an
+    unreadable one is moved aside, see `alarms` and `lost`).  `encode` turns
+    an event and its seq into (topic, payload).  Limits: `max_events` pending
+    events and `max_bytes` of their payloads (oldest dropped beyond them);
+    `min_free_bytes` of free disk below which commits are refused;
+    `page_size` (bytes) and `max_page_count` as for `edge.outbox_file.connect`.
+    Raises OSError or sqlite3.Error when even a fresh store cannot be opened.
+    """
 
     def __init__(self, path: Path, encode: Encoder, *, max_events: int = 500_000,
                  max_bytes: int = 500_000_000, page_size: int = 1024,
@@ -193,94 +136,18 @@ class Store:
         self._encode = encode
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self.alarms: list[str] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._state = open_state(path.with_name(path.name + ".state.json"))
-        fresh = not path.exists()
-        try:
-            self._db = self._connect(page_size, max_page_count)
-        except sqlite3.DatabaseError as e:
-            self._move_aside(str(e))
-            fresh = True
-            self._db = self._connect(page_size, max_page_count)
-        self._load(fresh)
+        opened = open_outbox(path, page_size=page_size, max_page_count=max_page_count)
+        self._db = opened.db
+        self._seqs = opened.seqs
+        self.alarms: list[str] = opened.alarms
+        # Seqs that may have been lost with a replaced store; the daemon
+        # announces them as dropped.
+        self.lost: tuple[int, int] | None = opened.lost
+        self._last_seq = opened.last_seq
+        self._count, self._bytes = totals(self._db)
+        self._drops: dict[str, int] = drop_counts(self._db)
         self._since_prune: dict[str, int] = {}
         self._tail: dict[int, Pending] = {}
-
-    # -- opening ---------------------------------------------------------
-
-    def _connect(self, page_size: int, max_page_count: int | None) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute(f"PRAGMA page_size={int(page_size)}")
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.DatabaseError(f"cannot use WAL journal (got {mode})")
-            db.execute("PRAGMA synchronous=FULL")
-            # Bound the WAL file on disk after checkpoints (SD card space).
-            db.execute("PRAGMA journal_size_limit=4194304")
-            if max_page_count is not None:
-                db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {check}")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"unknown store schema version {version}")
-            db.executescript(_DDL)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _move_aside(self, reason: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(target) + suffix))
-        alarm = f"store_corrupt: unreadable store moved aside to {target.name} ({reason})"
-        self.alarms.append(alarm)
-        log.error("%s; starting a fresh store", alarm)
-
-    def _load(self, fresh: bool) -> None:
-        db = self._db
-        high = _high_seq(db)
-        reserved = self._reserved()
-        # Seqs up to here that the collector has not got were lost with a
-        # replaced store; the daemon announces them as dropped.
-        self.lost: tuple[int, int] | None = None
-        if fresh and reserved > high:
-            # A store that had to start again continues after every seq that
-            # could have been used before, so no seq is ever reused.
-            high = reserved
-            db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?)", (high,))
-            self.lost = (1, high)
-        self._last_seq = high
-        self._reserved_seq = max(reserved, high)
-        count, total = db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        self._count = int(count)
-        self._bytes = int(total)
-        self._drops: dict[str, int] = {
-            str(name)[6:]: int(value) for name, value in
-            db.execute("SELECT name, value FROM meta WHERE name LIKE 'drops.%'")}
-
-    def _reserved(self) -> int:
-        doc = self._state.get(doc_id=1)
-        return int(doc.get("seq_reserved", 0)) if doc else 0
-
-    def _reserve(self, seq: int) -> None:
-        # Written before any seq in the new block is committed: one small
-        # atomic file write per SEQ_BLOCK events.
-        if seq > self._reserved_seq:
-            self._reserved_seq = (seq // SEQ_BLOCK + 1) * SEQ_BLOCK
-            if self._state.get(doc_id=1) is None:
-                self._state.insert({"seq_reserved": self._reserved_seq})
-            else:
-                self._state.update({"seq_reserved": self._reserved_seq}, doc_ids=[1])
 
     # -- writing ---------------------------------------------------------
 
@@ -290,7 +157,8 @@ class Store:
 
         `remove` are delivered seqs to delete in the same transaction (it is
         fsync'ed anyway, so they ride along for free).
-        Raises StoreDiskFullError or StoreError with nothing changed.
+        Raises StoreDiskFullError or StoreError with nothing changed, and
+        OSError when the seq reservation file cannot be written.
         """
         if self.min_free_bytes:
             free = self.disk_free()
@@ -302,7 +170,7 @@ class Store:
         fresh: dict[int, tuple[str, bytes]] = {}
         added_bytes = 0
         next_seq = self._last_seq
-        self._reserve(next_seq + len(appends))
+        self._seqs.reserve(next_seq + len(appends))
         now_ms = time.time_ns() // 1_000_000
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -334,7 +202,7 @@ class Store:
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            if _is_disk_full(e):
+            if is_disk_full(e):
                 raise StoreDiskFullError(f"store is full: {e}") from e
             raise StoreError(f"store write failed: {e}") from e
         self._last_seq = next_seq
@@ -382,7 +250,7 @@ class Store:
         if first is None:
             return [], 0, 0
         db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
-        _raise_high_seq(db, last)
+        raise_high_seq(db, last)
         db.execute("INSERT INTO meta(name, value) VALUES ('drops.store_full', ?) "
                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                    (drop_rows,))
@@ -416,7 +284,7 @@ class Store:
             self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
             removed += int(n)
             removed_bytes += int(size)
-        _raise_high_seq(self._db, max(seqs))
+        raise_high_seq(self._db, max(seqs))
         return removed, removed_bytes
 
     def remove(self, seqs: Sequence[int]) -> None:
@@ -511,6 +379,7 @@ class Store:
             "SELECT key FROM dedup WHERE source=? ORDER BY at", (source,))]
 
     def disk_free(self) -> int | None:
+        """Bytes free to unprivileged users on the store's file system; None if unknown."""
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
@@ -519,10 +388,12 @@ class Store:
 
     @property
     def depth(self) -> int:
+        """Pending events."""
         return self._count
 
     @property
     def last_seq(self) -> int:
+        """The highest seq used (stored, removed or lost); the next event gets the next one."""
         return self._last_seq
 
     def stats(self, delivered: Sequence[int] = ()) -> StoreStats:
@@ -534,34 +405,12 @@ class Store:
             if seq not in done:
                 row = (created,)
                 break
-        return StoreStats(self._count - len(done), self._bytes, _file_bytes(self.path),
+        return StoreStats(self._count - len(done), self._bytes, file_bytes(self.path),
                           int(row[0]) if row else None, self._last_seq, dict(self._drops))
 
     def close(self) -> None:
+        """Close the database and the seq reservation file; the Store is unusable after."""
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
-        self._state.close()
+        self._seqs.close()
 
-
-def read_stats(path: Path) -> StoreStats | None:
-    """Read a store's figures without the daemon (for `status` when it is down)."""
-    if not path.exists():
-        return None
-    uri = f"file:{path}?mode=ro"
-    try:
-        db = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error:
-        return None
-    try:
-        count, total = db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        row = db.execute("SELECT created_ms FROM outbox ORDER BY seq LIMIT 1").fetchone()
-        high = _high_seq(db)
-        drops = {str(n)[6:]: int(v) for n, v in
-                 db.execute("SELECT name, value FROM meta WHERE name LIKE 'drops.%'")}
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
-    return StoreStats(int(count), int(total), _file_bytes(path), int(row[0]) if row else None,
-                      high, drops)

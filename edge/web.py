@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from edge.config import is_loopback
+from edge.contract.broker import is_loopback
 
 __all__ = ["StatusPage"]
 

@@ -63,7 +63,7 @@ class _Button:
 
 @dataclass(slots=True)
 class _Entry:
-    seq: int
+    dev_seq: int  # the sheet's seq: 8 bits, HELLO 0
     type: ReportType
     button: int
     event_uptime: int
@@ -116,7 +116,7 @@ class ConsoleFirmware:
         with self.lock:
             self._boot_at = self._clock()
             self.powered = True
-            self._seq = 0
+            self._dev_seq = 0
             self._ring: list[_Entry] = []
             self.lost = 0
             self._overflow_pending = False
@@ -216,20 +216,20 @@ class ConsoleFirmware:
     # -- events and the ring -------------------------------------------------
 
     def _emit(self, kind: ReportType, button: int, event_uptime: int, first: bool = False) -> None:
-        seq = 0 if first else (self._seq + 1) & 0xFF
-        self._seq = seq
+        dev_seq = 0 if first else (self._dev_seq + 1) & 0xFF
+        self._dev_seq = dev_seq
         if len(self._ring) >= RING:
             self._ring.pop(0)
             self.lost += 1
             self._overflow_pending = True
-        entry = _Entry(seq, kind, button, event_uptime)
+        entry = _Entry(dev_seq, kind, button, event_uptime)
         self._ring.append(entry)
         self._send(entry, replay=False)
         self._backoff = 0
         self._next_resend = self._now() + BACKOFF_MS[0]
 
     def _send(self, e: _Entry, replay: bool) -> None:
-        report = ConsoleReport(e.seq, e.type, e.button, replay, self._overflow_pending,
+        report = ConsoleReport(e.dev_seq, e.type, e.button, replay, self._overflow_pending,
                                e.event_uptime % UPTIME_MOD, self._now() % UPTIME_MOD)
         self._overflow_pending = False
         if replay:
@@ -261,7 +261,7 @@ class ConsoleFirmware:
                 ack = data[2]
                 # Cumulative: everything up to and including `ack`, in the
                 # half of the seq space behind it.
-                self._ring = [e for e in self._ring if (ack - e.seq) % 256 >= 128]
+                self._ring = [e for e in self._ring if (ack - e.dev_seq) % 256 >= 128]
                 if not self._ring:
                     self._next_resend = None
             elif cmd == CMD_SHOW:

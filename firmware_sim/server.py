@@ -1,6 +1,6 @@
 """A simulated console as a process of its own, reachable on a unix socket.
 
-The daemon connects as the host (`drivers.hid_transport.SocketTransport`,
+The daemon connects as the host (`firmware_sim.link.SocketTransport`,
 frame kinds described there); `feedback-sim console press` connects as a
 control client.  The console keeps its ring while the daemon is down, just as
 a real one does while its USB host is not reading.
@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drivers.hid_transport import DeviceGoneError, recv_frame, send_frame
+from drivers.transport import DeviceGoneError
 from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import recv_frame, send_frame
 
 __all__ = ["ConsoleServer", "control"]
 

@@ -9,7 +9,7 @@ slave open), as CDC-ACM firmware notices DTR, and sends HELLO on open.
 A SIGKILL of this process is the terminal's power cut: the flash file
 survives, and the next start replays what the host never ACKed.
 
-Control socket frames (drivers.hid_transport framing): 'A' a record (JSON:
+Control socket frames (firmware_sim.link framing): 'A' a record (JSON:
 {"kind": "answer"|"presence"|"abandoned", ...fields}), 'W' raw bytes to put
 on the wire (corrupted frames for tests), 'X' "state"; replies are 'x' JSON.
 """
@@ -28,7 +28,8 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from drivers.hid_transport import DeviceGoneError, recv_frame, send_frame
+from drivers.transport import DeviceGoneError
+from firmware_sim.link import recv_frame, send_frame
 from firmware_sim.terminal import TerminalFirmware
 
 __all__ = ["TerminalServer", "scripted_day"]

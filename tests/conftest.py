@@ -177,7 +177,7 @@ def subscribe(broker: Broker) -> Iterator[Callable[[str], Subscriber]]:
 
 
 def _schema(name: str) -> dict[str, Any]:
-    text = resources.files("edge").joinpath("schemas", name).read_text()
+    text = resources.files("edge.contract").joinpath("schemas", name).read_text()
     data: dict[str, Any] = json.loads(text)
     return data
 

@@ -16,8 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from collector.db import Item
+from collector import queries, store
 from collector.intake import classify
+from collector.store import Item
 from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, encode_event
 from tests.collector_fixtures import (
     Backend,
@@ -79,18 +80,18 @@ def test_watermark_passes_declared_drops_and_stops_at_what_is_missing(
         backend: Backend) -> None:
     db = backend.open()
     msgs = [press_event(1), press_event(2), press_event(4), dropped_event(5, 3, 3)]
-    res = db.ingest([_item(t, p) for t, p in msgs])
+    res = store.ingest(db, [_item(t, p) for t, p in msgs])
     assert res.stored == 4
     assert res.watermarks == {("clinic-3", "reception-1"): 5}
     assert res.dropped_ranges == [("clinic-3", "reception-1", 3, 3, "store_full")]
-    res = db.ingest([_item(*press_event(7))])
+    res = store.ingest(db, [_item(*press_event(7))])
     assert res.watermarks == {}  # 6 is missing
-    (gap,) = db.gaps()
+    (gap,) = store.gaps(db)
     assert gap["watermark"] == 5
     assert gap["max_seq"] == 7
     assert gap["missing"] == [(6, 6)]
     assert gap["dropped"] == [(3, 3, "store_full")]
-    res = db.ingest([_item(*press_event(6))])
+    res = store.ingest(db, [_item(*press_event(6))])
     assert res.watermarks == {("clinic-3", "reception-1"): 7}
     db.close()
 
@@ -98,11 +99,11 @@ def test_watermark_passes_declared_drops_and_stops_at_what_is_missing(
 def test_the_same_event_delivered_three_times_is_stored_once(backend: Backend) -> None:
     db = backend.open()
     topic, payload = press_event(1)
-    first = db.ingest([_item(topic, payload)])
-    again = db.ingest([_item(topic, payload), _item(topic, payload)])
+    first = store.ingest(db, [_item(topic, payload)])
+    again = store.ingest(db, [_item(topic, payload), _item(topic, payload)])
     assert (first.stored, again.stored, again.duplicates) == (1, 0, 2)
     assert count_events(backend) == 1
-    assert db.counters()["duplicates"] == 2
+    assert store.counters(db)["duplicates"] == 2
     db.close()
 
 
@@ -117,8 +118,8 @@ def test_timesync_corrects_unsynced_events_whichever_arrives_first(
         {"boot_id": "boot-x", "mono_ns": 20_000_000_000, "wall": "2026-11-23T09:00:20.000Z",
          "reason": "synchronised"}).encode())
     for batch in ([anchor], [ev]) if anchor_first else ([ev], [anchor]):
-        db.ingest(batch)
-    (row,) = db.events(["press"])
+        store.ingest(db, batch)
+    (row,) = queries.events(db, ["press"])
     assert row["corrected_ms"] == 1_795_424_405_000  # 2026-11-23T09:00:05Z
     assert row["wall_ms"] == 5_000
     db.close()
@@ -140,15 +141,15 @@ def test_malformed_and_unknown_versions_are_kept_aside_with_a_named_reason(
              _item(topic, json.dumps(other_edge).encode()),
              _item("feedback/v1/clinic-3/reception-1/health", b'{"queue_depth": -1}'),
              _item(topic, good)]
-    res = db.ingest(items)
+    res = store.ingest(db, items)
     assert (res.stored, res.quarantined) == (1, 5)
-    reasons = sorted(r for _, _, r, _ in db.quarantined())
+    reasons = sorted(r for _, _, r, _ in store.quarantined(db))
     assert reasons[0].startswith("invalid: ")
     assert any(r.startswith("json: ") for r in reasons)
     assert "schema: unknown version 'feedback.event/2'" in reasons
     assert any("site/edge differ" in r for r in reasons)
     assert not any("call me" in r for r in reasons)  # a value may be personal data
-    counts = db.counters()
+    counts = store.counters(db)
     assert sum(v for k, v in counts.items() if k.startswith("quarantined:")) == 5
     db.close()
 
@@ -172,7 +173,7 @@ def test_duplicates_by_republish_and_by_two_instances_are_stored_once(
     rows = db.query("SELECT event_id, count(*) FROM events GROUP BY event_id")
     assert len(rows) == 201
     assert {n for _, n in rows} == {1}
-    wait_for(lambda: db.watermarks().get(("clinic-3", "reception-1")) == 201, 20,
+    wait_for(lambda: store.watermarks(db).get(("clinic-3", "reception-1")) == 201, 20,
              "watermark 201")
     db.close()
 
@@ -194,7 +195,7 @@ def test_collector_sigkilled_mid_stream_loses_nothing_and_doubles_nothing(
     db = backend.open()
     assert db.query("SELECT count(DISTINCT event_id), count(*), min(seq), max(seq) "
                     "FROM events")[0] == (2000, 2000, 1, 2000)
-    wait_for(lambda: db.watermarks().get(("clinic-3", "reception-1")) == 2000, 20,
+    wait_for(lambda: store.watermarks(db).get(("clinic-3", "reception-1")) == 2000, 20,
              "watermark 2000")
     db.close()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError, parse_config
+from edge.config import parse_config
+from edge.contract.toml import ConfigError
 
 GOOD = """
 site = "clinic-3"

@@ -31,7 +31,7 @@ CAPTURE = json.loads((Path(__file__).parent / "fixtures" / "console_capture.json
 
 
 def _as_dict(r: ConsoleReport) -> dict[str, object]:
-    return {"seq": r.seq, "type": r.type.name, "button": r.button, "replay": r.replay,
+    return {"seq": r.dev_seq, "type": r.type.name, "button": r.button, "replay": r.replay,
             "overflow": r.overflow, "event_uptime": r.event_uptime, "now_uptime": r.now_uptime}
 
 
@@ -114,9 +114,9 @@ def test_mutated_capture_reports_decode_or_fail_by_name(hexed: str, pos: int, va
         assert encode_report(r) == bytes(raw)
 
 
-def _press(seq: int, up: int, now: int | None = None, replay: bool = False,
+def _press(dev_seq: int, up: int, now: int | None = None, replay: bool = False,
            button: int = 0, kind: ReportType = ReportType.PRESS) -> ConsoleReport:
-    return ConsoleReport(seq, kind, button, replay, False, up, up + 30 if now is None else now)
+    return ConsoleReport(dev_seq, kind, button, replay, False, up, up + 30 if now is None else now)
 
 
 def test_host_records_new_presses_and_drops_replayed_duplicates() -> None:

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from drivers.hid_transport import MemoryTransport
+from edge import reporting
 from edge.config import load_config
 from edge.daemon import Daemon
 from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import MemoryTransport
 from tests.conftest import Broker, Subscriber, wait_for, write_config
 
 
@@ -32,7 +33,7 @@ class Running:
             extra="health_interval_s = 1"))
         self.sysfs = tmp / "sys"
         self.sysfs.mkdir(exist_ok=True)
-        self.daemon = Daemon(cfg, transport=self._open, sysfs=self.sysfs)
+        self.daemon = Daemon(cfg, openers={"console": self._open}, sysfs=self.sysfs)
         self.thread = threading.Thread(target=self.daemon.run)
         self._stop_ticks = threading.Event()
         self.ticker = threading.Thread(target=self._tick)
@@ -50,9 +51,9 @@ class Running:
         import queue
 
         box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        from edge.daemon import StatusRequest
+        from edge.commands import ControlRequest
 
-        self.daemon.inbox.put(StatusRequest(box))
+        self.daemon.inbox.put(ControlRequest(box))
         return box.get(timeout=5)
 
     def __enter__(self) -> Running:
@@ -87,7 +88,7 @@ def test_malformed_reports_are_counted_by_name_and_reading_goes_on(
     errors = wait_for(lambda: running.status()["devices"][0]["decode_errors"], 5, "counters")
     assert errors == {"bad_length": 1, "bad_report_id": 1, "unknown_type": 1, "bad_button": 1,
                       "bad_flags": 1}
-    health = running.daemon.health()
+    health = reporting.health(running.daemon)
     assert health["decode_errors"] == {"fc3-00a1b2c3d4e5": errors}
     assert running.thread.is_alive()
 
@@ -165,7 +166,7 @@ def test_plugged_in_unconfigured_hardware_is_listed_within_seconds(
 def test_a_replaced_store_announces_its_lost_seqs_as_dropped(
         tmp_path: Path, broker: Broker, subscribe: Callable[[str], Subscriber],
         validate: Callable[[str, Any], None]) -> None:
-    from edge.store import SEQ_BLOCK
+    from edge.outbox_file import SEQ_BLOCK
 
     sub = subscribe("feedback/+/+/+/event/#")
     with Running(tmp_path, broker) as r:

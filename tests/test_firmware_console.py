@@ -36,7 +36,7 @@ class Rig:
 def test_power_up_sends_hello_seq_0_in_the_ring() -> None:
     rig = Rig()
     assert rig.out[0].type is ReportType.HELLO
-    assert rig.out[0].seq == 0
+    assert rig.out[0].dev_seq == 0
     assert rig.fw.unacked == 1
 
 
@@ -99,7 +99,7 @@ def test_resend_command_replays_everything_unacknowledged_oldest_first() -> None
         rig.run(100)
     rig.out.clear()
     rig.fw.output_report(encode_resend())
-    assert [(r.seq, r.replay) for r in rig.out] == [(0, True), (1, True), (2, True), (3, True)]
+    assert [(r.dev_seq, r.replay) for r in rig.out] == [(0, True), (1, True), (2, True), (3, True)]
 
 
 def test_ring_overflow_loses_the_oldest_counts_it_and_flags_the_next_report() -> None:
@@ -110,7 +110,7 @@ def test_ring_overflow_loses_the_oldest_counts_it_and_flags_the_next_report() ->
     info = decode_info(rig.fw.feature_report())
     assert info.lost == 41 - 32  # type: ignore[union-attr]
     assert info.unacked == 32  # type: ignore[union-attr]
-    flagged = [r.seq for r in rig.fresh() if r.overflow]
+    flagged = [r.dev_seq for r in rig.fresh() if r.overflow]
     assert flagged == list(range(32, 41))
 
 
@@ -122,7 +122,7 @@ def test_power_cut_loses_the_ring_and_restarts_seq_and_uptime() -> None:
     rig.run(500)
     rig.out.clear()
     rig.fw.power_up()
-    assert [(r.type, r.seq, r.now_uptime) for r in rig.out] == [(ReportType.HELLO, 0, 0)]
+    assert [(r.type, r.dev_seq, r.now_uptime) for r in rig.out] == [(ReportType.HELLO, 0, 0)]
     assert rig.fw.unacked == 1
 
 

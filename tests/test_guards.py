@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drivers.hid_transport import MemoryTransport
 from edge.config import GuardsConfig, load_config
+from edge.contract.timefmt import parse_days
 from edge.daemon import Daemon
 from edge.guards import Guards
-from edge.operators import parse_days
 from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import MemoryTransport
 from tests.conftest import Broker, Subscriber, wait_for, write_config
 from tests.test_daemon import _uptime
 from tests.test_operators import utc
@@ -59,7 +59,7 @@ def test_flags_on_published_events(tmp_path: Path, broker: Broker,
     cfg.write_text(cfg.read_text() + "[guards]\nburst_presses = 3\nburst_window_s = 60\n"
                    '[[devices]]\nkind = "console"\nserial = "00A1B2C3D4E5"\ndesk = "desk-1"\n')
     fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=_uptime)
-    daemon = Daemon(load_config(cfg), transport=lambda c: MemoryTransport(fw),
+    daemon = Daemon(load_config(cfg), openers={"console": lambda c: MemoryTransport(fw)},
                     sysfs=tmp_path / "nosys")
     stop = threading.Event()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from drivers.console import ConsoleReport, ReportType, decode_report, encode_report
-from drivers.hid_transport import DeviceGoneError
 from drivers.hidraw_transport import HidrawConsole, hidiocgfeature
+from drivers.transport import DeviceGoneError
 from tests.test_discovery import make_sysfs
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from drivers.hid_transport import DeviceGoneError
 from drivers.keyboard import usage_char
-from edge.config import DeviceConfig, load_config
-from edge.daemon import Daemon, StatusRequest
+from drivers.transport import DeviceGoneError
+from edge.commands import ControlRequest
+from edge.config import load_config
+from edge.daemon import Daemon
+from edge.kinds.base import DeviceConfig
 from tests.conftest import Broker, Subscriber, wait_for, write_config
 
 
@@ -79,7 +81,8 @@ desk = "desk-3"
     def open_reader(cfg: DeviceConfig) -> MemoryKeyboard:
         return readers[cfg.kind]
 
-    d = Daemon(load_config(cfg_path), keyboards=open_reader, sysfs=tmp_path / "nosys")
+    d = Daemon(load_config(cfg_path), openers={"keyboard": open_reader, "badge": open_reader},
+               sysfs=tmp_path / "nosys")
     t = threading.Thread(target=d.run)
     t.start()
     yield d, readers
@@ -89,7 +92,7 @@ desk = "desk-3"
 
 def _status(d: Daemon) -> dict[str, Any]:
     box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    d.inbox.put(StatusRequest(box))
+    d.inbox.put(ControlRequest(box))
     return box.get(timeout=5)
 
 

@@ -9,10 +9,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from drivers.hid_transport import MemoryTransport
-from edge.config import DeviceConfig, load_config
+from edge.config import load_config
 from edge.daemon import Daemon
+from edge.kinds.base import DeviceConfig
 from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import MemoryTransport
 from firmware_sim.server import control
 from tests.conftest import Broker, Proc, Subscriber, wait_for, write_config
 from tests.test_daemon import _uptime
@@ -46,8 +47,8 @@ def test_two_consoles_a_terminal_and_a_button_box_with_a_replug(
         return transports[c.serial]
 
     keyboard = MemoryKeyboard()
-    daemon = Daemon(load_config(cfg), transport=open_console, keyboards=lambda c: keyboard,
-                    sysfs=tmp_path / "nosys")
+    daemon = Daemon(load_config(cfg), sysfs=tmp_path / "nosys",
+                    openers={"console": open_console, "keyboard": lambda c: keyboard})
     stop = threading.Event()
 
     def ticker() -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from edge.contract.timefmt import parse_days, parse_hhmm
 from edge.events import OperatorTag
-from edge.operators import Operators, Shift, parse_days, parse_hhmm
+from edge.operators import Operators, Shift
 
 H = 3600 * 10**9
 

@@ -1,4 +1,6 @@
-"""The outbox on real files: durability, limits, corruption, disk full."""
+"""The outbox on real files: durability, limits, disk full.
+
+Opening, corruption and seq reservation: tests/test_outbox_file.py."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from edge.events import (
     encode_event,
     new_event_id,
 )
-from edge.store import SEQ_BLOCK, Append, Store, StoreDiskFullError, read_stats
+from edge.store import Append, Store, StoreDiskFullError, read_stats
 
 
 def make_event(button: int = 0) -> Event:
@@ -49,16 +51,6 @@ def test_events_come_out_in_order_and_leave_only_when_removed(tmp_path: Path) ->
     s.remove([1, 3])
     assert [p.seq for p in s.pending(0, 10)] == [2, 4, 5]
     assert s.depth == 3
-
-
-def test_seq_is_never_reused_after_everything_was_delivered_and_reopened(tmp_path: Path) -> None:
-    path = tmp_path / "o.sqlite"
-    s = open_store(path)
-    s.commit([Append(make_event()) for _ in range(3)])
-    s.remove([1, 2, 3])
-    s.close()
-    s = open_store(path)
-    assert s.commit([Append(make_event())]).seqs == [4]
 
 
 def test_duplicate_keys_are_not_stored_twice_even_after_reopen(tmp_path: Path) -> None:
@@ -95,44 +87,6 @@ def test_full_by_bytes_drops_the_oldest(tmp_path: Path) -> None:
     assert st.payload_bytes <= 1_000_000
     assert st.drops["store_full"] >= 10
     assert s.depth + st.drops["store_full"] == n + 10
-
-
-def test_corrupt_store_is_moved_aside_with_an_alarm_and_seq_continues(tmp_path: Path) -> None:
-    path = tmp_path / "o.sqlite"
-    s = open_store(path)
-    s.commit([Append(make_event()) for _ in range(5)])
-    s.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    path.write_bytes(b"this is not an sqlite database at all" * 200)
-    s = open_store(path)
-    assert len(s.alarms) == 1
-    assert "store_corrupt" in s.alarms[0]
-    aside = list(tmp_path.glob("o.sqlite.corrupt-*"))
-    assert len(aside) == 1
-    assert aside[0].read_bytes().startswith(b"this is not")
-    # Seqs 1..5 may have reached the collector: the fresh store must not reuse them.
-    seq = s.commit([Append(make_event())]).seqs[0]
-    assert seq is not None
-    assert seq > 5
-    assert seq == SEQ_BLOCK + 1
-    # Whatever of 1..SEQ_BLOCK the collector lacks is gone: the daemon says so.
-    assert s.lost == (1, SEQ_BLOCK)
-
-
-def test_store_damaged_inside_is_detected_by_the_integrity_check(tmp_path: Path) -> None:
-    path = tmp_path / "o.sqlite"
-    s = open_store(path)
-    s.commit([Append(make_event()) for _ in range(300)])
-    s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    s.close()
-    data = bytearray(path.read_bytes())
-    for i in range(2048, len(data), 1024):  # scribble over every page but the header
-        data[i:i + 16] = b"\xff" * 16
-    path.write_bytes(bytes(data))
-    s = open_store(path)
-    assert s.alarms
-    assert s.commit([Append(make_event())]).seqs[0] == SEQ_BLOCK + 1
 
 
 def test_disk_full_fails_the_whole_commit_and_changes_nothing(tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from drivers.hid_transport import MemoryTransport
 from edge.clock import ManualClock
+from edge.commands import ControlRequest
 from edge.config import load_config
-from edge.daemon import Daemon, StatusRequest
+from edge.daemon import Daemon
 from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import MemoryTransport
 from tests.conftest import Broker, Subscriber, wait_for, write_config
 from tests.test_daemon import _uptime
 from tests.test_operators import utc
@@ -33,7 +34,7 @@ class Rig:
         self.fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=_uptime)
         self.clock = clock
         self.daemon = Daemon(load_config(cfg), clock=clock,
-                             transport=lambda c: MemoryTransport(self.fw),
+                             openers={"console": lambda c: MemoryTransport(self.fw)},
                              sysfs=tmp / "nosys")
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self.daemon.run),
@@ -45,7 +46,7 @@ class Rig:
 
     def status(self) -> dict[str, Any]:
         box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self.daemon.inbox.put(StatusRequest(box))
+        self.daemon.inbox.put(ControlRequest(box))
         return box.get(timeout=5)
 
     def press(self, button: int) -> None:

@@ -1,0 +1,85 @@
+"""What reports and the CLI read: events, the fleet, callbacks and visit counts.
+
+Callbacks' handling status and the imported visit counts are written here
+too: they belong to the reports, not to intake.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from collector.db import EVENT_COLS, Database
+
+__all__ = ["callbacks_state", "edges", "events", "import_visits", "set_callback", "visits"]
+
+
+def edges(db: Database) -> list[dict[str, Any]]:
+    """Every edge: watermark, max seq, its status, last health and device inventory."""
+    cols = ("site", "edge", "watermark", "max_seq", "state", "state_since", "version",
+            "boot_id", "last_seen_ms", "health", "health_ms", "devices")
+    out = []
+    for row in db.query(f"SELECT {', '.join(cols)} FROM edges ORDER BY site, edge"):
+        d = dict(zip(cols, row, strict=True))
+        d["health"] = json.loads(d["health"]) if d["health"] else None
+        d["devices"] = json.loads(d["devices"]) if d["devices"] else None
+        out.append(d)
+    return out
+
+
+def events(db: Database, kinds: Iterable[str], start_ms: int | None = None,
+           end_ms: int | None = None) -> list[dict[str, Any]]:
+    """Events of these kinds whose (corrected) time is in [start_ms, end_ms)."""
+    kinds = list(kinds)
+    cols = [c for c in EVENT_COLS if c != "payload"]
+    sql = (f"SELECT {', '.join(cols)} FROM events WHERE kind IN "
+           f"({', '.join('?' * len(kinds))})")
+    params: list[Any] = list(kinds)
+    t = "COALESCE(corrected_ms, wall_ms)"
+    if start_ms is not None:
+        sql += f" AND {t} >= ?"
+        params.append(start_ms)
+    if end_ms is not None:
+        sql += f" AND {t} < ?"
+        params.append(end_ms)
+    sql += " ORDER BY site, edge, seq"
+    return [dict(zip(cols, r, strict=True)) for r in db.query(sql, params)]
+
+
+def callbacks_state(db: Database
+                    ) -> dict[tuple[str, str, str], tuple[str, str | None, int | None]]:
+    return {(s, e, i): (st, by, ms) for s, e, i, st, by, ms in db.query(
+        "SELECT site, edge, event_id, status, handled_by, handled_ms FROM callbacks")}
+
+
+def set_callback(db: Database, site: str, edge: str, event_id: str, *, status: str, who: str,
+                 now_ms: int) -> bool:
+    with db.transaction() as cur:
+        cur.execute("SELECT 1 FROM events WHERE site = ? AND edge = ? AND event_id = ? "
+                    "AND kind = 'answer' AND phone IS NOT NULL", (site, edge, event_id))
+        if cur.fetchone() is None:
+            return False
+        cur.execute("INSERT INTO callbacks (site, edge, event_id, status, handled_by, "
+                    "handled_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site, edge, "
+                    "event_id) DO UPDATE SET status = excluded.status, handled_by = "
+                    "excluded.handled_by, handled_ms = excluded.handled_ms",
+                    (site, edge, event_id, status, who, now_ms))
+    return True
+
+
+def import_visits(db: Database, rows: Iterable[tuple[str, str, str, int]]) -> int:
+    n = 0
+    with db.transaction() as cur:
+        for doctor, start, end, patients in rows:
+            cur.execute("INSERT INTO visits (doctor, period_start, period_end, patients) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (doctor, period_start, period_end) "
+                        "DO UPDATE SET patients = excluded.patients",
+                        (doctor, start, end, patients))
+            n += 1
+    return n
+
+
+def visits(db: Database) -> list[tuple[str, str, str, int]]:
+    return [(str(d), str(s), str(e), int(p)) for d, s, e, p in db.query(
+        "SELECT doctor, period_start, period_end, patients FROM visits")]

@@ -1,0 +1,297 @@
+"""Intake storage: events and side messages in, watermarks out.
+
+What makes intake exactly-once:
+
+- `events` has the primary key (site, edge, event_id): a second delivery of
+  the same event, by re-publish or by another collector instance, inserts
+  nothing (`ON CONFLICT DO NOTHING`);
+- a batch of messages is committed in one transaction, and the intake
+  acknowledges them (PUBACK) only after the commit: a crash before it means
+  the broker delivers them again;
+- each edge's watermark (every seq <= it is committed, or declared dropped by
+  the edge) only grows, and is computed from what is committed, so several
+  instances writing the same database agree on it.  Rows are locked in a
+  fixed order (edges sorted, events sorted by seq) so concurrent instances
+  cannot deadlock each other on PostgreSQL.  The computation itself is
+  `advance_watermark`, a pure function.
+
+Timesync: an event recorded while the edge's clock was not synchronised
+(`time.synced` false) gets `corrected_ms` = anchor wall + (event mono_ns -
+anchor mono_ns) as soon as an anchor for the same boot is known, whichever
+arrives first.  Reports use corrected_ms when present, else wall_ms.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from collector.db import EVENT_COLS, Cursor, Database, EdgeKey
+
+__all__ = ["IngestResult", "Item", "advance_watermark", "counters", "gaps", "ingest",
+           "missing_ranges", "quarantined", "sweep", "wall_ms", "watermarks"]
+
+_INSERT_EVENT: Final = (f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "
+                        f"({', '.join('?' * len(EVENT_COLS))}) "
+                        "ON CONFLICT (site, edge, event_id) DO NOTHING")
+# Committed seqs above the watermark are read in pages of this many.
+_PAGE: Final = 2000
+
+
+def wall_ms(text: str) -> int:
+    """RFC 3339 UTC ('...Z') to milliseconds since the epoch."""
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+@dataclass(slots=True)
+class IngestResult:
+    stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    watermarks: dict[EdgeKey, int] = field(default_factory=dict)  # the ones that moved
+    dropped_ranges: list[tuple[str, str, int, int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One message for `ingest`: an event, a side message, or a quarantine."""
+
+    kind: str  # event | status | devices | health | timesync | quarantine
+    site: str = ""
+    edge: str = ""
+    body: Any = None
+    topic: str = ""
+    raw: bytes = b""
+    reason: str = ""
+
+
+# -- the watermark, pure ------------------------------------------------------------
+
+def advance_watermark(watermark: int, seqs: Iterable[int],
+                      dropped: Iterable[tuple[int, int]]) -> int:
+    """The watermark after `watermark`, over committed `seqs` and declared-dropped ranges.
+
+    It moves one seq at a time while the next seq is committed, and jumps to
+    the end of a dropped range (from_seq, to_seq, inclusive) that covers the
+    next seq; it stops at the first seq that is neither.
+    """
+    wm = watermark
+    ordered = sorted(seqs)
+    ranges = sorted(dropped)
+    i = 0
+    while True:
+        while i < len(ordered) and ordered[i] <= wm:
+            i += 1
+        if i < len(ordered) and ordered[i] == wm + 1:
+            wm += 1
+            continue
+        cover = next((b for a, b in ranges if a <= wm + 1 <= b), None)
+        if cover is None:
+            return wm
+        wm = cover
+
+
+def missing_ranges(watermark: int, max_seq: int, have: set[int],
+                   dropped: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Seq ranges above `watermark` up to `max_seq` neither committed (`have`) nor dropped."""
+    missing: list[tuple[int, int]] = []
+    q = watermark + 1
+    while q <= max_seq:
+        covered = next((b for a, b in dropped if a <= q <= b), None)
+        if q in have:
+            q += 1
+        elif covered is not None:
+            q = covered + 1
+        else:
+            lo = q
+            while q <= max_seq and q not in have and not any(a <= q <= b for a, b in dropped):
+                q += 1
+            missing.append((lo, q - 1))
+    return missing
+
+
+# -- intake -------------------------------------------------------------------------
+
+def ingest(db: Database, items: Sequence[Item], now_ms: int | None = None) -> IngestResult:
+    """Store a batch in one transaction.  Re-running it changes nothing."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    res = IngestResult()
+    top_seq: dict[EdgeKey, int] = {}
+    events = sorted((i for i in items if i.kind == "event"),
+                    key=lambda i: (i.site, i.edge, i.body["seq"]))
+    # By edge (a stable sort keeps each edge's own order): every transaction
+    # locks edges rows in the same order.
+    others = sorted((i for i in items if i.kind != "event"), key=lambda i: (i.site, i.edge))
+    with db.transaction() as cur:
+        anchors: dict[tuple[str, str, str], tuple[int, int] | None] = {}
+        for key in sorted({(i.site, i.edge) for i in items if i.site}):
+            cur.execute("INSERT INTO edges (site, edge) VALUES (?, ?) "
+                        "ON CONFLICT (site, edge) DO NOTHING", key)
+        for it in others:
+            _side(cur, it, now, res)
+        for it in events:
+            row = _event_row(it.body, now)
+            if not row["synced"]:
+                akey = (it.site, it.edge, row["boot_id"])
+                if akey not in anchors:
+                    cur.execute("SELECT mono_ns, wall_ms FROM anchors WHERE site = ? AND "
+                                "edge = ? AND boot_id = ?", akey)
+                    found = cur.fetchone()
+                    anchors[akey] = None if found is None else (int(found[0]), int(found[1]))
+                anchor = anchors[akey]
+                if anchor is not None:
+                    row["corrected_ms"] = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
+            cur.execute(_INSERT_EVENT, [row[c] for c in EVENT_COLS])
+            if cur.rowcount == 1:
+                res.stored += 1
+                if row["kind"] == "dropped":
+                    res.dropped_ranges.append((it.site, it.edge, row["from_seq"],
+                                               row["to_seq"], row["reason"]))
+            else:
+                res.duplicates += 1
+            key = (it.site, it.edge)
+            top_seq[key] = max(top_seq.get(key, 0), row["seq"])
+        for key in sorted(top_seq):
+            cur.execute(f"UPDATE edges SET max_seq = {db.greatest}(max_seq, ?), "
+                        "last_seen_ms = ? WHERE site = ? AND edge = ?",
+                        (top_seq[key], now, *key))
+            moved = _advance(db, cur, key)
+            if moved is not None:
+                res.watermarks[key] = moved
+        if res.duplicates:
+            _count(cur, "duplicates", res.duplicates)
+    return res
+
+
+def _side(cur: Cursor, it: Item, now: int, res: IngestResult) -> None:
+    key = (it.site, it.edge)
+    if it.kind == "quarantine":
+        cur.execute("INSERT INTO quarantine (topic, payload, reason, received_ms) "
+                    "VALUES (?, ?, ?, ?)", (it.topic, it.raw, it.reason, now))
+        _count(cur, f"quarantined:{it.reason.split(':')[0]}", 1)
+        res.quarantined += 1
+    elif it.kind == "status":
+        b = it.body
+        cur.execute("UPDATE edges SET state = ?, state_since = ?, version = ?, boot_id = ?, "
+                    "last_seen_ms = ? WHERE site = ? AND edge = ?",
+                    (b["state"], b["since"], b["version"], b["boot_id"], now, *key))
+    elif it.kind == "devices":
+        cur.execute("UPDATE edges SET devices = ?, last_seen_ms = ? WHERE site = ? AND "
+                    "edge = ?", (json.dumps(it.body), now, *key))
+    elif it.kind == "health":
+        cur.execute("UPDATE edges SET health = ?, health_ms = ?, last_seen_ms = ? "
+                    "WHERE site = ? AND edge = ?", (json.dumps(it.body), now, now, *key))
+    elif it.kind == "timesync":
+        b = it.body
+        anchor_wall = wall_ms(b["wall"])
+        cur.execute("INSERT INTO anchors (site, edge, boot_id, mono_ns, wall_ms) VALUES "
+                    "(?, ?, ?, ?, ?) ON CONFLICT (site, edge, boot_id) DO NOTHING",
+                    (*key, b["boot_id"], b["mono_ns"], anchor_wall))
+        if cur.rowcount == 1:
+            cur.execute("UPDATE events SET corrected_ms = ? + (mono_ns - ?) / 1000000 "
+                        "WHERE site = ? AND edge = ? AND boot_id = ? AND synced = 0 "
+                        "AND corrected_ms IS NULL",
+                        (anchor_wall, b["mono_ns"], *key, b["boot_id"]))
+
+
+def _count(cur: Cursor, name: str, n: int) -> None:
+    cur.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET value = counters.value + excluded.value", (name, n))
+
+
+def _advance(db: Database, cur: Cursor, key: EdgeKey) -> int | None:
+    """Move the edge's watermark over every committed or declared-dropped seq."""
+    cur.execute("SELECT watermark FROM edges WHERE site = ? AND edge = ?" + db.for_update, key)
+    start = wm = int(cur.fetchone()[0])
+    cur.execute("SELECT from_seq, to_seq FROM events WHERE site = ? AND edge = ? AND "
+                "kind = 'dropped' AND to_seq > ?", (*key, wm))
+    ranges = sorted((int(a), int(b)) for a, b in cur.fetchall())
+    while True:
+        cur.execute("SELECT seq FROM events WHERE site = ? AND edge = ? AND seq > ? "
+                    f"ORDER BY seq LIMIT {_PAGE}", (*key, wm))
+        seqs = [int(r[0]) for r in cur.fetchall()]
+        before = wm
+        wm = advance_watermark(wm, seqs, ranges)
+        if wm == before or len(seqs) < _PAGE:
+            break
+    if wm == start:
+        return None
+    cur.execute(f"UPDATE edges SET watermark = {db.greatest}(watermark, ?) "
+                "WHERE site = ? AND edge = ?", (wm, *key))
+    return wm
+
+
+def sweep(db: Database) -> dict[EdgeKey, int]:
+    """Advance every edge whose events arrived through another instance meanwhile."""
+    moved: dict[EdgeKey, int] = {}
+    for site, edge in db.query("SELECT site, edge FROM edges WHERE max_seq > watermark "
+                               "ORDER BY site, edge"):
+        with db.transaction() as cur:
+            wm = _advance(db, cur, (site, edge))
+        if wm is not None:
+            moved[(site, edge)] = wm
+    return moved
+
+
+# -- what intake recorded -------------------------------------------------------------
+
+def watermarks(db: Database) -> dict[EdgeKey, int]:
+    return {(s, e): int(w) for s, e, w in db.query("SELECT site, edge, watermark FROM edges")}
+
+
+def gaps(db: Database) -> list[dict[str, Any]]:
+    """Per edge: seq ranges the edge declared dropped, and ranges still missing."""
+    out = []
+    for site, edge, wm, top in db.query("SELECT site, edge, watermark, max_seq FROM edges "
+                                        "ORDER BY site, edge"):
+        dropped = [(int(a), int(b), str(r)) for a, b, r in db.query(
+            "SELECT from_seq, to_seq, reason FROM events WHERE site = ? AND edge = ? "
+            "AND kind = 'dropped' ORDER BY from_seq", (site, edge))]
+        have = {int(r[0]) for r in db.query(
+            "SELECT seq FROM events WHERE site = ? AND edge = ? AND seq > ?",
+            (site, edge, wm))}
+        missing = missing_ranges(int(wm), int(top), have, [(a, b) for a, b, _ in dropped])
+        out.append({"site": site, "edge": edge, "watermark": int(wm), "max_seq": int(top),
+                    "dropped": dropped, "missing": missing})
+    return out
+
+
+def counters(db: Database) -> dict[str, int]:
+    return {str(n): int(v) for n, v in db.query("SELECT name, value FROM counters")}
+
+
+def quarantined(db: Database, limit: int = 50) -> list[tuple[int, str, str, int]]:
+    return [(int(i), str(t), str(r), int(ms)) for i, t, r, ms in db.query(
+        "SELECT id, topic, reason, received_ms FROM quarantine ORDER BY id DESC LIMIT ?",
+        (limit,))]
+
+
+def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    kind = p["kind"]
+    body = p[kind]
+    t = p["time"]
+    row: dict[str, Any] = dict.fromkeys(EVENT_COLS)
+    row.update(site=p["site"], edge=p["edge"], event_id=p["event_id"], seq=p["seq"], kind=kind,
+               desk=p["desk"], device_id=p["device"]["id"], device_kind=p["device"]["kind"],
+               operator_id=p["operator"]["id"], operator_source=p["operator"]["source"],
+               wall_ms=wall_ms(t["wall"]), synced=1 if t["synced"] else 0,
+               boot_id=t["boot_id"], mono_ns=t["mono_ns"], flags=" ".join(p["flags"]),
+               payload=json.dumps(p, separators=(",", ":"), ensure_ascii=False),
+               received_ms=now_ms)
+    if kind == "press":
+        row.update(label=body["label"], score=body["score"], hold=1 if body["hold"] else 0,
+                   button=body["button"])
+    elif kind == "answer":
+        row.update(doctor=body["doctor"], q1=body["q1"], q2=body["q2"], phone=body["phone"],
+                   comment=body["comment"])
+    elif kind == "presence":
+        row.update(approaches=body["approaches"], engaged=body["engaged"])
+    elif kind == "abandoned":
+        row.update(doctor=body["doctor"])
+    elif kind == "dropped":
+        row.update(from_seq=body["from_seq"], to_seq=body["to_seq"], reason=body["reason"])
+    return row

@@ -1,0 +1,132 @@
+"""Commands to the daemon, from MQTT and from the local control socket, through
+one dispatcher on the main loop.
+
+MQTT (mqtt-contract.md, "Commands"): `{root}/cmd/{name}` with a JSON object
+of at most `MAX_COMMAND_BYTES` holding a `request_id` (string, at most 128
+characters); the result `{"request_id", "ok", "error"}` goes to
+`{root}/cmd/{name}/result`.  Names: `ping`, `operator` (`desk`, `operator`:
+an id of 1 to 64 characters or null for "nobody"), `doctors` (`rev`,
+`doctors`: edge.doctors.validate_doctors).  Retained commands are ignored
+(the daemon decides that before calling here).
+
+Control socket (edge/control.py): `{"cmd": "status"}` answers the status
+object; `{"cmd": "operator", "desk", "operator"}` logs in and `{"cmd":
+"operator", "desk", "logout": true}` ends the desk's login.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any, Final
+
+from edge.clock import Clock
+from edge.doctors import DoctorList, validate_doctors
+from edge.kinds.base import Device, Doctors
+from edge.operators import Operators
+
+__all__ = ["MAX_COMMAND_BYTES", "Commands", "ControlRequest"]
+
+log = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES: Final = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """A control-socket request (status, operator login or logout) for the main loop."""
+
+    reply: SimpleQueue[dict[str, Any]]
+    request: dict[str, Any] = field(default_factory=lambda: {"cmd": "status"})
+
+
+class Commands:
+    """Carries out commands; owns the doctor list's snapshot that terminal
+    workers read from their own threads (replaced, never mutated)."""
+
+    def __init__(self, *, desks: list[str], operators: Operators, clock: Clock,
+                 doctors: DoctorList, devices: Callable[[], Iterable[Device]],
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self._desks = desks
+        self._operators = operators
+        self._clock = clock
+        self._doctors = doctors
+        self._devices = devices
+        self._status = status
+        self.doctors_now: Doctors | None = doctors.current()
+
+    def mqtt(self, name: str, payload: bytes) -> dict[str, Any]:
+        """Carry out command `name`; the result object to publish."""
+        request_id: str | None = None
+        error: str | None = None
+        try:
+            body = json.loads(payload) if len(payload) <= MAX_COMMAND_BYTES else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            error = "payload must be a JSON object of at most 64 KiB"
+        else:
+            rid = body.get("request_id")
+            request_id = rid if isinstance(rid, str) and len(rid) <= 128 else None
+            if request_id is None:
+                error = "request_id must be a string of at most 128 characters"
+            elif name == "doctors":
+                error = self._doctors_cmd(body)
+            elif name == "operator":
+                error = self._login(body)
+            elif name != "ping":
+                error = f"unknown command {name!r}; known: doctors, operator, ping"
+        return {"request_id": request_id, "ok": error is None, "error": error}
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer a control-socket request."""
+        if request.get("cmd") != "operator":
+            return self._status()
+        if request.get("logout") is True:
+            error = self._logout(request.get("desk"))
+        else:
+            error = self._login(request)
+        return {"ok": error is None, "error": error}
+
+    def _desk_error(self, desk: object) -> str | None:
+        if not isinstance(desk, str) or desk not in self._desks:
+            return f"desk must be one of {', '.join(self._desks)}"
+        return None
+
+    def _login(self, body: dict[str, Any]) -> str | None:
+        desk, op = body.get("desk"), body.get("operator", ...)
+        error = self._desk_error(desk)
+        if error is not None:
+            return error
+        if op is ... or not (op is None or (isinstance(op, str) and 1 <= len(op) <= 64)):
+            return "operator must be an operator id of 1 to 64 characters, or null for nobody"
+        self._operators.login(str(desk), op, "command", self._clock.wall_ns())
+        log.info("desk %s: operator %s on duty by command", desk, op or "nobody")
+        return None
+
+    def _logout(self, desk: object) -> str | None:
+        """End the desk's login: back to the roster or the config's operator."""
+        error = self._desk_error(desk)
+        if error is not None:
+            return error
+        ended = self._operators.logout(str(desk), self._clock.wall_ns())
+        log.info("desk %s: %s logged out", desk, (ended.operator if ended else None) or "nobody")
+        return None
+
+    def _doctors_cmd(self, body: dict[str, Any]) -> str | None:
+        try:
+            rev, doctors = validate_doctors(body)
+        except ValueError as e:
+            return str(e)
+        current = self.doctors_now
+        if current is not None and rev <= current[0]:
+            return f"rev {rev} is not newer than the current rev {current[0]}"
+        self._doctors.update(rev, doctors)
+        self.doctors_now = (rev, doctors)
+        log.info("doctor list rev %d (%d doctors) from the doctors command", rev, len(doctors))
+        for dev in self._devices():
+            dev.on_doctors((rev, doctors))
+        return None

@@ -1,0 +1,51 @@
+"""Times on the wire and in the config files.
+
+`format_wall` is the form of every time in the contract's payloads.  The
+weekday, time-of-day and zone syntax is shared by `edge.toml` (opening
+hours), the operator roster and `collector.toml` (`[reports] tz`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = ["DAYS", "check_zone", "format_wall", "parse_days", "parse_hhmm"]
+
+DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def format_wall(wall_ns: int) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-23T09:14:03.512Z."""
+    seconds, ns = divmod(wall_ns, 1_000_000_000)
+    stamp = dt.datetime.fromtimestamp(seconds, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns // 1_000_000:03d}Z"
+
+
+def parse_days(text: str) -> tuple[int, ...]:
+    """"mon-fri", "sat,sun", "mon,wed-fri" -> weekday numbers (Monday 0)."""
+    out: set[int] = set()
+    for part in text.lower().split(","):
+        ends = part.strip().split("-")
+        if not 1 <= len(ends) <= 2 or any(e not in DAYS for e in ends):
+            raise ValueError(f"weekdays like mon-fri or sat,sun, not {text!r}")
+        a, b = DAYS.index(ends[0]), DAYS.index(ends[-1])
+        out.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(b + 1)])
+    return tuple(sorted(out))
+
+
+def parse_hhmm(text: str) -> dt.time:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if not m or int(m[1]) > 24 or int(m[2]) > 59 or (int(m[1]) == 24 and int(m[2]) != 0):
+        raise ValueError(f"a time like 08:00, not {text!r}")
+    return dt.time(0, 0) if int(m[1]) == 24 else dt.time(int(m[1]), int(m[2]))
+
+
+def check_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"an IANA time zone like Europe/Berlin, not {name!r}") from e
+    return name

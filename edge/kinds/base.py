@@ -1,0 +1,240 @@
+"""What every device kind provides, and what the daemon offers it.
+
+A kind (console, terminal, keyboard, badge) is one module in `edge/kinds/`:
+its config dataclass and parser, its worker thread, and how its readings
+become events and acknowledgements.  The daemon calls kinds only through
+`Device` and `Kind` here and never asks which kind a device is.
+
+Flow of one reading (all on the daemon's main loop except the worker)::
+
+    worker thread --Reading--> main loop: Device.decide(reading, ctx) -> Decision
+    every Decision's appends are committed in one transaction (group commit)
+    then Device.committed(...) acknowledges what is durable (ACK, LED ...)
+    or, if the commit failed, Device.commit_failed() forgets what it assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge.clock import Clock
+from edge.events import EventTime, OperatorTag
+from edge.store import Append
+
+if TYPE_CHECKING:
+    from drivers.usb_discovery import UsbDevice
+    from edge.contract.toml import Table
+    from edge.guards import Guards
+    from edge.kinds.worker import Worker
+    from edge.operators import Operators
+
+__all__ = [
+    "Context",
+    "Decision",
+    "DecodeFailed",
+    "Device",
+    "DeviceConfig",
+    "DeviceState",
+    "Doctors",
+    "Env",
+    "Kind",
+    "Reading",
+]
+
+log = logging.getLogger(__name__)
+
+# (rev, doctors) as the `doctors` command and doctors_file give it.
+Doctors = tuple[int, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """The fields every `[[devices]]` table has; each kind subclasses it."""
+
+    id: str
+    kind: str
+    desk: str
+    serial: str | None
+
+    def udev_match(self) -> str | None:
+        """udev ATTRS matching this device for the site's rules, or None when the
+        static rules in systemd/ already cover it (our own VID:PIDs)."""
+        return None
+
+
+# -- messages from workers to the main loop ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One decoded input of a device, for its `Device.decide` on the main loop.
+
+    `data` is the kind's own type; the host times are when the worker read it
+    (CLOCK_BOOTTIME ns and UTC ns).
+    """
+
+    device_id: str
+    data: object
+    host_mono_ns: int
+    host_wall_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailed:
+    """A malformed report or frame, counted per device under `name`."""
+
+    device_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """connected | missing | error, with the reason and the kind's own details."""
+
+    device_id: str
+    state: str
+    error: str | None
+    details: object = None
+
+
+# -- what the daemon offers a kind while deciding ------------------------------------
+
+
+class Context:
+    """Tagging and counting, shared by every device: who was on duty, the
+    guards, the event's time, counters of events discarded on purpose or lost
+    by a device, and alarms."""
+
+    def __init__(self, clock: Clock, operators: Operators, guards: Guards,
+                 alarms: list[str], *, led_ms: int, send_personal_data: bool,
+                 badges: dict[str, str]) -> None:
+        self.clock = clock
+        self.operators = operators
+        self.guards = guards
+        self.alarms = alarms
+        self.led_ms = led_ms
+        self.send_personal_data = send_personal_data
+        self.badges = badges
+        # Events not stored on purpose (after_hours) or lost on a device
+        # (device_overflow), by reason: reported under `drops` in health.
+        self.discarded: dict[str, int] = {}
+
+    def operator(self, desk: str, at_wall_ns: int) -> OperatorTag:
+        """Who was on duty at `desk` when the event happened (not when it is sent)."""
+        return self.operators.who(desk, at_wall_ns)
+
+    def guard(self, desk: str, mono_ns: int, wall_ns: int, hold: bool) -> tuple[str, ...] | None:
+        """The guards' flags for a press, or None if it is to be dropped (counted)."""
+        flags, drop = self.guards.press(desk, mono_ns, wall_ns, hold)
+        if drop:
+            self.count("after_hours")
+            return None
+        return tuple(flags)
+
+    def event_time(self, mono_ns: int, wall_ns: int, age_ms: int = 0) -> EventTime:
+        return EventTime(wall_ns=wall_ns, synced=self.clock.synced(),
+                         boot_id=self.clock.boot_id, mono_ns=mono_ns, age_ms=age_ms)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.discarded[name] = self.discarded.get(name, 0) + n
+
+    def alarm(self, text: str) -> None:
+        """Raise an alarm (once); the text must hold no personal data."""
+        if text not in self.alarms:
+            self.alarms.append(text)
+
+
+@dataclass(slots=True)
+class Decision:
+    """What one reading means: events (and dedup keys) to store, scopes whose
+    keys to forget (a device restarted), whether it was a known duplicate, and
+    a token the kind gets back in `committed`."""
+
+    appends: list[Append] = field(default_factory=list)
+    forget: tuple[str, ...] = ()
+    duplicate: bool = False
+    token: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What a device needs to be built: where to post readings, the clock, the
+    sysfs root, the dedup keys already stored for a scope, the doctor list
+    (for terminals), and an optional opener replacing how the kind opens its
+    transport (tests, simulators)."""
+
+    post: Callable[[object], None]
+    clock: Clock
+    sysfs: Path
+    stored_keys: Callable[[str], list[str]]
+    doctors: Callable[[], Doctors | None]
+    opener: Callable[[Any], Any] | None = None
+
+
+class Device(ABC):
+    """One configured device at run time: its worker, state and counters."""
+
+    def __init__(self, cfg: DeviceConfig, worker: Worker[Any]) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.state = "missing"
+        self.error: str | None = None
+        self.last_seen_ns: int | None = None
+        self.decode_errors: dict[str, int] = {}
+        self.stored = 0  # events of this device made durable
+        self.duplicates = 0
+        self.resets = 0
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def on_state(self, msg: DeviceState, wall_ns: int) -> None:
+        """The worker's word on the device (connected, missing, error)."""
+        del wall_ns
+        self.state, self.error = msg.state, msg.error
+
+    @abstractmethod
+    def decide(self, r: Reading, ctx: Context) -> Decision:
+        """What the reading means; called in arrival order, before the commit."""
+
+    def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
+                  ctx: Context) -> None:
+        """This batch's decisions are durable; per append, whether it was stored
+        (False: the store already had its key).  Acknowledge to the device."""
+        del outcomes, ctx
+
+    def commit_failed(self) -> None:
+        """The batch did not reach the disk: forget what `decide` assumed stored."""
+        return
+
+    def on_doctors(self, doctors: Doctors) -> None:
+        """A newer doctor list arrived (the `doctors` command)."""
+        del doctors
+
+    def details(self) -> dict[str, Any]:
+        """Kind-specific fields for `status` (e.g. a console's buttons)."""
+        return {"buttons": None}
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A device kind as the config, the daemon and `feedback-edge devices` see it.
+
+    `parse(table, index, desk)` reads one `[[devices]]` table (kind and desk
+    already read) and raises ConfigError; `device(cfg, env)` builds the
+    run-time `Device`; `snippet(usb)` is the config block for hardware of
+    this kind that is plugged in but not configured.
+    """
+
+    name: str
+    parse: Callable[[Table, int, str], DeviceConfig]
+    device: Callable[[Any, Env], Device]
+    snippet: Callable[[UsbDevice], list[str]] | None = None

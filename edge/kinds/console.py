@@ -1,0 +1,299 @@
+"""The feedback console (ProLAN-202 class, USB HID): config, worker, events.
+
+Protocol: ../shared/devices/console-hid.md, decoded by `drivers.console`.
+The worker reads input reports and posts them; the main loop decides (new,
+duplicate, device restarted) with `ConsoleHost`, stores, and only then ACKs
+the last `dev_seq` handled (the ACK is cumulative) and lights the LED of
+each stored press.  A console that reports OVERFLOW has lost presses from its
+ring: its lost counter (feature report) is read and the loss counted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from drivers.console import (
+    INFO_REPORT_LEN,
+    PID,
+    REPORT_INFO,
+    VID,
+    ConsoleHost,
+    ConsoleInfo,
+    ConsoleReport,
+    DecodeError,
+    Duplicate,
+    NewSession,
+    Record,
+    ReportType,
+    button_labels,
+    decode_info,
+    decode_report,
+    encode_ack,
+    encode_resend,
+    encode_show,
+)
+from drivers.hid_transport import HidapiTransport
+from drivers.hidraw_transport import HidrawConsole
+from drivers.transport import HidTransport
+from edge.contract.ids import NAME_RE, SERIAL_RE
+from edge.contract.toml import MISSING, Table
+from edge.events import DeviceRef, Event, Press, new_event_id
+from edge.kinds.base import (
+    Context,
+    Decision,
+    DecodeFailed,
+    Device,
+    DeviceConfig,
+    DeviceState,
+    Env,
+    Kind,
+    Reading,
+)
+from edge.kinds.worker import READ_TIMEOUT_MS, RETRY_S, Worker
+from edge.store import Append
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from drivers.usb_discovery import UsbDevice
+
+__all__ = ["KIND", "Console", "ConsoleConfig", "ConsoleInput", "ConsoleWorker"]
+
+log = logging.getLogger(__name__)
+
+_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}$")
+# hidapi has no armv7 wheel; there the console is read through hidraw directly.
+_HAVE_HIDAPI: Final = importlib.util.find_spec("hid") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig(DeviceConfig):
+    transport: str = "hid"  # "hid" (USB) or "socket" (a `feedback-sim console` process)
+    socket: Path | None = None
+    vid: int = VID
+    pid: int = PID
+    labels: tuple[str, ...] | None = None  # per button, overriding the layout's
+    scores: tuple[int | None, ...] | None = None
+
+
+def _parse_labels(t: Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
+    labels = t.get("labels")
+    scores = t.get("scores")
+    if labels is MISSING:
+        if scores is not MISSING:
+            raise t.error("scores", scores, "needs labels (one score per label)")
+        return None, None
+    if not isinstance(labels, list) or not 1 <= len(labels) <= 16 or not all(
+            isinstance(x, str) and _LABEL.match(x) for x in labels):
+        raise t.error("labels", labels,
+                      "must be a list of 1 to 16 labels like \"good\" ([a-z0-9_-], 1-32 chars)")
+    if scores is MISSING:
+        return tuple(labels), None
+    if not isinstance(scores, list) or len(scores) != len(labels) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in scores):
+        raise t.error("scores", scores, f"must be a list of {len(labels)} integers, "
+                      "one per label")
+    return tuple(labels), tuple(scores)
+
+
+def parse(t: Table, index: int, desk: str) -> ConsoleConfig:
+    transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
+    if transport not in ("hid", "socket"):
+        raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
+    serial = t.string("serial", default=None, pattern=SERIAL_RE,
+                      allowed="12 upper-case hex digits, as printed on the label")
+    if transport == "hid" and serial is None:
+        raise t.error("serial", MISSING, "required for a USB console: 12 upper-case hex "
+                      "digits, as printed on the label (`feedback-edge devices` lists them)")
+    sock = t.path_value("socket")
+    if transport == "socket" and sock is None:
+        raise t.error("socket", MISSING, "required when transport = \"socket\"")
+    if transport == "hid" and sock is not None:
+        raise t.error("socket", str(sock), "only allowed with transport = \"socket\"")
+    vid = t.integer("vid", VID, 0, 0xFFFF)
+    pid = t.integer("pid", PID, 0, 0xFFFF)
+    labels, scores = _parse_labels(t)
+    default_id = f"fc3-{serial.lower()}" if serial else f"console-{index + 1}"
+    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
+                      allowed="1 to 32 lower-case letters, digits or '-'")
+    t.finish()
+    return ConsoleConfig(str(dev_id), "console", desk, serial, str(transport), sock, vid, pid,
+                         labels, scores)
+
+
+def open_console(cfg: ConsoleConfig) -> HidTransport:
+    """The console's transport: the simulator's socket, hidapi, or stdlib hidraw."""
+    if cfg.transport == "socket":
+        # The simulator link is for demos and black-box tests; it stays out of
+        # the daemon's import graph unless a config asks for it.
+        from firmware_sim.link import SocketTransport  # noqa: PLC0415
+
+        assert cfg.socket is not None  # noqa: S101 - config validation guarantees it
+        return SocketTransport(cfg.socket)
+    if _HAVE_HIDAPI:
+        return HidapiTransport(cfg.vid, cfg.pid, cfg.serial)
+    return HidrawConsole.find(cfg.vid, cfg.pid, cfg.serial)
+
+
+# -- worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleInput:
+    """One decoded input report, with the console's lost counter when the
+    report said OVERFLOW (read from the info feature report then)."""
+
+    report: ConsoleReport
+    lost_total: int | None
+
+
+class ConsoleWorker(Worker[HidTransport]):
+    kind = "console"
+
+    def send(self, report: bytes) -> bool:
+        """Write an output report now (from the main loop); False if the device is gone."""
+        return self._write(report)
+
+    def _read_info(self, transport: HidTransport) -> ConsoleInfo | DecodeError:
+        return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
+
+    def _serve(self, transport: HidTransport) -> None:
+        info = self._read_info(transport)
+        if isinstance(info, DecodeError):
+            self._post(DecodeFailed(self.cfg.id, info.name))
+            self._post(DeviceState(self.cfg.id, "error", f"unreadable info report: {info.detail}"))
+            self._stop.wait(RETRY_S * 5)
+            return
+        with self._lock:
+            self._transport = transport
+        self._post(DeviceState(self.cfg.id, "connected", None, info))
+        # Presses made while nobody was reading (daemon down, up to the ring's
+        # 32) arrive at once instead of at the next back-off step.
+        transport.write(encode_resend())
+        buttons = info.buttons
+        while not self._stop.is_set():
+            data = transport.read(READ_TIMEOUT_MS)
+            if data is None:
+                continue
+            mono, wall = self._clock.mono_ns(), self._clock.wall_ns()
+            decoded = decode_report(data, buttons)
+            if isinstance(decoded, DecodeError):
+                self._post(DecodeFailed(self.cfg.id, decoded.name))
+                continue
+            lost: int | None = None
+            if decoded.overflow:
+                fresh = self._read_info(transport)
+                if not isinstance(fresh, DecodeError):
+                    lost = fresh.lost
+            self._post(Reading(self.cfg.id, ConsoleInput(decoded, lost), mono, wall))
+
+
+# -- decisions ----------------------------------------------------------------------
+
+
+class Console(Device):
+    cfg: ConsoleConfig
+    worker: ConsoleWorker
+
+    def __init__(self, cfg: ConsoleConfig, env: Env) -> None:
+        opener: Callable[[ConsoleConfig], HidTransport] = env.opener or open_console
+        super().__init__(cfg, ConsoleWorker(cfg, lambda: opener(cfg), env.post, env.clock))
+        self._stored_keys = env.stored_keys
+        # Dedup keys are scoped per console: (dev_seq, uptime, type, button).
+        self.scope = f"console:{cfg.id}"
+        self.host = ConsoleHost(env.stored_keys(self.scope))
+        self.info: ConsoleInfo | None = None
+        self.labels: tuple[tuple[str, int | None], ...] = ()
+        self.lost_seen: int | None = None
+
+    def on_state(self, msg: DeviceState, wall_ns: int) -> None:
+        super().on_state(msg, wall_ns)
+        if isinstance(msg.details, ConsoleInfo):
+            self.info = msg.details
+            self.labels = button_labels(msg.details.layout, msg.details.buttons,
+                                        self.cfg.labels, self.cfg.scores)
+            self.last_seen_ns = wall_ns
+
+    def decide(self, r: Reading, ctx: Context) -> Decision:
+        inp = r.data
+        assert isinstance(inp, ConsoleInput)  # noqa: S101 - posted by ConsoleWorker only
+        action = self.host.on_report(inp.report, r.host_mono_ns)
+        if inp.lost_total is not None:
+            self._count_loss(inp.lost_total, ctx)
+        if isinstance(action, Duplicate):
+            return Decision(duplicate=True, token=inp.report)
+        if isinstance(action, NewSession):
+            self.resets += 1
+            self.lost_seen = 0
+            log.info("device %s powered up (HELLO)", self.cfg.id)
+            return Decision([Append(None, (self.scope, action.key))], (self.scope,),
+                            token=inp.report)
+        assert isinstance(action, Record)  # noqa: S101 - the three host actions
+        forget: tuple[str, ...] = ()
+        if action.new_session:
+            self.resets += 1
+            forget = (self.scope,)
+        # A dropped press still records its key, so its replays are
+        # recognised instead of being judged (and counted) again.
+        return Decision([Append(self._event(r, inp.report, ctx), (self.scope, action.key))],
+                        forget, token=inp.report)
+
+    def _event(self, r: Reading, rep: ConsoleReport, ctx: Context) -> Event | None:
+        age_ns = rep.age_ms * 1_000_000
+        mono, wall = r.host_mono_ns - age_ns, r.host_wall_ns - age_ns
+        label, score = self.labels[rep.button] if rep.button < len(self.labels) else \
+            (f"button-{rep.button}", None)
+        hold = rep.type is ReportType.HOLD
+        flags = ctx.guard(self.cfg.desk, mono, wall, hold)
+        if flags is None:
+            return None
+        if rep.replay:
+            flags += ("replayed",)
+        if rep.overflow:
+            flags += ("device_overflow",)
+        return Event(event_id=new_event_id(), desk=self.cfg.desk,
+                     device=DeviceRef(self.cfg.id, "console", self.cfg.serial),
+                     body=Press(button=rep.button, label=label, score=score, hold=hold),
+                     operator=ctx.operator(self.cfg.desk, wall),
+                     time=ctx.event_time(mono, wall, rep.age_ms), flags=flags)
+
+    def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
+                  ctx: Context) -> None:
+        last: ConsoleReport | None = None
+        for decision, stored in outcomes:
+            rep = decision.token
+            assert isinstance(rep, ConsoleReport)  # noqa: S101 - set by decide()
+            last = rep
+            if any(stored) and rep.type is ReportType.PRESS and ctx.led_ms > 0:
+                self.worker.send(encode_show(rep.button, ms=ctx.led_ms))
+        if last is not None:
+            # Cumulative: covers every report of this batch up to it.
+            self.worker.send(encode_ack(last.dev_seq))
+
+    def commit_failed(self) -> None:
+        # The host remembered keys that never reached the disk.
+        self.host = ConsoleHost(self._stored_keys(self.scope))
+
+    def _count_loss(self, lost_total: int, ctx: Context) -> None:
+        before = self.lost_seen if self.lost_seen is not None else 0
+        if lost_total > before:
+            n = lost_total - before
+            ctx.count("device_overflow", n)
+            log.warning("device %s: its ring overflowed, %d presses lost", self.cfg.id, n)
+        self.lost_seen = lost_total
+
+    def details(self) -> dict[str, Any]:
+        return {"buttons": self.info.buttons if self.info else None}
+
+
+def _snippet(usb: UsbDevice) -> list[str]:
+    return ['kind = "console"', f'serial = "{usb.serial}"' if usb.serial else
+            "serial = \"CHANGE-ME\"   # from the console's label"]
+
+
+KIND: Final = Kind("console", parse, Console, _snippet)

@@ -1,0 +1,136 @@
+"""What the daemon says about itself: `health` (MQTT, every health_interval_s),
+`status` (control socket, status page, `feedback-edge status`), the retained
+`devices` inventory and systemd's STATUS= line.
+
+Shapes: schemas/health.schema.json, status.schema.json and
+devices.schema.json in `edge/contract/schemas/`.  None of them carries
+personal data: no phone numbers, comments or badge numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import TYPE_CHECKING, Any
+
+from edge import __version__
+from edge.contract.timefmt import format_wall
+from edge.events import Event
+
+if TYPE_CHECKING:
+    from edge.daemon import Daemon
+
+__all__ = ["Recent", "device_list", "health", "status", "status_line"]
+
+
+class Recent:
+    """The last `size` stored events, described for the status page."""
+
+    def __init__(self, size: int = 20) -> None:
+        self._items: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+
+    def add(self, event: Event) -> None:
+        self._items.appendleft({"time": format_wall(event.time.wall_ns), "desk": event.desk,
+                                "device": event.device.id, "what": event.body.summary(),
+                                "operator": event.operator.id, "flags": list(event.flags)})
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self._items)
+
+
+def status_line(d: Daemon) -> str:
+    """systemd's STATUS=: queue, broker, devices connected."""
+    connected = sum(dev.state == "connected" for dev in d.devices.values())
+    return (f"{d.store.depth - len(d.publisher.delivered)} queued, broker {d.broker_state}, "
+            f"{connected}/{len(d.devices)} devices")
+
+
+def device_list(d: Daemon) -> list[dict[str, Any]]:
+    """Every configured device, then hardware plugged in but not configured."""
+    out = [{"id": dev.cfg.id, "kind": dev.cfg.kind, "serial": dev.cfg.serial,
+            "desk": dev.cfg.desk, "state": dev.state,
+            "last_seen": format_wall(dev.last_seen_ns) if dev.last_seen_ns else None,
+            "error": dev.error} for dev in d.devices.values()]
+    serials = {dev.cfg.serial for dev in d.devices.values() if dev.cfg.serial}
+    for usb, kind in d.attached.devices:
+        if kind is not None and usb.serial not in serials:
+            # Plugged in but not configured: its identity, for the installer.
+            out.append({"id": f"usb-{usb.port_path}", "kind": kind, "serial": usb.serial,
+                        "desk": None, "state": "unconfigured", "last_seen": None,
+                        "error": None, "usb_id": usb.ident, "port_path": usb.port_path})
+    return out
+
+
+def _drops(d: Daemon) -> dict[str, int]:
+    drops = dict(d.store.stats().drops)
+    for counts in (d.ctx.discarded, d.intake.write_errors):
+        for k, v in counts.items():
+            drops[k] = drops.get(k, 0) + v
+    return drops
+
+
+def health(d: Daemon) -> dict[str, Any]:
+    st = d.store.stats(delivered=d.publisher.delivered)
+    oldest = None if st.oldest_created_ms is None else \
+        max(0.0, (d.clock.wall_ns() // 1_000_000 - st.oldest_created_ms) / 1000)
+    return {
+        "queue_depth": st.depth,
+        "oldest_pending_age_s": oldest,
+        "store_bytes": st.file_bytes,
+        "disk_free_bytes": d.store.disk_free(),
+        "drops": _drops(d),
+        "decode_errors": {dev.cfg.id: dict(dev.decode_errors) for dev in d.devices.values()
+                          if dev.decode_errors},
+        "clock_synced": d.clock.synced(),
+        "uptime_s": round(d.clock.mono_ns() / 1e9 - d.started_s, 1),
+        "alarms": list(d.alarms),
+        "delivery": d.publisher.delivery_status(),
+    }
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    h = health(d)
+    devices = device_list(d)
+    for entry in devices:
+        dev = d.devices.get(entry["id"])
+        if dev is not None:
+            entry.update(presses=dev.stored, duplicates=dev.duplicates, resets=dev.resets,
+                         decode_errors=dict(dev.decode_errors), **dev.details())
+    cfg = d.config
+    pub = d.publisher
+    return {
+        "running": True,
+        "version": __version__,
+        "pid": os.getpid(),
+        "site": cfg.site,
+        "edge": cfg.edge,
+        "since": format_wall(d.started_wall_ns),
+        "uptime_s": h["uptime_s"],
+        "broker": {"host": cfg.broker.host, "port": cfg.broker.port,
+                   "state": d.broker_state, "since": format_wall(d.broker_since_ns),
+                   "error": d.broker_error, "window": pub.window},
+        "queue": {"depth": h["queue_depth"], "oldest_pending_age_s": h["oldest_pending_age_s"],
+                  "in_flight": len(pub.inflight), "store_bytes": h["store_bytes"],
+                  "disk_free_bytes": h["disk_free_bytes"], "last_seq": d.store.last_seq},
+        "published": pub.published,
+        "delivered": pub.acked,
+        "delivery": h["delivery"],
+        "rejected": dict(pub.rejected),
+        "drops": h["drops"],
+        "devices": devices,
+        "desks": _desks(d),
+        "recent": d.recent.list(),
+        "clock": d.timesync.status(),
+        "alarms": h["alarms"],
+    }
+
+
+def _desks(d: Daemon) -> list[dict[str, Any]]:
+    now = d.clock.wall_ns()
+    out = []
+    for desk in d.desks:
+        tag = d.operators.who(desk, now)
+        since = d.operators.since(desk, now)
+        out.append({"desk": desk, "operator": tag.id, "source": tag.source,
+                    "since": format_wall(since) if since is not None else None})
+    return out

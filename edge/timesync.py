@@ -1,0 +1,93 @@
+"""Time sync: when the wall clock becomes trustworthy, and the anchor that
+maps this boot's monotonic times to wall times.
+
+`synced` is the kernel's verdict (adjtimex STA_UNSYNC, via `edge.clock`).  A
+`timesync` anchor `{boot_id, mono_ns, wall, reason}` (mqtt-contract.md,
+schemas/timesync.schema.json) is published when the clock becomes
+synchronised, on every connect while synchronised, and when a synchronised
+clock steps by more than `STEP_NS`.  When the clock becomes synchronised the
+unsynchronised events of this boot still in the store are re-timed from the
+anchor (flag `time_corrected`); events already in flight are left to the
+collector, which corrects them with the same anchor.  seq and the publishing
+order never depend on the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Final
+
+from edge.clock import Clock
+from edge.contract.timefmt import format_wall
+
+__all__ = ["STEP_NS", "TimeSync"]
+
+log = logging.getLogger(__name__)
+
+STEP_NS: Final = 1_000_000_000
+
+
+class TimeSync:
+    """Watches the clock; pure apart from reading `clock`."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        # (synced, wall - mono) at the last look.
+        self._seen: tuple[bool, int] | None = None
+        self.anchor: tuple[int, int] | None = None  # (mono_ns, wall_ns)
+        self.corrected = 0  # stored events re-timed from an anchor
+
+    def observe(self) -> str | None:
+        """Look at the clock; the reason for a new anchor ("synchronised" or
+        "stepped"), or None when nothing changed."""
+        synced = self.clock.synced()
+        mono, wall = self.clock.mono_ns(), self.clock.wall_ns()
+        offset = wall - mono
+        seen, self._seen = self._seen, (synced, offset)
+        if not synced:
+            return None
+        if seen is None or not seen[0]:
+            reason = "synchronised"
+        elif abs(offset - seen[1]) > STEP_NS:
+            # A step while synchronised (an NTP step, an operator's `date`):
+            # the new anchor lets the collector map monotonic times to wall times.
+            reason = "stepped"
+            log.warning("wall clock stepped by %.1f s", (offset - seen[1]) / 1e9)
+        else:
+            return None
+        self.anchor = (mono, wall)
+        return reason
+
+    def anchor_payload(self, reason: str) -> bytes | None:
+        """The `timesync` message for the current anchor, or None without one."""
+        if self.anchor is None:
+            return None
+        mono, wall = self.anchor
+        return json.dumps({"boot_id": self.clock.boot_id, "mono_ns": mono,
+                           "wall": format_wall(wall), "reason": reason}).encode()
+
+    def correct(self, payload: bytes) -> bytes | None:
+        """An unsynchronised stored event of this boot, re-timed from the anchor;
+        None to leave the payload as it is."""
+        if self.anchor is None:
+            return None
+        try:
+            event = json.loads(payload)
+            t = event["time"]
+            if t["synced"] is not False or t["boot_id"] != self.clock.boot_id:
+                return None
+            mono, wall = self.anchor
+            t["wall"] = format_wall(wall - (mono - int(t["mono_ns"])))
+            t["synced"] = True
+            event["flags"] = [*event["flags"], "time_corrected"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def status(self) -> dict[str, object]:
+        """The `clock` object of `status`."""
+        return {"synced": self.clock.synced(), "boot_id": self.clock.boot_id,
+                "anchor": None if self.anchor is None else
+                {"mono_ns": self.anchor[0], "wall": format_wall(self.anchor[1])},
+                "corrected_events": self.corrected}
