@@ -104,7 +104,16 @@ def _age(ms: int | None, now_ms: int) -> str:
         f"{s // 3600} h ago"
 
 
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
+
+
 def fleet_rows(db: Database, now_ms: int) -> list[dict[str, Any]]:
+    # Events each edge's devices lost in the last 24 h, per device (all reasons).
+    lost: dict[tuple[str, str], dict[str, int]] = {}
+    for d in store.device_losses(db, since_ms=now_ms - 24 * 3600 * 1000):
+        per_device = lost.setdefault((d["site"], d["edge"]), {})
+        per_device[d["device"]] = per_device.get(d["device"], 0) + d["lost"]
     out = []
     for e in queries.edges(db):
         h = e["health"] or {}
@@ -117,7 +126,8 @@ def fleet_rows(db: Database, now_ms: int) -> list[dict[str, Any]]:
             "queue": h.get("queue_depth"), "oldest_pending_s": h.get("oldest_pending_age_s"),
             "devices": problems, "clock_synced": h.get("clock_synced"),
             "watermark": e["watermark"], "max_seq": e["max_seq"],
-            "version": e["version"]})
+            "version": e["version"],
+            "device_lost_24h": lost.get((e["site"], e["edge"]), {})})
     return out
 
 
@@ -131,29 +141,38 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
               "" if r["oldest_pending_s"] is None else f"{r['oldest_pending_s']:.0f} s",
               ", ".join(r["devices"]) or "ok",
               {True: "synced", False: "NOT SYNCED", None: ""}[r["clock_synced"]],
-              f"{r['watermark']}/{r['max_seq']}"] for r in rows]
+              f"{r['watermark']}/{r['max_seq']}",
+              ", ".join(f"{d} {n}" for d, n in r["device_lost_24h"].items())] for r in rows]
     print(_table(["edge", "state", "last seen", "queue", "oldest", "devices", "clock",
-                  "acked/seq"], table) if table else "no edge has reported yet")
+                  "acked/seq", "lost on devices 24 h"], table) if table
+          else "no edge has reported yet")
     return 0
 
 
 def _cmd_gaps(args: argparse.Namespace) -> int:
-    rows = []
+    rows, losses = [], []
     for g in store.gaps(_db(_cfg(args))):
+        where = f"{g['site']}/{g['edge']}"
         for a, b, reason in g["dropped"]:
-            rows.append([f"{g['site']}/{g['edge']}", f"{a}..{b}", b - a + 1,
-                         f"dropped at the edge ({reason})"])
+            rows.append([where, f"{a}..{b}", b - a + 1, f"dropped at the edge ({reason})"])
         for a, b in g["missing"]:
-            rows.append([f"{g['site']}/{g['edge']}", f"{a}..{b}", b - a + 1,
-                         "missing (not received)"])
-    print(_table(["edge", "seq", "events", "what"], rows) if rows else "no gaps")
+            rows.append([where, f"{a}..{b}", b - a + 1, "missing (not received)"])
+        losses += [[where, d["device"], d["kind"], d["reason"], d["lost"], _utc(d["last_ms"])]
+                   for d in g["device_losses"]]
+    if not rows and not losses:
+        print("no gaps")
+        return 0
+    print(_table(["edge", "seq", "events", "what"], rows) if rows else "no seq gaps")
+    if losses:
+        print("\nlost on devices before the edge could store them:")
+        print(_table(["edge", "device", "kind", "reason", "events lost", "last (UTC)"],
+                     losses))
     return 0
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
     db = _db(_cfg(args))
-    rows = [[i, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)), t, r]
-            for i, t, r, ms in store.quarantined(db, args.limit)]
+    rows = [[i, _utc(ms), t, r] for i, t, r, ms in store.quarantined(db, args.limit)]
     counts = {k: v for k, v in store.counters(db).items() if k.startswith("quarantined:")}
     print(_table(["id", "received (UTC)", "topic", "reason"], rows) if rows
           else "nothing quarantined")
@@ -392,7 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     add("fleet", _cmd_fleet, "every edge: online, last seen, queue, devices, clock"
         ).add_argument("--json", action="store_true")
-    add("gaps", _cmd_gaps, "seq ranges dropped at edges or not received")
+    add("gaps", _cmd_gaps, "seq ranges dropped at edges or not received, events lost on "
+        "devices")
     add("quarantine", _cmd_quarantine, "payloads kept aside, with the reason"
         ).add_argument("--limit", type=int, default=50)
     rep = add("report", _cmd_report, "indices and rates per period")

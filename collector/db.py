@@ -3,7 +3,8 @@
 This module is the connection and the dialect: one schema and one set of
 statements for both (written with `?` placeholders; PostgreSQL gets `%s`),
 the few spellings that differ (`GREATEST`/`MAX`, `FOR UPDATE`), creating the
-tables, and one transaction at a time.  What is stored and how lives in
+tables (and adding, on open, the columns a database made by an earlier version
+lacks), and one transaction at a time.  What is stored and how lives in
 `collector.store` (intake) and `collector.queries` (reports and the CLI).
 """
 
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
     doctor TEXT, q1 TEXT, q2 TEXT, phone TEXT, comment TEXT,
     approaches INTEGER, engaged INTEGER,
     from_seq BIGINT, to_seq BIGINT, reason TEXT,
-    payload TEXT NOT NULL, received_ms BIGINT NOT NULL,
+    payload TEXT NOT NULL, received_ms BIGINT NOT NULL, lost BIGINT,
     PRIMARY KEY (site, edge, event_id));
 CREATE INDEX IF NOT EXISTS events_by_seq ON events (site, edge, seq);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, wall_ms);
@@ -67,7 +68,14 @@ EVENT_COLS: Final = (
     "operator_id", "operator_source", "wall_ms", "corrected_ms", "synced", "boot_id",
     "mono_ns", "flags", "label", "score", "hold", "button", "doctor", "q1", "q2",
     "phone", "comment", "approaches", "engaged", "from_seq", "to_seq", "reason",
-    "payload", "received_ms")
+    "payload", "received_ms", "lost")
+
+# Columns added since a database could first have been created: (table, column,
+# type).  CREATE TABLE IF NOT EXISTS leaves an existing table as it is, so
+# opening a database adds any of these it lacks (`Database._migrate`).
+_ADDED_COLUMNS: Final = (
+    ("events", "lost", "BIGINT"),  # device_lost events (event schema 1, minor revision)
+)
 
 
 class DatabaseError(Exception):
@@ -108,11 +116,32 @@ class Database:
                     for stmt in schema.split(";"):
                         if stmt.strip():
                             cur.execute(stmt)
+                    self._migrate(cur)
                 break
             except DatabaseError:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _migrate(self, cur: Cursor) -> None:
+        """Add the columns a database created by an earlier version lacks.
+
+        Only when one is missing: ALTER TABLE locks the table (on PostgreSQL
+        against readers too), which every CLI command's open would otherwise
+        do.  PostgreSQL's IF NOT EXISTS settles two instances migrating at once
+        (the second waits for the first's lock, then finds the column).
+        """
+        for table, column, sqltype in _ADDED_COLUMNS:
+            if self.dialect == "sqlite":
+                cur.execute(f"PRAGMA table_info({table})")
+                have = {str(r[1]) for r in cur.fetchall()}
+            else:
+                cur.execute("SELECT column_name FROM information_schema.columns WHERE "
+                            "table_schema = current_schema() AND table_name = ?", (table,))
+                have = {str(r[0]) for r in cur.fetchall()}
+            if column not in have:
+                exists = " IF NOT EXISTS" if self.dialect == "postgres" else ""
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {sqltype}")
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgres" else sql

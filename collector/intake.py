@@ -211,6 +211,9 @@ class Intake:
                         res.quarantined)
         for site, edge, lo, hi, reason in res.dropped_ranges:
             log.warning("edge %s/%s dropped seq %d..%d (%s)", site, edge, lo, hi, reason)
+        for site, edge, device, lost, reason in res.device_losses:
+            log.warning("edge %s/%s: device %s lost %d event(s) (%s)", site, edge, device, lost,
+                        reason)
         self._publish_watermarks(res.watermarks)
 
     def _commit(self, items: list[Item]) -> IngestResult | None:

@@ -15,6 +15,11 @@ What makes intake exactly-once:
   cannot deadlock each other on PostgreSQL.  The computation itself is
   `advance_watermark`, a pure function.
 
+Losses: `dropped` events (the edge's own store was full) carry seq ranges the
+watermark passes; `device_lost` events (a device lost events before the edge
+could store them: a console's ring overflowed, a terminal's flash was full)
+are ordinary events with their count in `lost`, summed per device by `gaps`.
+
 Timesync: an event recorded while the edge's clock was not synchronised
 (`time.synced` false) gets `corrected_ms` = anchor wall + (event mono_ns -
 anchor mono_ns) as soon as an anchor for the same boot is known, whichever
@@ -32,8 +37,8 @@ from typing import Any, Final
 
 from collector.db import EVENT_COLS, Cursor, Database, EdgeKey
 
-__all__ = ["IngestResult", "Item", "advance_watermark", "counters", "gaps", "ingest",
-           "missing_ranges", "quarantined", "sweep", "wall_ms", "watermarks"]
+__all__ = ["IngestResult", "Item", "advance_watermark", "counters", "device_losses", "gaps",
+           "ingest", "missing_ranges", "quarantined", "sweep", "wall_ms", "watermarks"]
 
 _INSERT_EVENT: Final = (f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "
                         f"({', '.join('?' * len(EVENT_COLS))}) "
@@ -54,6 +59,8 @@ class IngestResult:
     quarantined: int = 0
     watermarks: dict[EdgeKey, int] = field(default_factory=dict)  # the ones that moved
     dropped_ranges: list[tuple[str, str, int, int, str]] = field(default_factory=list)
+    # (site, edge, device id, lost, reason) of device_lost events newly stored
+    device_losses: list[tuple[str, str, str, int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,9 @@ def ingest(db: Database, items: Sequence[Item], now_ms: int | None = None) -> In
                 if row["kind"] == "dropped":
                     res.dropped_ranges.append((it.site, it.edge, row["from_seq"],
                                                row["to_seq"], row["reason"]))
+                elif row["kind"] == "device_lost":
+                    res.device_losses.append((it.site, it.edge, row["device_id"],
+                                              row["lost"], row["reason"]))
             else:
                 res.duplicates += 1
             key = (it.site, it.edge)
@@ -243,8 +253,32 @@ def watermarks(db: Database) -> dict[EdgeKey, int]:
     return {(s, e): int(w) for s, e, w in db.query("SELECT site, edge, watermark FROM edges")}
 
 
+def device_losses(db: Database, since_ms: int | None = None) -> list[dict[str, Any]]:
+    """Events lost on devices (`device_lost`), summed per device and reason.
+
+    Each: site, edge, device, kind (the device's), reason, lost, last_ms (the
+    latest such event's corrected time); only events from `since_ms` on if given.
+    """
+    t = "COALESCE(corrected_ms, wall_ms)"
+    sql = (f"SELECT site, edge, device_id, device_kind, reason, SUM(lost), MAX({t}) "
+           "FROM events WHERE kind = 'device_lost'")
+    params: list[Any] = []
+    if since_ms is not None:
+        sql += f" AND {t} >= ?"
+        params.append(since_ms)
+    sql += (" GROUP BY site, edge, device_id, device_kind, reason "
+            "ORDER BY site, edge, device_id, reason")
+    return [{"site": str(s), "edge": str(e), "device": str(d), "kind": str(k),
+             "reason": str(r), "lost": int(n), "last_ms": int(last)}
+            for s, e, d, k, r, n, last in db.query(sql, params)]
+
+
 def gaps(db: Database) -> list[dict[str, Any]]:
-    """Per edge: seq ranges the edge declared dropped, and ranges still missing."""
+    """Per edge: seq ranges the edge declared dropped, ranges still missing, and
+    events its devices lost (`device_losses`, per device and reason)."""
+    losses: dict[EdgeKey, list[dict[str, Any]]] = {}
+    for d in device_losses(db):
+        losses.setdefault((d["site"], d["edge"]), []).append(d)
     out = []
     for site, edge, wm, top in db.query("SELECT site, edge, watermark, max_seq FROM edges "
                                         "ORDER BY site, edge"):
@@ -256,7 +290,8 @@ def gaps(db: Database) -> list[dict[str, Any]]:
             (site, edge, wm))}
         missing = missing_ranges(int(wm), int(top), have, [(a, b) for a, b, _ in dropped])
         out.append({"site": site, "edge": edge, "watermark": int(wm), "max_seq": int(top),
-                    "dropped": dropped, "missing": missing})
+                    "dropped": dropped, "missing": missing,
+                    "device_losses": losses.get((site, edge), [])})
     return out
 
 
@@ -294,4 +329,6 @@ def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
         row.update(doctor=body["doctor"])
     elif kind == "dropped":
         row.update(from_seq=body["from_seq"], to_seq=body["to_seq"], reason=body["reason"])
+    elif kind == "device_lost":
+        row.update(lost=body["lost"], reason=body["reason"])
     return row

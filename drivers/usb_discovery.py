@@ -5,8 +5,9 @@ also its port path: bus 1, hub port 1, port 2) we read its identity
 (idVendor, idProduct, serial, manufacturer, product), its interfaces' class
 triples, and the nodes the kernel made for it: /dev/hidrawN, /dev/ttyACMN or
 ttyUSBN, /dev/input/eventN.  Each driver module declares what it matches as
-data (its `USB_MATCHER`, a `Matcher`); `MATCHERS` only collects them, most
-specific first, so this module stays generic.
+data (its `USB_MATCHER`, a `Matcher`); the caller passes the matchers to
+`classify` (the daemon collects them from its device kinds, edge.kinds), so
+this module stays generic.
 
 Pure reading of files under `root` (tests build a small tree on disk).
 """
@@ -19,21 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from drivers import console, keyboard, terminal
 from drivers.usb_match import Matcher
 
-__all__ = ["MATCHERS", "Matcher", "UsbDevice", "classify", "scan"]
+__all__ = ["Matcher", "UsbDevice", "classify", "scan"]
 
 SYSFS: Final = Path("/sys")
 _USB_NAME: Final = re.compile(r"^\d+-[\d.]+$")
-
-
-# Most specific first: our own VID:PIDs, then device classes.
-MATCHERS: Final[tuple[Matcher, ...]] = (
-    console.USB_MATCHER,
-    terminal.USB_MATCHER,
-    keyboard.USB_MATCHER,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +107,7 @@ def scan(root: Path = SYSFS) -> list[UsbDevice]:
     return out
 
 
-def classify(dev: UsbDevice, matchers: tuple[Matcher, ...] = MATCHERS) -> str | None:
+def classify(dev: UsbDevice, matchers: tuple[Matcher, ...]) -> str | None:
     """The device kind this daemon would read it as, if any."""
     for m in matchers:
         if m.vid is not None and (dev.vid, dev.pid) != (m.vid, m.pid):

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,22 +50,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge.commands import ControlRequest  # noqa: PLC0415
     from edge.control import ControlServer  # noqa: PLC0415 - keep `check-config` light
     from edge.daemon import Daemon  # noqa: PLC0415
-    from edge.store import StoreError  # noqa: PLC0415
 
-    try:
-        daemon = Daemon(cfg)
-    except (StoreError, OSError, sqlite3.Error) as e:
-        print(f"feedback-edge: cannot open the store {cfg.store.path}: {e}", file=sys.stderr)
-        return 1
+    # Faults of the disk do not stop the daemon (it retries and raises alarms).
+    daemon = Daemon(cfg)
+    control = None
     try:
         control = ControlServer(cfg.control_socket, lambda box, request: daemon.inbox.put(
             ControlRequest(box, request)))
+        control.start()
     except OSError as e:
-        print(f"feedback-edge: cannot create the control socket {cfg.control_socket}: "
-              f"{e.strerror}", file=sys.stderr)
-        daemon.store.close()
-        return 1
-    control.start()
+        # Presses matter more than `feedback-edge status`: run on without it, loudly.
+        text = f"the control socket {cfg.control_socket} cannot be created ({e.strerror}); " \
+            "`feedback-edge status` cannot reach the daemon"
+        logging.getLogger("edge.control").error("%s", text)
+        daemon.alarms.raise_("control_socket", text, daemon.clock.wall_ns())
     page = None
     if cfg.web.enabled:
         from edge.web import StatusPage  # noqa: PLC0415
@@ -88,7 +85,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon.run()
     finally:
-        control.stop()
+        if control is not None:
+            control.stop()
         if page is not None:
             page.stop()
     return 0
@@ -181,6 +179,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_devices(args: argparse.Namespace) -> int:
     from drivers.usb_discovery import classify, scan  # noqa: PLC0415
+    from edge.kinds import MATCHERS  # noqa: PLC0415
 
     cfg = _load(args.config) if args.config.exists() or args.config != DEFAULT_CONFIG \
         else None
@@ -188,7 +187,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     found = scan(args.sysfs)
     rows: list[dict[str, Any]] = []
     for dev in found:
-        kind = classify(dev)
+        kind = classify(dev, MATCHERS)
         match = configured.get(dev.serial or "")
         rows.append({
             "port_path": dev.port_path, "usb_id": dev.ident, "serial": dev.serial,
@@ -256,6 +255,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(f"desk {args.desk}: " + (f"{operator} on duty from now" if operator else
                                         "logged out (the roster or config decides again)"))
+        if reply.get("warning"):
+            print(f"feedback-edge: warning: {reply['warning']}", file=sys.stderr)
         return 0
     ops = Operators(cfg.store.path.parent, {n: d.operator for n, d in cfg.desks.items()},
                     cfg.max_login_s)
@@ -268,9 +269,18 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             except ValueError as e:
                 print(f"feedback-edge: {e}", file=sys.stderr)
                 return EXIT_USAGE
-            print(f"shift {ops.add_shift(shift)} added")
+            try:
+                print(f"shift {ops.add_shift(shift)} added")
+            except OSError as e:
+                print(f"feedback-edge: cannot write the roster: {e.strerror}", file=sys.stderr)
+                return 1
         elif args.op == "remove":
-            if not ops.remove_shift(args.id):
+            try:
+                removed = ops.remove_shift(args.id)
+            except OSError as e:
+                print(f"feedback-edge: cannot write the roster: {e.strerror}", file=sys.stderr)
+                return 1
+            if not removed:
                 print(f"feedback-edge: no shift {args.id} (see `operator list`)",
                       file=sys.stderr)
                 return EXIT_USAGE

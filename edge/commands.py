@@ -89,7 +89,11 @@ class Commands:
             error = self._logout(request.get("desk"))
         else:
             error = self._login(request)
-        return {"ok": error is None, "error": error}
+        reply: dict[str, Any] = {"ok": error is None, "error": error}
+        if error is None and self._operators.unsaved:
+            reply["warning"] = ("applied, but logins.json could not be written (is the disk "
+                                "full or read-only?); it holds until the daemon restarts")
+        return reply
 
     def _desk_error(self, desk: object) -> str | None:
         if not isinstance(desk, str) or desk not in self._desks:

@@ -89,7 +89,10 @@ def query(path: Path, timeout: float = 6.0,
         s.connect(str(path))
         s.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
         data = s.makefile("rb").readline()
-    reply = json.loads(data)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
     if not isinstance(reply, dict):
-        raise OSError("malformed reply from the daemon")
+        raise OSError("the daemon closed the connection without a proper reply")
     return reply

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__, reporting
+from edge.alarms import Alarms
 from edge.clock import Clock, SystemClock
 from edge.commands import Commands, ControlRequest
 from edge.config import Config
@@ -36,7 +37,15 @@ from edge.contract import topics
 from edge.contract.timefmt import format_wall
 from edge.discovery import Attached, DiscoveryWatcher, attached_now
 from edge.doctors import DoctorList
-from edge.events import Event, encode_event
+from edge.events import (
+    DeviceRef,
+    Dropped,
+    Event,
+    EventTime,
+    OperatorTag,
+    encode_event,
+    new_event_id,
+)
 from edge.guards import Guards
 from edge.ingest import Intake
 from edge.kinds import KINDS
@@ -74,20 +83,21 @@ class Daemon:
         self.started_wall_ns = self.clock.wall_ns()
         self.started_s = self._now()
         self.root = config.topic_root
+        self.alarms = Alarms()
         self.store = Store(config.store.path, self._encode, max_events=config.store.max_events,
                            max_bytes=config.store.max_bytes,
-                           min_free_bytes=config.store.min_free_bytes)
-        self.alarms: list[str] = list(self.store.alarms)
+                           min_free_bytes=config.store.min_free_bytes,
+                           drop_event=self._drop_event, alarms=self.alarms,
+                           wall_ns=self.clock.wall_ns)
         self.link = MqttLink(config.broker, will=(topics.status_topic(self.root),
                                                   self._status("offline")),
                              post=self.inbox.put, rng=rng or random.Random())
         doctors = DoctorList(config.store.path.with_name("doctors.json"),
-                             config.survey.doctors_file)
-        self.alarms.extend(doctors.alarms)
+                             config.survey.doctors_file, on_fault=self._state_fault)
         self.desks = sorted({*config.desks, *(d.desk for d in config.devices)})
         self.operators = Operators(config.store.path.parent,
                                    {n: d.operator for n, d in config.desks.items()},
-                                   max_login_s=config.max_login_s)
+                                   max_login_s=config.max_login_s, on_fault=self._state_fault)
         self._roster_checked = 0.0
         self.ctx = Context(self.clock, self.operators, Guards(config.guards), self.alarms,
                            led_ms=config.led_ms,
@@ -129,6 +139,20 @@ class Daemon:
         """Monotonic seconds of the injected clock: every timer runs on it."""
         return self.clock.mono_ns() / 1e9
 
+    def _state_fault(self, code: str, subject: str, text: str | None) -> None:
+        """A small state file's fault (edge.state.FaultReport): raise or clear its alarm."""
+        if text is None:
+            self.alarms.clear(code, subject)
+        else:
+            self.alarms.raise_(code, text, self.clock.wall_ns(), subject=subject)
+
+    def _drop_event(self, first: int, last: int, reason: str) -> Event:
+        """The `dropped` event announcing seqs first..last (the store writes it)."""
+        t = EventTime(self.clock.wall_ns(), self.clock.synced(), self.clock.boot_id,
+                      self.clock.mono_ns())
+        return Event(new_event_id(), self.config.edge, DeviceRef(self.config.edge, "edge", None),
+                     Dropped(first, last, reason), OperatorTag(None, "none"), t)
+
     def _encode(self, event: Event, seq: int) -> tuple[str, bytes]:
         return (topics.event_topic(self.root, event.device.id),
                 encode_event(event, seq, self.config.site, self.config.edge))
@@ -141,9 +165,6 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        if self.store.lost is not None:
-            # Without this, a collector-mode watermark would wait for them forever.
-            self.intake.announce_drops([self.store.lost], "store_replaced")
         # One scan before READY=1, so "ready" means the hardware was looked at.
         self.attached = attached_now(self._sysfs)
         for dev in self.devices.values():
@@ -203,25 +224,31 @@ class Daemon:
                 break
         self.turns += 1
         self.last_turn = now = self._now()
+        # Device states first: a console's layout (its labels) arrives just
+        # before the presses it replays on connect, often in the same batch.
+        for msg in batch:
+            if not isinstance(msg, Reading | PubAck):
+                self._handle(msg)
         readings = [m for m in batch if isinstance(m, Reading)]
         if readings and self.intake.ingest(readings, remove=self.publisher.delivered):
             self.publisher.delivered.clear()
         acks = [m for m in batch if isinstance(m, PubAck)]
-        for msg in batch:
-            if not isinstance(msg, Reading | PubAck):
-                self._handle(msg)
         for a in acks:
             if not self.publisher.on_puback(a.mid, a.ok, a.reason, now) \
                     and a.mid == self._offline_mid:
                 self._offline_mid = None
+        self.store.retry(now)
         self.store.remove(self.publisher.take_delivered(now))
-        self.publisher.check_resend(now)
+        self.publisher.tick(now)
         self._pump()
         self._check_clock()
         if now - self._roster_checked >= 1.0:
             self._roster_checked = now
             if self.operators.reload_roster():
                 log.info("shift roster reloaded (%d shifts)", len(self.operators.shifts))
+            # Small state files that could not be written are tried again.
+            self.operators.retry()
+            self._doctors.retry()
         if now >= self._next_health:
             self._next_health = now + self.config.health_interval_s
             if self.link.connected:

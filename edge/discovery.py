@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers.usb_discovery import UsbDevice, classify, scan
+from edge.kinds import MATCHERS
 
 __all__ = ["Attached", "DiscoveryWatcher", "attached_now"]
 
@@ -26,7 +27,7 @@ class Attached:
 
 
 def attached_now(root: Path) -> Attached:
-    return Attached(tuple((d, classify(d)) for d in scan(root)))
+    return Attached(tuple((d, classify(d, MATCHERS)) for d in scan(root)))
 
 
 class DiscoveryWatcher:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
-from edge.state import open_state
+from edge.state import FaultReport, StateFile, ignore_faults
 
 __all__ = ["DoctorList", "validate_doctors"]
 
@@ -53,9 +53,21 @@ def validate_doctors(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
 
 
 class DoctorList:
-    def __init__(self, state_path: Path, file: Path | None = None) -> None:
-        self._db = open_state(state_path)
-        self.alarms: list[str] = []
+    """The newest doctor list, kept in `state_path` (TinyDB, atomic writes).
+
+    A list that cannot be written (full or read-only disk) is kept in memory
+    and in use, reported as `state_write_failed`, and written again by
+    `retry()`; an unreadable file is reported as `state_unreadable`.
+    """
+
+    def __init__(self, state_path: Path, file: Path | None = None,
+                 on_fault: FaultReport = ignore_faults) -> None:
+        self._file = StateFile(state_path)
+        self._on_fault = on_fault
+        self._unsaved: tuple[int, list[dict[str, Any]]] | None = None
+        if self._file.damaged:
+            on_fault("state_unreadable", state_path.name, f"{state_path.name} was unreadable "
+                     f"({self._file.damaged}); the doctor list starts from doctors_file")
         if file is not None:
             self._load_file(file)
 
@@ -63,25 +75,39 @@ class DoctorList:
         try:
             rev, doctors = validate_doctors(json.loads(file.read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError) as e:
-            alarm = f"doctors_file: {file} is not usable: {e}"
-            self.alarms.append(alarm)
-            log.error("%s", alarm)
+            self._on_fault("doctors_file", file.name, f"{file} is not usable: {e}")
+            log.error("doctors_file: %s is not usable: %s", file, e)
             return
         current = self.current()
         if current is None or rev > current[0]:
             self.update(rev, doctors)
 
     def current(self) -> tuple[int, list[dict[str, Any]]] | None:
-        doc = self._db.get(doc_id=1)
-        if doc is None:
+        if self._unsaved is not None:
+            return self._unsaved
+        doc = self._file.db.get(doc_id=1)
+        if not isinstance(doc, dict):
             return None
         return int(doc["rev"]), list(doc["doctors"])
 
     def update(self, rev: int, doctors: list[dict[str, Any]]) -> None:
-        if self._db.get(doc_id=1) is None:
-            self._db.insert({"rev": rev, "doctors": doctors})
-        else:
-            self._db.update({"rev": rev, "doctors": doctors}, doc_ids=[1])
+        self._unsaved = (rev, doctors)
+        self.retry()
+
+    def retry(self) -> None:
+        """Write a list that could not be written before."""
+        if self._unsaved is None:
+            return
+        rev, doctors = self._unsaved
+        name = self._file.path.name
+        try:
+            self._file.replace({"rev": rev, "doctors": doctors})
+        except OSError as e:
+            self._on_fault("state_write_failed", name, f"{name} could not be written "
+                           f"({e.strerror}); doctor list rev {rev} is in use but not saved")
+            return
+        self._unsaved = None
+        self._on_fault("state_write_failed", name, None)
 
     def close(self) -> None:
-        self._db.close()
+        self._file.close()

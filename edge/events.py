@@ -20,6 +20,7 @@ from edge.contract.timefmt import format_wall
 
 __all__ = [
     "Abandoned",
+    "DeviceLost",
     "DeviceRef",
     "Dropped",
     "Event",
@@ -164,7 +165,24 @@ class Dropped:
         return f"dropped seq {self.from_seq}-{self.to_seq} ({self.reason})"
 
 
-EventBody = Press | SurveyAnswer | Presence | Abandoned | Dropped
+@dataclass(frozen=True, slots=True)
+class DeviceLost:
+    """A device lost events before the edge could store them (a console's ring
+    overflowed, a terminal's flash was full): `lost` newly, `total` by its own count."""
+
+    kind: str = field(default="device_lost", init=False, repr=False)
+    lost: int = 0
+    total: int = 0
+    reason: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"lost": self.lost, "total": self.total, "reason": self.reason}
+
+    def summary(self) -> str:
+        return f"device lost {self.lost} ({self.reason})"
+
+
+EventBody = Press | SurveyAnswer | Presence | Abandoned | Dropped | DeviceLost
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ so tests control time without sleeping.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,9 +35,11 @@ from zoneinfo import ZoneInfo
 
 from edge.contract.timefmt import DAYS, parse_hhmm
 from edge.events import OperatorTag
-from edge.state import open_state
+from edge.state import FaultReport, StateFile, ignore_faults
 
 __all__ = ["Login", "Operators", "Shift"]
+
+log = logging.getLogger(__name__)
 
 HISTORY: Final = 20
 _NS: Final = 1_000_000_000
@@ -91,11 +94,25 @@ class Login:
 
 
 class Operators:
+    """Who is on duty.  Logins live in memory and in logins.json; a login that
+    cannot be written (full or read-only disk) still applies, is reported as
+    `state_write_failed` through `on_fault` and written again by `retry()`.
+    Roster edits (the CLI) raise OSError when the file cannot be written."""
+
     def __init__(self, state_dir: Path, fixed: dict[str, str | None],
-                 max_login_s: float = 10 * 3600) -> None:
+                 max_login_s: float = 10 * 3600,
+                 on_fault: FaultReport = ignore_faults) -> None:
         self._roster_path = state_dir / "roster.json"
-        self._roster_db = open_state(self._roster_path)
-        self._logins_db = open_state(state_dir / "logins.json")
+        self._on_fault = on_fault
+        self._unsaved: set[str] = set()
+        roster = StateFile(self._roster_path)
+        logins = StateFile(state_dir / "logins.json")
+        self._roster_db = roster.db
+        self._logins_db = logins.db
+        for f, lost in ((roster, "the shift roster"), (logins, "logins")):
+            if f.damaged:
+                on_fault("state_unreadable", f.path.name, f"{f.path.name} was unreadable "
+                         f"({f.damaged}); {lost} start empty")
         self.fixed = fixed
         self.max_login_ns = int(max_login_s * _NS)
         self._roster_sig: tuple[int, int, int] | None = None
@@ -152,13 +169,34 @@ class Operators:
     # -- logins ---------------------------------------------------------------
 
     def _save(self, desk: str) -> None:
+        self._unsaved.add(desk)
+        self.retry()
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether some login is applied but not yet in logins.json."""
+        return bool(self._unsaved)
+
+    def retry(self) -> None:
+        """Write the logins that could not be written before."""
+        if not self._unsaved:
+            return
         table = self._logins_db.table("desks")
-        doc = {"desk": desk, "logins": [asdict(x) for x in self.history[desk][-HISTORY:]]}
-        ids = [d.doc_id for d in table.all() if d["desk"] == desk]
-        if ids:
-            table.update(doc, doc_ids=ids)
-        else:
-            table.insert(doc)
+        try:
+            for desk in sorted(self._unsaved):
+                doc = {"desk": desk, "logins": [asdict(x) for x in self.history[desk][-HISTORY:]]}
+                ids = [d.doc_id for d in table.all() if d["desk"] == desk]
+                if ids:
+                    table.update(doc, doc_ids=ids)
+                else:
+                    table.insert(doc)
+                self._unsaved.discard(desk)
+        except OSError as e:
+            self._on_fault("state_write_failed", "logins.json", "logins.json could not be "
+                           f"written ({e.strerror}); logins apply but are not saved")
+            log.error("logins.json could not be written: %s", e.strerror)
+            return
+        self._on_fault("state_write_failed", "logins.json", None)
 
     def _current(self, desk: str, at_ns: int) -> Login | None:
         for login in reversed(self.history.get(desk, [])):

@@ -1,9 +1,11 @@
-"""The outbox's files: open, check, recover, and the seq watermark and reservation.
+"""The outbox's files: open, check, classify faults, recover, and keep seq
+from ever repeating.
 
 Everything here is about the files on disk rather than about events: opening
-the SQLite database with its pragmas, checking it, moving an unreadable one
-aside, keeping seq from ever repeating, and reading the figures without the
-daemon.  The outbox proper (commit, limits, removal, pending) is `edge.store`.
+the SQLite database with its pragmas, telling a busy, full, read-only or
+failing disk from real corruption, moving a corrupt store aside, the seq
+watermark and reservation, and reading the figures without the daemon.  The
+outbox proper (commit, limits, removal, pending) is `edge.store`.
 
 Files, all in the store's directory::
 
@@ -11,40 +13,58 @@ Files, all in the store's directory::
         SQLite in WAL mode, synchronous=FULL, `user_version` SCHEMA_VERSION.
     outbox.sqlite.state.json
         `{"seq_reserved": N}` in TinyDB with crash-safe writes (`edge.state`):
-        every seq up to N may have been used.
+        every seq up to N may have been used.  Mirrored in the outbox's meta.
     outbox.sqlite.corrupt-<UTC time> (+ -wal, -shm)
-        an unreadable store, moved aside at start for inspection.
+        a store that failed its integrity check, moved aside for inspection.
 
 Tables::
 
     outbox(seq INTEGER PRIMARY KEY, topic, payload, created_ms)
         pending events in publishing order.
     dedup(source, key, at)
-        the last keys seen per source (a console's (seq, uptime), a terminal's
-        record id), written in the same transaction as the event, so "stored"
-        and "known as stored" can never disagree after a crash.  One B-tree,
-        no index on `at`: pruning scans a source's few thousand keys once
-        every few hundred inserts, which is cheaper than a second index page
-        written on every insert.
+        the last keys seen per source (a console's (dev_seq, uptime), a
+        terminal's record id), written in the same transaction as the event.
     meta(name, value)
-        drop counters (`drops.<reason>`), and `high_seq`: the seq watermark,
-        the highest seq ever removed, so a seq is never reused even when the
-        outbox has been emptied.  (It is written with the removals, which are
-        batched, instead of on every insert as AUTOINCREMENT's sqlite_sequence
-        would be.)
+        `born` (when this store was created: a store without it and without
+        any seq is new, even if its file existed, e.g. zero-length), `high_seq` (the highest seq
+        ever removed, dropped or lost), `seq_reserved` (the reservation's
+        mirror), drop counters `drops.<reason>`.
 
-Recovery: an unreadable store at start (it fails to open, to switch to WAL,
-`PRAGMA quick_check`, or has an unknown schema version) is moved aside, an
-alarm is raised and a fresh store started.  The highest seq is also reserved
-in blocks of SEQ_BLOCK in the state file, written before any seq of a new
-block is committed, so even a store lost to corruption does not make seq
-numbers repeat: the fresh store continues after the reservation, and the
-range it may have lost is reported (`OpenedOutbox.lost`).
+Fault model (errors are classified by `classify`; the alarm code is the
+error class's `code`):
+
+============================  =========================================  ==================
+condition (any store file)    what happens                               alarm
+============================  =========================================  ==================
+busy / locked                 open or commit fails after BUSY_TIMEOUT_S;  store_busy
+                              nothing written, devices not ACKed; retried
+full (SQLITE_FULL, ENOSPC)    open writes nothing when the schema exists; disk_full
+                              a commit is rolled back whole; retried
+read-only (EROFS, READONLY,   the store is closed and opened again every  store_read_only
+EACCES, EPERM)                REOPEN_S, so a repaired mount is picked up
+I/O error (EIO, IOERR)        as read-only                                store_io_error
+missing, zero-length          a new store (no `born`): it continues after store_replaced
+                              every seq that could have been used and
+                              announces 1..N as dropped (store_replaced)
+not a database, truncated,    integrity check (quick_check) fails: moved  store_corrupt
+corrupt pages, unknown        aside, its readable seqs taken into
+schema version                account, then as missing
+state file unreadable         the outbox's own watermark and mirror are   state_unreadable
+(missing/zero/garbage)        trusted and the file written again; with
+                              the outbox lost too: seq_state_lost
+state file unwritable         the commit that needed a new block is        disk_full /
+                              refused before anything is written           store_read_only /
+                                                                           store_io_error
+============================  =========================================  ==================
+
+Only an integrity failure moves a store aside: a busy, full, read-only or
+failing disk never does, and the daemon never exits for any of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -53,21 +73,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from edge.state import open_state
+from edge.state import StateFile
 
 __all__ = [
+    "BUSY_TIMEOUT_S",
+    "REOPEN_S",
     "SCHEMA_VERSION",
     "SEQ_BLOCK",
     "OpenedOutbox",
     "SeqReservation",
+    "StoreBusyError",
+    "StoreCorruptError",
     "StoreDiskFullError",
     "StoreError",
+    "StoreIOError",
+    "StoreReadOnlyError",
     "StoreStats",
+    "classify",
     "connect",
     "drop_counts",
     "file_bytes",
     "high_seq",
-    "is_disk_full",
     "move_aside",
     "open_outbox",
     "raise_high_seq",
@@ -81,6 +107,10 @@ log = logging.getLogger("edge.store")
 
 SCHEMA_VERSION: Final = 1
 SEQ_BLOCK: Final = 10_000
+# Long enough to ride out a checkpoint by another reader, short enough that a
+# held lock never stalls the main loop near the watchdog's limit.
+BUSY_TIMEOUT_S: Final = 0.2
+REOPEN_S: Final = 2.0
 
 _DDL: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -107,15 +137,78 @@ CREATE TABLE IF NOT EXISTS meta (
 class StoreError(Exception):
     """The store could not do what was asked; nothing was changed."""
 
+    code = "store_error"
+    sentence = "the event store failed"
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's lock (SQLITE_BUSY, SQLITE_LOCKED)."""
+
+    code = "store_busy"
+    sentence = "another process holds the event store's lock; presses wait on the devices"
+
 
 class StoreDiskFullError(StoreError):
     """The file system (or the store's page quota) is full."""
 
+    code = "disk_full"
+    sentence = "the disk is full; presses wait on the devices until there is room"
 
-def is_disk_full(e: sqlite3.Error) -> bool:
-    """Whether an SQLite error means the disk or the page quota is full (SQLITE_FULL)."""
-    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
-        "full" in str(e).lower()
+
+class StoreReadOnlyError(StoreError):
+    """A store file cannot be written (read-only file system, permissions)."""
+
+    code = "store_read_only"
+    sentence = "the event store cannot be written (read-only disk?); presses wait on the devices"
+
+
+class StoreIOError(StoreError):
+    """The disk reported an I/O error (a failing SD card)."""
+
+    code = "store_io_error"
+    sentence = "the disk reports I/O errors (failing SD card?); presses wait on the devices"
+
+
+class StoreCorruptError(StoreError):
+    """The database failed its integrity check: the only fault that moves it aside."""
+
+    code = "store_corrupt"
+    sentence = "the event store was damaged"
+
+
+_SQLITE_CLASSES: Final = {
+    sqlite3.SQLITE_BUSY: StoreBusyError, sqlite3.SQLITE_LOCKED: StoreBusyError,
+    sqlite3.SQLITE_FULL: StoreDiskFullError, sqlite3.SQLITE_READONLY: StoreReadOnlyError,
+    sqlite3.SQLITE_PERM: StoreReadOnlyError, sqlite3.SQLITE_CANTOPEN: StoreReadOnlyError,
+    sqlite3.SQLITE_IOERR: StoreIOError, sqlite3.SQLITE_CORRUPT: StoreCorruptError,
+    sqlite3.SQLITE_NOTADB: StoreCorruptError,
+}
+_ERRNO_CLASSES: Final = {
+    errno.ENOSPC: StoreDiskFullError, errno.EDQUOT: StoreDiskFullError,
+    errno.EROFS: StoreReadOnlyError, errno.EACCES: StoreReadOnlyError,
+    errno.EPERM: StoreReadOnlyError, errno.ENOTDIR: StoreReadOnlyError,
+    errno.EISDIR: StoreReadOnlyError, errno.EEXIST: StoreReadOnlyError, errno.EIO: StoreIOError,
+}
+
+
+def classify(e: BaseException, doing: str) -> StoreError:
+    """The StoreError subclass for an sqlite3 or OS error met while `doing` something."""
+    if isinstance(e, StoreError):
+        return e
+    cls: type[StoreError] = StoreError
+    if isinstance(e, sqlite3.Error):
+        code = getattr(e, "sqlite_errorcode", None)
+        if code is not None:
+            cls = _SQLITE_CLASSES.get(code & 0xFF, StoreError)
+        elif "locked" in str(e):
+            cls = StoreBusyError
+        elif "full" in str(e):
+            cls = StoreDiskFullError
+    elif isinstance(e, OSError) and e.errno is not None:
+        cls = _ERRNO_CLASSES.get(e.errno, StoreIOError)
+    err = cls(f"{doing}: {e}")
+    err.__cause__ = e
+    return err
 
 
 # -- opening and recovery ---------------------------------------------------------
@@ -126,54 +219,85 @@ def state_path(path: Path) -> Path:
 
 
 def connect(path: Path, page_size: int, max_page_count: int | None) -> sqlite3.Connection:
-    """Open (or create) the store at `path` in WAL mode, synchronous=FULL, and check it.
+    """Open the store at `path` in WAL mode, synchronous=FULL, and check it.
 
     `page_size` is in bytes (it applies to a new file only); `max_page_count`
-    caps the file at that many pages (None: no cap).  The schema is created
-    when missing.  Autocommit connection (isolation_level None), usable from
-    any thread.  Raises sqlite3.DatabaseError when the file is not a usable
-    store: not a database, no WAL, `quick_check` not ok, or an unknown schema
-    version; the connection is closed then.
+    caps the file at that many pages (None: no cap).  Nothing is written when
+    the schema exists already (so a full disk can still be opened); a new file
+    gets the schema.  Autocommit connection, usable from any thread, with a
+    busy timeout of BUSY_TIMEOUT_S.  Raises StoreCorruptError when the file
+    is not a usable store (not a database, quick_check not ok, unknown schema
+    version), else the classified StoreError; the connection is closed then.
     """
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        db.execute(f"PRAGMA page_size={int(page_size)}")
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                             timeout=BUSY_TIMEOUT_S)
+    except (sqlite3.Error, OSError) as e:
+        raise classify(e, "opening the store") from e
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise StoreCorruptError(f"unknown store schema version {version}")
+        if version == 0:
+            db.execute(f"PRAGMA page_size={int(page_size)}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise sqlite3.DatabaseError(f"cannot use WAL journal (got {mode})")
+            raise StoreBusyError(f"cannot use WAL journal (got {mode})")
         db.execute("PRAGMA synchronous=FULL")
         # Bound the WAL file on disk after checkpoints (SD card space).
         db.execute("PRAGMA journal_size_limit=4194304")
         if max_page_count is not None:
             db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        check = str(db.execute("PRAGMA quick_check").fetchone()[0])
         if check != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {check}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(f"unknown store schema version {version}")
-        db.executescript(_DDL)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    except BaseException:
+            lines = check.splitlines()
+            more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+            raise StoreCorruptError(f"quick_check: {lines[0][:200]}{more}")
+        if version == 0:
+            db.executescript(_DDL)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException as e:
         db.close()
+        if isinstance(e, sqlite3.Error | OSError):
+            raise classify(e, "opening the store") from e
         raise
     return db
 
 
-def move_aside(path: Path, reason: str) -> str:
-    """Rename the store and its -wal/-shm to `<name>.corrupt-<UTC time>`; returns the alarm.
+def _salvage_seq(path: Path) -> int:
+    """The highest seq a damaged store still shows (best effort, read-only; 0 if none)."""
+    best = 0
+    with contextlib.suppress(sqlite3.Error, OSError, ValueError, TypeError):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            for sql in ("SELECT max(seq) FROM outbox",
+                        "SELECT max(value) FROM meta WHERE name IN ('high_seq', 'seq_reserved')"):
+                with contextlib.suppress(sqlite3.Error, ValueError, TypeError):
+                    best = max(best, int(db.execute(sql).fetchone()[0] or 0))
+        finally:
+            db.close()
+    return best
 
-    Raises OSError when a file cannot be renamed.
+
+def move_aside(path: Path, reason: str) -> tuple[str, int]:
+    """Rename the store and its -wal/-shm to `<name>.corrupt-<UTC time>`.
+
+    Returns (the alarm sentence, the highest seq still readable in it).
+    Raises the classified StoreError when a file cannot be renamed.
     """
+    salvaged = _salvage_seq(path)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(str(path) + suffix)
-        if src.exists():
-            os.replace(src, Path(str(target) + suffix))
-    alarm = f"store_corrupt: unreadable store moved aside to {target.name} ({reason})"
-    log.error("%s; starting a fresh store", alarm)
-    return alarm
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+    except OSError as e:
+        raise classify(e, "moving the damaged store aside") from e
+    text = f"the event store was damaged ({reason}); moved aside to {target.name}"
+    log.error("store_corrupt: %s; starting a fresh store", text)
+    return text, salvaged
 
 
 class SeqReservation:
@@ -184,76 +308,107 @@ class SeqReservation:
     """
 
     def __init__(self, path: Path) -> None:
-        self._state = open_state(path)
-        doc = self._state.get(doc_id=1)
+        self._file = StateFile(path)
+        doc = self._file.db.get(doc_id=1)
+        value = doc.get("seq_reserved", 0) if isinstance(doc, dict) else 0
         # What the file says: every seq up to here may have been used.
-        self.on_file: int = int(doc.get("seq_reserved", 0)) if doc else 0
-        self._upto = self.on_file
+        self.on_file: int = int(value) if isinstance(value, int) else 0
+        self.damaged = self._file.damaged  # the file was there but unreadable
+        self.upto = self.on_file
 
     def cover(self, seq: int) -> None:
-        """Count seqs up to `seq` (already used, in the store) as reserved, without writing."""
-        self._upto = max(self._upto, seq)
+        """Count seqs up to `seq` as reserved without writing (the outbox vouches for them)."""
+        self.upto = max(self.upto, seq)
 
-    def reserve(self, seq: int) -> None:
-        """Make sure seqs up to `seq` are reserved on disk before any of them is committed.
+    def needs(self, seq: int) -> int | None:
+        """The new reservation needed before `seq` may be used, or None."""
+        return (seq // SEQ_BLOCK + 1) * SEQ_BLOCK if seq > self.upto else None
 
-        Raises OSError when the state file cannot be written.
-        """
-        if seq > self._upto:
-            self._upto = (seq // SEQ_BLOCK + 1) * SEQ_BLOCK
-            if self._state.get(doc_id=1) is None:
-                self._state.insert({"seq_reserved": self._upto})
-            else:
-                self._state.update({"seq_reserved": self._upto}, doc_ids=[1])
+    def write(self, upto: int) -> None:
+        """Reserve every seq up to `upto` on disk.  Raises the classified StoreError."""
+        try:
+            self._file.replace({"seq_reserved": upto})
+        except OSError as e:
+            raise classify(e, f"writing {self._file.path.name}") from e
+        self.upto = max(self.upto, upto)
+        self.on_file = upto
 
     def close(self) -> None:
-        self._state.close()
+        self._file.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenedOutbox:
     db: sqlite3.Connection
     seqs: SeqReservation
-    # The seq watermark: the highest seq stored, removed, or lost with a replaced store.
+    # The seq watermark: the highest seq stored, removed or dropped.
     last_seq: int
-    # Seqs (first, last) that may have been lost with a replaced store, else None.
+    # Seqs (first, last) that may have been lost: set for a new store when a
+    # reservation (or a damaged store) shows seqs were used before; the store
+    # announces them and writes `born` in one transaction.
     lost: tuple[int, int] | None
-    # Alarms to raise (a store moved aside).
-    alarms: list[str]
+    # (code, sentence) alarms to raise: store_corrupt, state_unreadable, seq_state_lost.
+    alarms: list[tuple[str, str]]
 
 
 def open_outbox(path: Path, *, page_size: int = 1024,
                 max_page_count: int | None = None) -> OpenedOutbox:
-    """Open the store at `path` and its seq reservation, recovering from a corrupt store.
+    """Open the store at `path` and its seq reservation, recovering from corruption.
 
-    Creates the directory and a fresh store when missing.  An unreadable store
-    is moved aside (an alarm in `alarms`) and a fresh one started; a fresh
-    store continues after every reserved seq and reports those as `lost`.
-    `page_size` and `max_page_count` as for `connect`.  Raises OSError or
-    sqlite3.Error when even a fresh store cannot be opened.
+    Creates the directory and a new store when missing.  A store that fails its
+    integrity check is moved aside and a new one started; a new store (no
+    `born` marker) continues after every seq that could have been used and
+    reports that range as `lost`.  `page_size` and `max_page_count` as for
+    `connect`.  Raises the classified StoreError (busy, full, read-only, I/O)
+    with nothing changed; the caller retries later.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seqs = SeqReservation(state_path(path))
-    fresh = not path.exists()
-    alarms: list[str] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise classify(e, f"creating {path.parent}") from e
+    alarms: list[tuple[str, str]] = []
+    salvaged = 0
     try:
         db = connect(path, page_size, max_page_count)
-    except sqlite3.DatabaseError as e:
-        alarms.append(move_aside(path, str(e)))
-        fresh = True
+    except StoreCorruptError as e:
+        text, salvaged = move_aside(path, str(e))
+        alarms.append(("store_corrupt", text))
         db = connect(path, page_size, max_page_count)
-    high = high_seq(db)
-    # Seqs up to here that the collector has not got were lost with a
-    # replaced store; the daemon announces them as dropped.
+    try:
+        seqs = SeqReservation(state_path(path))
+    except OSError as e:
+        db.close()
+        raise classify(e, "reading the seq reservation") from e
+    try:
+        born = db.execute("SELECT value FROM meta WHERE name='born'").fetchone() is not None
+        high = high_seq(db)
+        mirror = db.execute("SELECT value FROM meta WHERE name='seq_reserved'").fetchone()
+    except sqlite3.Error as e:
+        db.close()
+        seqs.close()
+        raise classify(e, "reading the store") from e
+    known = max(seqs.on_file, int(mirror[0]) if mirror else 0, salvaged)
+    if seqs.damaged:
+        alarms.append(("state_unreadable", f"the seq reservation file was unreadable "
+                       f"({seqs.damaged}); kept aside as .corrupt"))
+    # A store is new when it has neither its birth marker nor any seq: a
+    # store of an older version with events in it is not.
+    new = not born and high == 0
+    # Evidence that this is not a first installation: then a new store with
+    # no reservation means the seq history is gone with both files.
+    earlier = bool(seqs.damaged or alarms or (path.parent / "logins.json").exists())
+    if new and known == 0 and earlier:
+        alarms.append(("seq_state_lost", "the event store and its seq reservation are both "
+                       "gone: new seq numbers may repeat ones the collector already has"))
     lost: tuple[int, int] | None = None
-    if fresh and seqs.on_file > high:
+    last = high
+    if new and known > 0:
         # A store that had to start again continues after every seq that
         # could have been used before, so no seq is ever reused.
-        high = seqs.on_file
-        db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?)", (high,))
-        lost = (1, high)
-    seqs.cover(high)
-    return OpenedOutbox(db, seqs, high, lost, alarms)
+        lost = (1, known)
+        last = known
+    seqs.cover(max(last, known))
+    return OpenedOutbox(db, seqs, last, lost, alarms)
 
 
 # -- the seq watermark and figures ------------------------------------------------
@@ -265,10 +420,10 @@ def high_seq(db: sqlite3.Connection) -> int:
     return max(int(top or 0), int(removed[0]) if removed else 0)
 
 
-def raise_high_seq(db: sqlite3.Connection, seq: int) -> None:
-    """Inside the caller's transaction: raise the watermark to `seq` (never lowers it)."""
-    db.execute("INSERT INTO meta(name, value) VALUES ('high_seq', ?) ON CONFLICT(name) "
-               "DO UPDATE SET value = max(value, excluded.value)", (seq,))
+def raise_high_seq(db: sqlite3.Connection, seq: int, name: str = "high_seq") -> None:
+    """Inside the caller's transaction: raise meta `name` to `seq` (never lowers it)."""
+    db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) "
+               "DO UPDATE SET value = max(value, excluded.value)", (name, seq))
 
 
 def totals(db: sqlite3.Connection) -> tuple[int, int]:
@@ -313,7 +468,7 @@ def read_stats(path: Path) -> StoreStats | None:
         return None
     uri = f"file:{path}?mode=ro"
     try:
-        db = sqlite3.connect(uri, uri=True)
+        db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error:
         return None
     try:

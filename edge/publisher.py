@@ -183,6 +183,13 @@ class Publisher:
         self.cursor = max(self.cursor, seq)
         return True
 
+    def tick(self, now: float) -> None:
+        """Every main-loop turn: an expired refusal back-off ends (connected or not,
+        so `next_wake` never names a past time), and the resend check runs."""
+        if self.retry_at is not None and now >= self.retry_at:
+            self.retry_at = None
+        self.check_resend(now)
+
     def check_resend(self, now: float) -> None:
         """Sent events the collector has not acknowledged in time go out again."""
         owed = self.cursor > self.watermark  # the cursor never passes published_high

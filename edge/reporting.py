@@ -83,7 +83,7 @@ def health(d: Daemon) -> dict[str, Any]:
                           if dev.decode_errors},
         "clock_synced": d.clock.synced(),
         "uptime_s": round(d.clock.mono_ns() / 1e9 - d.started_s, 1),
-        "alarms": list(d.alarms),
+        "alarms": d.alarms.texts(d.clock.wall_ns()),
         "delivery": d.publisher.delivery_status(),
     }
 

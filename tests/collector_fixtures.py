@@ -18,6 +18,7 @@ import pytest
 
 from collector.db import Database, open_database
 from edge.events import (
+    DeviceLost,
     DeviceRef,
     Event,
     EventTime,
@@ -145,6 +146,17 @@ def press_event(seq: int, *, desk: str = "desk-1", label: str = "good", score: i
                EventTime(wall_ns, synced, boot_id, seq * 10**9 if mono_ns is None else mono_ns),
                flags)
     return (f"feedback/v1/{site}/{edge}/event/fc3-a", encode_event(ev, seq, site, edge))
+
+
+def device_lost_event(seq: int, *, device: str = "fc3-a", device_kind: str = "console",
+                      lost: int = 1, total: int = 1, reason: str = "ring_overflow",
+                      wall_ns: int = 1_795_000_000_000_000_000, event_id: str | None = None,
+                      site: str = "clinic-3", edge: str = "reception-1") -> tuple[str, bytes]:
+    """(topic, payload) of a `device_lost` event as the daemon publishes it."""
+    ev = Event(event_id or new_event_id(), "desk-1", DeviceRef(device, device_kind, None),
+               DeviceLost(lost, total, reason), OperatorTag.nobody(),
+               EventTime(wall_ns, True, "boot-a", seq * 10**9))
+    return (f"feedback/v1/{site}/{edge}/event/{device}", encode_event(ev, seq, site, edge))
 
 
 def count_events(backend: Backend) -> int:

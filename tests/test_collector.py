@@ -5,6 +5,7 @@ Every test that stores runs against SQLite and against a real PostgreSQL."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from collector import queries, store
+from collector import cli, queries, store
 from collector.intake import classify
 from collector.store import Item
 from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, encode_event
@@ -24,6 +25,7 @@ from tests.collector_fixtures import (
     Backend,
     collector_config,
     count_events,
+    device_lost_event,
     press_event,
     wait_events,
 )
@@ -151,6 +153,125 @@ def test_malformed_and_unknown_versions_are_kept_aside_with_a_named_reason(
     assert not any("call me" in r for r in reasons)  # a value may be personal data
     counts = store.counters(db)
     assert sum(v for k, v in counts.items() if k.startswith("quarantined:")) == 5
+    db.close()
+
+
+# -- device_lost: events a device lost before the edge could store them ---------------
+
+T0_NS = 1_795_000_000_000_000_000  # 2026-11-18 11:06:40 UTC
+HOUR_MS = 3600 * 1000
+
+
+def test_device_losses_are_stored_once_and_summed_per_device(backend: Backend,
+                                                            tmp_path: Path) -> None:
+    db = backend.open()
+    t0 = T0_NS // 10**6
+    msgs = [device_lost_event(1, lost=3, total=3, wall_ns=T0_NS), press_event(2),
+            device_lost_event(3, lost=2, total=5, wall_ns=T0_NS + HOUR_MS * 10**6),
+            device_lost_event(4, device="st-1", device_kind="terminal", lost=7, total=7,
+                              reason="flash_full", wall_ns=T0_NS + 2 * HOUR_MS * 10**6)]
+    items = [_item(t, p) for t, p in msgs]
+    assert [i.kind for i in items] == ["event"] * 4  # valid against the schema
+    first = store.ingest(db, items)
+    again = store.ingest(db, items)  # delivered twice
+    assert (first.stored, again.stored, again.duplicates) == (4, 0, 4)
+    assert count_events(backend) == 4
+    assert first.device_losses == [("clinic-3", "reception-1", "fc3-a", 3, "ring_overflow"),
+                                   ("clinic-3", "reception-1", "fc3-a", 2, "ring_overflow"),
+                                   ("clinic-3", "reception-1", "st-1", 7, "flash_full")]
+    assert first.watermarks == {("clinic-3", "reception-1"): 4}  # ordinary seqs
+    (gap,) = store.gaps(db)
+    assert (gap["dropped"], gap["missing"]) == ([], [])
+    edge = {"site": "clinic-3", "edge": "reception-1"}
+    assert gap["device_losses"] == [
+        {**edge, "device": "fc3-a", "kind": "console", "reason": "ring_overflow", "lost": 5,
+         "last_ms": t0 + HOUR_MS},
+        {**edge, "device": "st-1", "kind": "terminal", "reason": "flash_full", "lost": 7,
+         "last_ms": t0 + 2 * HOUR_MS}]
+    # The fleet view: the last 24 h only (fc3-a's first loss is 24.5 h old).
+    (row,) = cli.fleet_rows(db, now_ms=t0 + 24 * HOUR_MS + HOUR_MS // 2)
+    assert row["device_lost_24h"] == {"fc3-a": 2, "st-1": 7}
+    db.close()
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'id = "cli"\n\n[broker]\nhost = "127.0.0.1"\n\n{backend.toml()}')
+    r = _cli(cfg, "gaps")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == "no seq gaps"
+    assert [line.split() for line in out if "reception-1" in line] == [
+        ["clinic-3/reception-1", "fc3-a", "console", "ring_overflow", "5", "2026-11-18",
+         "12:06:40"],
+        ["clinic-3/reception-1", "st-1", "terminal", "flash_full", "7", "2026-11-18",
+         "13:06:40"]]
+
+
+def test_device_lost_with_no_loss_or_an_unknown_reason_is_quarantined_naming_the_field(
+        backend: Backend) -> None:
+    db = backend.open()
+    topic, good = device_lost_event(3)
+    without_body = json.loads(good)
+    del without_body["device_lost"]
+    items = [_item(*device_lost_event(1, lost=0, total=0)),
+             _item(*device_lost_event(2, reason="cosmic_rays")),
+             _item(topic, json.dumps(without_body).encode())]
+    assert [i.kind for i in items] == ["quarantine"] * 3
+    res = store.ingest(db, items)
+    assert (res.stored, res.quarantined) == (0, 3)
+    assert sorted(r for _, _, r, _ in store.quarantined(db)) == [
+        "invalid: (top) fails required",  # kind device_lost needs its object
+        "invalid: device_lost/lost fails minimum",
+        "invalid: device_lost/reason fails enum"]  # the field and rule, not the value
+    assert count_events(backend) == 0
+    db.close()
+
+
+# The events table as the collector created it before device_lost (no `lost`).
+_EVENTS_BEFORE_DEVICE_LOST = """CREATE TABLE events (
+    site TEXT NOT NULL, edge TEXT NOT NULL, event_id TEXT NOT NULL,
+    seq BIGINT NOT NULL, kind TEXT NOT NULL, desk TEXT NOT NULL,
+    device_id TEXT NOT NULL, device_kind TEXT NOT NULL,
+    operator_id TEXT, operator_source TEXT NOT NULL,
+    wall_ms BIGINT NOT NULL, corrected_ms BIGINT, synced INTEGER NOT NULL,
+    boot_id TEXT NOT NULL, mono_ns BIGINT NOT NULL, flags TEXT NOT NULL,
+    label TEXT, score INTEGER, hold INTEGER, button INTEGER,
+    doctor TEXT, q1 TEXT, q2 TEXT, phone TEXT, comment TEXT,
+    approaches INTEGER, engaged INTEGER,
+    from_seq BIGINT, to_seq BIGINT, reason TEXT,
+    payload TEXT NOT NULL, received_ms BIGINT NOT NULL,
+    PRIMARY KEY (site, edge, event_id))"""
+
+
+def test_a_database_from_before_device_lost_gains_the_column_on_open_and_keeps_its_rows(
+        backend: Backend) -> None:
+    _topic, payload = press_event(1)
+    insert = ("INSERT INTO events (site, edge, event_id, seq, kind, desk, device_id, "
+              "device_kind, operator_id, operator_source, wall_ms, synced, boot_id, mono_ns, "
+              "flags, label, score, hold, button, payload, received_ms) VALUES "
+              "(?, ?, ?, 1, 'press', 'desk-1', 'fc3-a', 'console', 'op-1', 'config', ?, 1, "
+              "'boot-a', 1000000000, '', 'good', 1, 0, 0, ?, ?)")
+    params = ("clinic-3", "reception-1", json.loads(payload)["event_id"], T0_NS // 10**6,
+              payload.decode(), T0_NS // 10**6)
+    if backend.path is not None:
+        with sqlite3.connect(backend.path) as lite:
+            lite.execute(_EVENTS_BEFORE_DEVICE_LOST)
+            lite.execute(insert, params)
+        lite.close()
+    else:
+        import psycopg
+
+        assert backend.dsn is not None
+        with psycopg.connect(backend.dsn) as pg:
+            pg.execute(_EVENTS_BEFORE_DEVICE_LOST)
+            pg.execute(insert.replace("?", "%s"), params)
+    db = backend.open()  # adds `lost`
+    assert db.query("SELECT seq, label, lost FROM events") == [(1, "good", None)]
+    res = store.ingest(db, [_item(*device_lost_event(2, lost=4, total=4))])
+    assert (res.stored, res.watermarks) == (1, {("clinic-3", "reception-1"): 2})
+    db.close()
+    db = backend.open()  # again: nothing left to add, nothing changed
+    assert db.query("SELECT seq, kind, lost FROM events ORDER BY seq") == [
+        (1, "press", None), (2, "device_lost", 4)]
+    assert [d["lost"] for d in store.gaps(db)[0]["device_losses"]] == [4]
     db.close()
 
 

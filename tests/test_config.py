@@ -6,11 +6,14 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge.config import parse_config
 from edge.contract.toml import ConfigError
+from edge.control import query
+from tests.conftest import wait_for
 
 GOOD = """
 site = "clinic-3"
@@ -113,13 +116,36 @@ def test_cli_run_with_a_missing_config_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_cli_run_with_an_unwritable_store_says_so_without_a_traceback(tmp_path: Path) -> None:
+def test_cli_run_with_an_unwritable_store_keeps_running_alarms_and_recovers(
+        tmp_path: Path) -> None:
+    """A store that cannot be created is a fault of the surroundings: the daemon
+    runs on (systemd would restart an exiting one in a loop), says so in status,
+    and opens the store once its directory can be made."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the store's directory should be")
     path = tmp_path / "edge.toml"
-    path.write_text(GOOD + f'[store]\npath = "{blocker}/outbox.sqlite"\n')
-    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(path)],
-                         capture_output=True, text=True, check=False, timeout=30)
-    assert out.returncode == 1
-    assert "cannot open the store" in out.stderr
-    assert "Traceback" not in out.stderr
+    control = tmp_path / "control.sock"
+    path.write_text(GOOD.replace("[broker]", f'[daemon]\ncontrol_socket = "{control}"\n'
+                                 '[web]\nenabled = false\n[broker]')
+                    + f'[store]\npath = "{blocker}/outbox.sqlite"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        st = wait_for(lambda: _status(control), 15, "status from the daemon")
+        assert any(a.startswith("store_read_only: ") for a in st["alarms"]), st["alarms"]
+        blocker.unlink()
+        wait_for(lambda: (s := _status(control)) and not any(
+            a.startswith("store_") for a in s["alarms"]), 15, "the store opened")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "Traceback" not in err
+
+
+def _status(control: Path) -> dict[str, Any] | None:
+    try:
+        return query(control, timeout=2)
+    except (OSError, ValueError):
+        return None

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from drivers.usb_discovery import classify, scan
+from edge.kinds import MATCHERS
 
 
 def _usb(root: Path, name: str, vid: str, pid: str, serial: str | None,
@@ -56,7 +57,7 @@ def test_scan_reads_identity_interfaces_and_nodes(tmp_path: Path) -> None:
     reader = found["1-1.4"]
     assert (reader.serial, reader.hidraw, reader.event) == \
         (None, ("/dev/hidraw1",), ("/dev/input/event4",))
-    assert [classify(found[p]) for p in sorted(found)] == \
+    assert [classify(found[p], MATCHERS) for p in sorted(found)] == \
         ["console", "terminal", "keyboard", None]
 
 

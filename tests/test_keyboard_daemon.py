@@ -138,7 +138,7 @@ def test_badge_scan_sets_the_operator_of_the_following_presses(
     ]
     assert events[0]["device"]["kind"] == "keyboard"
     st = _status(daemon)
-    assert "unknown badge scanned at desk desk-3" in st["alarms"]
+    assert "unknown_badge: unknown badge scanned at desk desk-3" in st["alarms"]
     kbd = next(d for d in st["devices"] if d["kind"] == "keyboard")
     assert kbd["decode_errors"] == {"unmapped_key": 1}
     # Badge numbers identify people: never in the log.

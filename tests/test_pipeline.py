@@ -169,6 +169,9 @@ def test_presses_while_the_daemon_is_down_arrive_with_their_real_times(
         assert abs(wall - at) < 0.25, (e["time"], at)
         assert e["time"]["age_ms"] >= 500
         assert "replayed" in e["flags"]
+    # Replayed at connect, in the same batch as the console's layout: still labelled.
+    assert [(e["press"]["label"], e["press"]["score"]) for e in events[:3]] == \
+        [("good", 1), ("neutral", 0), ("bad", -1)]
 
 
 @pytest.mark.slow

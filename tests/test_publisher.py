@@ -146,3 +146,13 @@ def test_collector_mode_resends_from_the_watermark_after_the_timeout() -> None:
     pub.on_collector_state(False, 71.0)
     pub.check_resend(1000.0)
     assert pub.resent == 3  # nobody to resend to
+
+
+def test_an_expired_back_off_ends_while_disconnected_so_the_loop_does_not_spin() -> None:
+    pub = Publisher(5)
+    box = Outbox(pub, range(1, 3))
+    box.pump(0.0)
+    box.ack(1, 0.0, ok=False)
+    assert pub.next_wake() == REJECT_RETRY_S[0]
+    pub.tick(REJECT_RETRY_S[0] + 0.5)  # the link is down: nobody asks wants()
+    assert pub.next_wake() is None

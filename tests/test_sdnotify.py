@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -60,17 +59,22 @@ def test_ready_status_watchdog_cadence_and_stop_when_the_main_loop_is_stuck(
         wait_for(lambda: len(systemd.pings()) >= 4, 15, "watchdog pings")
         gaps = [b - a for a, b in zip(systemd.pings(), systemd.pings()[1:], strict=False)]
         assert all(1.5 < g < 2.6 for g in gaps), gaps  # half of WatchdogSec=4 s
-        # The SD card hangs: another process holds the store's write lock, so
-        # the next commit blocks the main loop (up to SQLite's 5 s busy timeout).
-        db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite", isolation_level=None)
-        db.execute("BEGIN EXCLUSIVE")
+        # A read on the main loop hangs (as on a failing SD card): the shift
+        # roster, which the loop re-reads when it changes, becomes a FIFO that
+        # nobody writes, so opening it blocks the main loop until a writer comes.
+        roster = tmp_path / "state" / "roster.json"
+        fifo = tmp_path / "state" / "roster.fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, roster)
         try:
-            site.press(0)
             wait_for(lambda: time.monotonic() - systemd.pings()[-1] > 3.5, 10,
                      "the pings to stop while the main loop is stuck")
         finally:
-            db.execute("ROLLBACK")
-            db.close()
+            plain = tmp_path / "state" / "roster.plain"
+            plain.write_text("{}")
+            with roster.open("w") as w:  # the reader is waiting: this does not block
+                w.write("{}")
+            os.replace(plain, roster)  # before the loop looks at the roster again (1 s)
         stalled_at = time.monotonic()
         wait_for(lambda: systemd.pings()[-1] > stalled_at, 10, "pings again after the stall")
         daemon.kill(signal.SIGTERM)

@@ -16,6 +16,7 @@ import pytest
 
 from edge.events import (
     DeviceRef,
+    Dropped,
     Event,
     EventTime,
     OperatorTag,
@@ -37,8 +38,14 @@ def encode(event: Event, seq: int) -> tuple[str, bytes]:
     return f"t/{event.device.id}", encode_event(event, seq, "site", "edge")
 
 
-def open_store(path: Path, **kw: int) -> Store:
-    return Store(path, encode, **kw)
+def drop_event(first: int, last: int, reason: str) -> Event:
+    return Event(new_event_id(), "edge-1", DeviceRef("edge-1", "edge", None),
+                 Dropped(first, last, reason), OperatorTag.nobody(),
+                 EventTime(time.time_ns(), True, "boot", 1, 0))
+
+
+def open_store(path: Path, *, announce: bool = False, **kw: int) -> Store:
+    return Store(path, encode, drop_event=drop_event if announce else None, **kw)
 
 
 def test_events_come_out_in_order_and_leave_only_when_removed(tmp_path: Path) -> None:

@@ -18,7 +18,13 @@ from typing import Final
 from drivers.keyboard import BadgeDecoder, KeyPress
 from edge.contract.toml import Table
 from edge.kinds.base import Context, Decision, Device, Env, Kind, Reading
-from edge.kinds.keyboard import BootKeyboardWorker, UsbKeyboardConfig, parse_identity, snippet
+from edge.kinds.keyboard import (
+    BootKeyboardWorker,
+    UsbKeyboardConfig,
+    parse_id,
+    parse_identity,
+    snippet,
+)
 
 __all__ = ["KIND", "Badge", "BadgeConfig", "BadgeScan"]
 
@@ -36,9 +42,10 @@ class BadgeScan:
 
 
 def parse(t: Table, index: int, desk: str) -> BadgeConfig:
+    vid, pid, serial, usb_port = parse_identity(t)
     if t.table("keys") is not None:
         raise t.error("keys", t.data["keys"], "only for kind = \"keyboard\"")
-    dev_id, vid, pid, serial, usb_port = parse_identity(t, index, "badge")
+    dev_id = parse_id(t, index, "badge", serial, usb_port)
     t.finish()
     return BadgeConfig(dev_id, "badge", desk, serial, vid, pid, usb_port)
 
@@ -80,11 +87,11 @@ class Badge(Device):
         if not ctx.operators.badge(desk, op, r.host_wall_ns):
             log.info("desk %s: operator %s logged out by badge", desk, op or "(unknown badge)")
         elif op is None:
-            ctx.alarm(f"unknown badge scanned at desk {desk}")
+            ctx.alarm("unknown_badge", f"unknown badge scanned at desk {desk}", subject=desk)
             log.warning("desk %s: unknown badge (%d characters) scanned", desk, len(scan.badge))
         else:
             log.info("desk %s: operator %s logged in by badge", desk, op)
         return Decision()
 
 
-KIND: Final = Kind("badge", parse, Badge, snippet)
+KIND: Final = Kind("badge", parse, Badge, snippet, rank=3)

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from edge.clock import Clock
 from edge.events import EventTime, OperatorTag
@@ -28,12 +28,15 @@ from edge.store import Append
 
 if TYPE_CHECKING:
     from drivers.usb_discovery import UsbDevice
+    from drivers.usb_match import Matcher
+    from edge.alarms import Alarms
     from edge.contract.toml import Table
     from edge.guards import Guards
     from edge.kinds.worker import Worker
     from edge.operators import Operators
 
 __all__ = [
+    "LOSS_ALARM_S",
     "Context",
     "Decision",
     "DecodeFailed",
@@ -47,6 +50,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# A device's own loss is news for an hour (its alarm); the device_lost record stays.
+LOSS_ALARM_S: Final = 3600.0
 
 # (rev, doctors) as the `doctors` command and doctors_file give it.
 Doctors = tuple[int, list[dict[str, Any]]]
@@ -111,7 +117,7 @@ class Context:
     by a device, and alarms."""
 
     def __init__(self, clock: Clock, operators: Operators, guards: Guards,
-                 alarms: list[str], *, led_ms: int, send_personal_data: bool,
+                 alarms: Alarms, *, led_ms: int, send_personal_data: bool,
                  badges: dict[str, str]) -> None:
         self.clock = clock
         self.operators = operators
@@ -143,10 +149,10 @@ class Context:
     def count(self, name: str, n: int = 1) -> None:
         self.discarded[name] = self.discarded.get(name, 0) + n
 
-    def alarm(self, text: str) -> None:
-        """Raise an alarm (once); the text must hold no personal data."""
-        if text not in self.alarms:
-            self.alarms.append(text)
+    def alarm(self, code: str, text: str, *, subject: str = "",
+              for_s: float | None = None) -> None:
+        """Raise alarm `code` (edge.alarms); the text must hold no personal data."""
+        self.alarms.raise_(code, text, self.clock.wall_ns(), subject=subject, for_s=for_s)
 
 
 @dataclass(slots=True)
@@ -231,10 +237,15 @@ class Kind:
     `parse(table, index, desk)` reads one `[[devices]]` table (kind and desk
     already read) and raises ConfigError; `device(cfg, env)` builds the
     run-time `Device`; `snippet(usb)` is the config block for hardware of
-    this kind that is plugged in but not configured.
+    this kind that is plugged in but not configured; `matcher` is the
+    driver's USB matcher (None: found as another kind, e.g. badge readers
+    look like keyboards); `rank` orders kinds in messages and matching
+    (our own VID:PIDs before device classes).
     """
 
     name: str
     parse: Callable[[Table, int, str], DeviceConfig]
     device: Callable[[Any, Env], Device]
     snippet: Callable[[UsbDevice], list[str]] | None = None
+    matcher: Matcher | None = None
+    rank: int = 100

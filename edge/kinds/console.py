@@ -3,9 +3,21 @@
 Protocol: ../shared/devices/console-hid.md, decoded by `drivers.console`.
 The worker reads input reports and posts them; the main loop decides (new,
 duplicate, device restarted) with `ConsoleHost`, stores, and only then ACKs
-the last `dev_seq` handled (the ACK is cumulative) and lights the LED of
-each stored press.  A console that reports OVERFLOW has lost presses from its
-ring: its lost counter (feature report) is read and the loss counted.
+and lights the LED of each stored press.
+
+The ACK is cumulative ("every event up to and including dev_seq"), so it is
+exact: reports whose commit failed (disk full, read-only ...) are remembered
+as unstored, and no ACK covers them, or anything after them, until they are
+stored (the console keeps them and sends them again).  Where the sheet is
+silent: the order of a session's events is their `event_uptime`; a power-up
+(HELLO) while events are unstored means the console lost them with its RAM,
+and they are counted under `device_power_loss`.
+
+Device-side loss: the console's lost counter (info feature report, read at
+connect and after a report flagged OVERFLOW) counts presses its 32-event ring
+overwrote.  Each increase becomes a `device_lost` event (reason
+ring_overflow, dedup key `lost:<total>` so a daemon restart does not record
+it twice), a `device_overflow` drop count and a `device_lost` alarm.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from drivers.console import (
     INFO_REPORT_LEN,
     PID,
     REPORT_INFO,
+    USB_MATCHER,
     VID,
     ConsoleHost,
     ConsoleInfo,
@@ -42,8 +55,9 @@ from drivers.hidraw_transport import HidrawConsole
 from drivers.transport import HidTransport
 from edge.contract.ids import NAME_RE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
-from edge.events import DeviceRef, Event, Press, new_event_id
+from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
+    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -145,11 +159,17 @@ def open_console(cfg: ConsoleConfig) -> HidTransport:
 
 @dataclass(frozen=True, slots=True)
 class ConsoleInput:
-    """One decoded input report, with the console's lost counter when the
-    report said OVERFLOW (read from the info feature report then)."""
+    """One decoded input report (`lost_total` is unused and kept None)."""
 
     report: ConsoleReport
-    lost_total: int | None
+    lost_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleLoss:
+    """The console's lost counter (events its ring overwrote since power-up)."""
+
+    total: int
 
 
 class ConsoleWorker(Worker[HidTransport]):
@@ -172,6 +192,11 @@ class ConsoleWorker(Worker[HidTransport]):
         with self._lock:
             self._transport = transport
         self._post(DeviceState(self.cfg.id, "connected", None, info))
+        if info.lost:
+            # Lost while nobody read it (the OVERFLOW flag went with a report
+            # sent into the void): the counter says so.
+            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost), self._clock.mono_ns(),
+                               self._clock.wall_ns()))
         # Presses made while nobody was reading (daemon down, up to the ring's
         # 32) arrive at once instead of at the next back-off step.
         transport.write(encode_resend())
@@ -185,12 +210,11 @@ class ConsoleWorker(Worker[HidTransport]):
             if isinstance(decoded, DecodeError):
                 self._post(DecodeFailed(self.cfg.id, decoded.name))
                 continue
-            lost: int | None = None
+            self._post(Reading(self.cfg.id, ConsoleInput(decoded), mono, wall))
             if decoded.overflow:
                 fresh = self._read_info(transport)
                 if not isinstance(fresh, DecodeError):
-                    lost = fresh.lost
-            self._post(Reading(self.cfg.id, ConsoleInput(decoded, lost), mono, wall))
+                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost), mono, wall))
 
 
 # -- decisions ----------------------------------------------------------------------
@@ -206,10 +230,17 @@ class Console(Device):
         self._stored_keys = env.stored_keys
         # Dedup keys are scoped per console: (dev_seq, uptime, type, button).
         self.scope = f"console:{cfg.id}"
-        self.host = ConsoleHost(env.stored_keys(self.scope))
+        keys = env.stored_keys(self.scope)
+        self.host = ConsoleHost([k for k in keys if not k.startswith("lost:")])
         self.info: ConsoleInfo | None = None
         self.labels: tuple[tuple[str, int | None], ...] = ()
-        self.lost_seen: int | None = None
+        # The lost counter already recorded in this device session.
+        self.lost_seen = max((int(k[5:]) for k in keys if k.startswith("lost:")
+                              and k[5:].isdigit()), default=0)
+        # Reports decided since the last commit, and those whose commit failed
+        # (key -> event_uptime): no ACK may cover an unstored one.
+        self._batch: list[ConsoleReport] = []
+        self.unstored: dict[str, int] = {}
 
     def on_state(self, msg: DeviceState, wall_ns: int) -> None:
         super().on_state(msg, wall_ns)
@@ -221,22 +252,22 @@ class Console(Device):
 
     def decide(self, r: Reading, ctx: Context) -> Decision:
         inp = r.data
+        if isinstance(inp, ConsoleLoss):
+            return self._loss(r, inp.total, ctx)
         assert isinstance(inp, ConsoleInput)  # noqa: S101 - posted by ConsoleWorker only
         action = self.host.on_report(inp.report, r.host_mono_ns)
-        if inp.lost_total is not None:
-            self._count_loss(inp.lost_total, ctx)
         if isinstance(action, Duplicate):
             return Decision(duplicate=True, token=inp.report)
+        self._batch.append(inp.report)
         if isinstance(action, NewSession):
-            self.resets += 1
-            self.lost_seen = 0
+            self._new_session(ctx)
             log.info("device %s powered up (HELLO)", self.cfg.id)
             return Decision([Append(None, (self.scope, action.key))], (self.scope,),
                             token=inp.report)
         assert isinstance(action, Record)  # noqa: S101 - the three host actions
         forget: tuple[str, ...] = ()
         if action.new_session:
-            self.resets += 1
+            self._new_session(ctx)
             forget = (self.scope,)
         # A dropped press still records its key, so its replays are
         # recognised instead of being judged (and counted) again.
@@ -262,30 +293,62 @@ class Console(Device):
                      operator=ctx.operator(self.cfg.desk, wall),
                      time=ctx.event_time(mono, wall, rep.age_ms), flags=flags)
 
+    def _new_session(self, ctx: Context) -> None:
+        """The console powered up: its ring, and what we had not stored of it, is gone."""
+        self.resets += 1
+        self.lost_seen = 0
+        if self.unstored:
+            n = len(self.unstored)
+            ctx.count("device_power_loss", n)
+            log.warning("device %s: powered up with %d presses not yet stored: lost", self.cfg.id,
+                        n)
+            self.unstored.clear()
+
+    def _loss(self, r: Reading, total: int, ctx: Context) -> Decision:
+        """A lost counter read from the console: record what is new in it."""
+        if total <= self.lost_seen:
+            return Decision()
+        n = total - self.lost_seen
+        self.lost_seen = total
+        ctx.count("device_overflow", n)
+        ctx.alarm("device_lost", f"console {self.cfg.id} at desk {self.cfg.desk} lost {n} "
+                  "presses: its ring overflowed while they could not be read",
+                  subject=self.cfg.id, for_s=LOSS_ALARM_S)
+        log.warning("device %s: its ring overflowed, %d presses lost", self.cfg.id, n)
+        event = Event(event_id=new_event_id(), desk=self.cfg.desk,
+                      device=DeviceRef(self.cfg.id, "console", self.cfg.serial),
+                      body=DeviceLost(lost=n, total=total, reason="ring_overflow"),
+                      operator=ctx.operator(self.cfg.desk, r.host_wall_ns),
+                      time=ctx.event_time(r.host_mono_ns, r.host_wall_ns))
+        return Decision([Append(event, (self.scope, f"lost:{total}"))])
+
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
-        last: ConsoleReport | None = None
+        self._batch.clear()
+        handled: list[ConsoleReport] = []
         for decision, stored in outcomes:
             rep = decision.token
-            assert isinstance(rep, ConsoleReport)  # noqa: S101 - set by decide()
-            last = rep
+            if not isinstance(rep, ConsoleReport):
+                continue  # a lost-counter record: nothing to acknowledge
+            if decision.forget:
+                handled.clear()  # a new device session: earlier dev_seqs mean nothing now
+            handled.append(rep)
+            self.unstored.pop(rep.key, None)  # durable now (stored, or known as stored)
             if any(stored) and rep.type is ReportType.PRESS and ctx.led_ms > 0:
                 self.worker.send(encode_show(rep.button, ms=ctx.led_ms))
-        if last is not None:
-            # Cumulative: covers every report of this batch up to it.
-            self.worker.send(encode_ack(last.dev_seq))
+        # Cumulative: the last report handled before the oldest unstored one.
+        oldest = min(self.unstored.values(), default=None)
+        ack = [r for r in handled if oldest is None or r.event_uptime < oldest]
+        if ack:
+            self.worker.send(encode_ack(max(ack, key=lambda r: r.event_uptime).dev_seq))
 
     def commit_failed(self) -> None:
+        for rep in self._batch:
+            self.unstored[rep.key] = rep.event_uptime
+        self._batch.clear()
         # The host remembered keys that never reached the disk.
-        self.host = ConsoleHost(self._stored_keys(self.scope))
-
-    def _count_loss(self, lost_total: int, ctx: Context) -> None:
-        before = self.lost_seen if self.lost_seen is not None else 0
-        if lost_total > before:
-            n = lost_total - before
-            ctx.count("device_overflow", n)
-            log.warning("device %s: its ring overflowed, %d presses lost", self.cfg.id, n)
-        self.lost_seen = lost_total
+        self.host = ConsoleHost([k for k in self._stored_keys(self.scope)
+                                 if not k.startswith("lost:")])
 
     def details(self) -> dict[str, Any]:
         return {"buttons": self.info.buttons if self.info else None}
@@ -296,4 +359,4 @@ def _snippet(usb: UsbDevice) -> list[str]:
             "serial = \"CHANGE-ME\"   # from the console's label"]
 
 
-KIND: Final = Kind("console", parse, Console, _snippet)
+KIND: Final = Kind("console", parse, Console, _snippet, USB_MATCHER, rank=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from drivers.hidraw_transport import HidrawKeyboard
-from drivers.keyboard import BootDecoder, ButtonMap, ButtonPress, KeyPress
+from drivers.keyboard import USB_MATCHER, BootDecoder, ButtonMap, ButtonPress, KeyPress
 from drivers.transport import DeviceGoneError, Transport
 from drivers.usb_discovery import scan
 from edge.contract.ids import NAME_RE
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from drivers.usb_discovery import UsbDevice
 
 __all__ = ["KIND", "BootKeyboardWorker", "Keyboard", "KeyboardConfig", "UsbKeyboardConfig",
-           "open_keyboard", "parse_identity"]
+           "open_keyboard", "parse_id", "parse_identity"]
 
 _USB_PORT: Final = re.compile(r"^\d+-[\d.]+$")
 _USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}$")
@@ -70,9 +70,8 @@ class KeyboardConfig(UsbKeyboardConfig):
     keys: tuple[tuple[int, str, int | None], ...] = ()  # HID usage -> (label, score)
 
 
-def parse_identity(t: Table, index: int, prefix: str) -> tuple[str, int, int, str | None,
-                                                              str | None]:
-    """(id, vid, pid, serial, usb_port) of a keyboard-class `[[devices]]` table."""
+def parse_identity(t: Table) -> tuple[int, int, str | None, str | None]:
+    """(vid, pid, serial, usb_port) of a keyboard-class `[[devices]]` table."""
     vid = t.integer("vid", -1, 0, 0xFFFF)
     pid = t.integer("pid", -1, 0, 0xFFFF)
     if vid < 0 or pid < 0:
@@ -82,14 +81,20 @@ def parse_identity(t: Table, index: int, prefix: str) -> tuple[str, int, int, st
                       allowed="the USB serial number as `feedback-edge devices` shows it")
     usb_port = t.string("usb_port", default=None, pattern=_USB_PORT,
                         allowed="a USB port path like 1-1.4 (`feedback-edge devices`)")
+    return vid, pid, serial, usb_port
+
+
+def parse_id(t: Table, index: int, prefix: str, serial: str | None,
+             usb_port: str | None) -> str:
+    """The device id: given, or made from the serial, the port or the table's index."""
     default_id = f"{prefix}-{(serial or usb_port or str(index + 1)).lower()}"
     default_id = re.sub(r"[^a-z0-9-]", "-", default_id)[:32]
-    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
-                      allowed="1 to 32 lower-case letters, digits or '-'")
-    return str(dev_id), vid, pid, serial, usb_port
+    return str(t.string("id", default=default_id, pattern=NAME_RE,
+                        allowed="1 to 32 lower-case letters, digits or '-'"))
 
 
 def parse(t: Table, index: int, desk: str) -> KeyboardConfig:
+    vid, pid, serial, usb_port = parse_identity(t)
     raw_keys = t.table("keys")
     if raw_keys is None or not raw_keys.data:
         raise t.error("keys", MISSING, 'required for buttons: e.g. keys = { "0x1e" = '
@@ -105,7 +110,7 @@ def parse(t: Table, index: int, desk: str) -> KeyboardConfig:
                                          and not isinstance(spec[1], bool)))):
             raise raw_keys.error(usage, spec, 'must be ["label", score], e.g. ["good", 1]')
         keys.append((int(usage, 16), spec[0], spec[1]))
-    dev_id, vid, pid, serial, usb_port = parse_identity(t, index, "kbd")
+    dev_id = parse_id(t, index, "kbd", serial, usb_port)
     t.finish()
     return KeyboardConfig(dev_id, "keyboard", desk, serial, vid, pid, usb_port, tuple(keys))
 
@@ -217,4 +222,4 @@ def snippet(usb: UsbDevice) -> list[str]:
     return lines
 
 
-KIND: Final = Kind("keyboard", parse, Keyboard, snippet)
+KIND: Final = Kind("keyboard", parse, Keyboard, snippet, USB_MATCHER, rank=2)

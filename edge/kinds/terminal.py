@@ -5,6 +5,13 @@ Protocol: ../shared/devices/terminal-serial.md, framed and decided by
 `drivers.terminal.TerminalHost`.  A record is ACKed only after the main loop
 has stored it; (terminal serial, record id) identifies a record for good, so
 a duplicate is ACKed again and not stored.
+
+Device-side loss (the sheet is silent on it): record ids count up by one per
+record and the terminal drops its oldest records when its flash holds 500
+unacknowledged ones, replaying the rest oldest first; so a record whose id
+jumps past the last one stored means the records in between were lost on
+the terminal.  That becomes a `device_lost` event (reason flash_full, dedup
+key `gap:<last>:<id>`), a `device_overflow` drop count and an alarm.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 from drivers.serial_transport import SerialTransport, find_by_serial
 from drivers.terminal import (
     LINK_TIMEOUT_MS,
+    USB_MATCHER,
     Abandoned,
     Answer,
     Count,
@@ -34,6 +42,7 @@ from edge.contract.ids import NAME_RE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceRef, Event, EventBody, new_event_id
 from edge.kinds.base import (
+    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -185,6 +194,8 @@ class Terminal(Device):
     def __init__(self, cfg: TerminalConfig, env: Env) -> None:
         opener: Callable[[TerminalConfig], SerialTransport] = env.opener or open_terminal
         super().__init__(cfg, TerminalWorker(cfg, env.post, env, opener))
+        self._stored_keys = env.stored_keys
+        self._last_id: dict[str, int] = {}  # terminal serial -> highest record id seen
 
     def decide(self, r: Reading, ctx: Context) -> Decision:
         inp = r.data
@@ -208,9 +219,32 @@ class Terminal(Device):
                       device=DeviceRef(self.cfg.id, "terminal", inp.serial), body=body,
                       operator=ctx.operator(self.cfg.desk, wall),
                       time=ctx.event_time(mono, wall, rec.age_ms))
+        scope = f"terminal:{inp.serial}"
         # (terminal serial, record id) identifies a record for good.
-        return Decision([Append(event, (f"terminal:{inp.serial}", str(rec.id)))],
-                        token=inp.frame_seq)
+        appends = [*self._gap(r, inp.serial, rec.id, ctx), Append(event, (scope, str(rec.id)))]
+        return Decision(appends, token=inp.frame_seq)
+
+    def _gap(self, r: Reading, serial: str, rec_id: int, ctx: Context) -> list[Append]:
+        """A `device_lost` record when ids jumped past the last one seen."""
+        last = self._last_id.get(serial)
+        if last is None:
+            last = max((int(k) for k in self._stored_keys(f"terminal:{serial}") if k.isdigit()),
+                       default=0)
+        self._last_id[serial] = max(last, rec_id)
+        if not last or rec_id <= last + 1:
+            return []
+        n = rec_id - last - 1
+        ctx.count("device_overflow", n)
+        ctx.alarm("device_lost", f"terminal {self.cfg.id} at {self.cfg.desk} lost {n} records: "
+                  "its flash was full", subject=self.cfg.id, for_s=LOSS_ALARM_S)
+        log.warning("terminal %s: record ids jumped from %d to %d: %d lost on the terminal",
+                    self.cfg.id, last, rec_id, n)
+        event = Event(event_id=new_event_id(), desk=self.cfg.desk,
+                      device=DeviceRef(self.cfg.id, "terminal", serial),
+                      body=events.DeviceLost(lost=n, total=n, reason="flash_full"),
+                      operator=ctx.operator(self.cfg.desk, r.host_wall_ns),
+                      time=ctx.event_time(r.host_mono_ns, r.host_wall_ns))
+        return [Append(event, (f"terminal:{serial}", f"gap:{last}:{rec_id}"))]
 
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
@@ -228,4 +262,4 @@ def _snippet(usb: UsbDevice) -> list[str]:
             f'port = "{(usb.tty or ("/dev/ttyUSB0",))[0]}"']
 
 
-KIND: Final = Kind("terminal", parse, Terminal, _snippet)
+KIND: Final = Kind("terminal", parse, Terminal, _snippet, USB_MATCHER, rank=1)
