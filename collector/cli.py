@@ -23,6 +23,7 @@ from collector import __version__, queries, reports, store
 from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from edge.contract import topics
+from edge.contract.timefmt import check_zone
 from edge.contract.toml import ConfigError
 
 __all__ = ["broker_acl", "main", "send_command"]
@@ -31,6 +32,13 @@ DEFAULT_CONFIG = Path("/etc/feedback-collector/collector.toml")
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
+
+def _zone(text: str) -> str:
+    """argparse type for --tz: an IANA zone, else a usage error (exit 2), not a traceback."""
+    try:
+        return check_zone(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 def _cfg(args: argparse.Namespace) -> CollectorConfig:
     try:
@@ -422,11 +430,11 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--period", choices=reports.PERIODS, default="week")
     rep.add_argument("--from", dest="start", help="first day, e.g. 2026-11-01")
     rep.add_argument("--to", dest="end", help="last day, inclusive")
-    rep.add_argument("--tz", help="default: [reports] tz")
+    rep.add_argument("--tz", type=_zone, help="an IANA zone; default: [reports] tz")
     rep.add_argument("--include-burst", action="store_true")
     rep.add_argument("--csv", metavar="FILE", help="write CSV (- for standard output)")
     cbs = add("callbacks", _cmd_callbacks, "patients to call back, newest first")
-    cbs.add_argument("--tz")
+    cbs.add_argument("--tz", type=_zone)
     cbs.add_argument("--csv", metavar="FILE")
     cb = add("callback", _cmd_callback, "record how a callback was handled")
     cb.add_argument("id", help="SITE/EDGE/EVENT_ID from `callbacks`")

@@ -28,18 +28,17 @@ Mistakes are `edge.contract.toml.ConfigError`s naming key, value and what is all
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.contract.broker import BrokerConfig, parse_broker
+from edge.contract.ids import NAME_RE
 from edge.contract.timefmt import check_zone
 from edge.contract.toml import ConfigError, Table
 
 __all__ = ["CollectorConfig", "load_collector_config", "parse_collector_config"]
 
-_ID = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +56,9 @@ class CollectorConfig:
 def parse_collector_config(data: dict[str, object], source: str = "",
                            base_dir: Path | None = None) -> CollectorConfig:
     top = Table(data, "", source, base_dir)
-    ident = top.required_string("id", pattern=_ID, allowed="1 to 32 lower-case letters, "
+    ident = top.required_string("id", pattern=NAME_RE, allowed="1 to 32 lower-case letters, "
                                 "digits or '-'")
-    group = top.string("group", default="collectors", pattern=_ID,
+    group = top.string("group", default="collectors", pattern=NAME_RE,
                        allowed="1 to 32 lower-case letters, digits or '-'")
     broker_t = top.table("broker")
     if broker_t is None:

@@ -13,6 +13,7 @@ time.  Texts never contain personal data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Alarm", "Alarms"]
@@ -59,6 +60,15 @@ class Alarms:
                   if a.until_ns is not None and a.until_ns <= now_ns]:
             del self._active[k]
         return sorted(self._active.values(), key=lambda a: a.since_ns)
+
+    def report(self, wall_ns: Callable[[], int], code: str, subject: str,
+               text: str | None) -> None:
+        """Raise (text) or clear (None) alarm `code` about `subject`: the form
+        edge.state.FaultReport takes, with the clock bound first."""
+        if text is None:
+            self.clear(code, subject)
+        else:
+            self.raise_(code, text, wall_ns(), subject=subject)
 
     def has(self, code: str) -> bool:
         return any(k[0] == code for k in self._active)

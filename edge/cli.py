@@ -25,6 +25,7 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = Path("/etc/feedback-edge/edge.toml")
 EXIT_USAGE = 2
+EXIT_ALARMS = 3  # `status`: running, but something needs a person
 
 
 def _load(path: Path) -> Config:
@@ -50,9 +51,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge.commands import ControlRequest  # noqa: PLC0415
     from edge.control import ControlServer  # noqa: PLC0415 - keep `check-config` light
     from edge.daemon import Daemon  # noqa: PLC0415
+    from edge.instance import AlreadyRunningError, InstanceLock  # noqa: PLC0415
 
+    lock = InstanceLock(cfg.store.path.parent)
+    try:
+        lock.acquire()
+    except AlreadyRunningError as e:
+        print(f"feedback-edge: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        lock_error: str | None = f"the instance lock {lock.path} cannot be taken ({e.strerror})"
+    else:
+        lock_error = None
     # Faults of the disk do not stop the daemon (it retries and raises alarms).
     daemon = Daemon(cfg)
+    if lock_error is not None:
+        logging.getLogger("edge.instance").error("%s", lock_error)
+        daemon.alarms.raise_("instance_lock", lock_error, daemon.clock.wall_ns())
     control = None
     try:
         control = ControlServer(cfg.control_socket, lambda box, request: daemon.inbox.put(
@@ -89,6 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             control.stop()
         if page is not None:
             page.stop()
+        lock.release()
     return 0
 
 
@@ -174,7 +190,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
         print(_render(st))
-    return 0 if st.get("running") else 1
+    if not st.get("running"):
+        return 1
+    return EXIT_ALARMS if st.get("alarms") else 0
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -219,6 +220,9 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     daemon_t.finish()
     survey_t = top.table("survey") or Table({}, "survey", source, base_dir)
     doctors_file = survey_t.path_value("doctors_file")
+    if doctors_file is not None and doctors_file.exists():
+        # A missing one is the daemon's alarm (and provisioning's refusal).
+        _check_doctors(survey_t, doctors_file)
     personal = survey_t.get("send_personal_data")
     if personal is not MISSING and not isinstance(personal, bool):
         raise survey_t.error("send_personal_data", personal, "must be true or false")
@@ -310,6 +314,16 @@ def _parse_guards(t: Table) -> GuardsConfig:
     t.finish()
     return GuardsConfig(burst, window, parse_days(values["days"]), values["from"],
                         values["to"], values["tz"], str(action))
+
+
+def _check_doctors(t: Table, path: Path) -> None:
+    """The doctors file must be what the `doctors` command takes (edge.doctors)."""
+    from edge.doctors import validate_doctors  # noqa: PLC0415 - a pure function
+
+    try:
+        validate_doctors(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise t.error("doctors_file", str(path), f"is not a usable doctor list: {e}") from None
 
 
 def load_config(path: Path) -> Config:

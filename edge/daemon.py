@@ -19,6 +19,7 @@ Every timer runs on the injected clock's monotonic time.  Commands are
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -32,22 +33,15 @@ from edge import __version__, reporting
 from edge.alarms import Alarms
 from edge.clock import Clock, SystemClock
 from edge.commands import Commands, ControlRequest
+from edge.conditions import Conditions
 from edge.config import Config
 from edge.contract import topics
 from edge.contract.timefmt import format_wall
 from edge.discovery import Attached, DiscoveryWatcher, attached_now
 from edge.doctors import DoctorList
-from edge.events import (
-    DeviceRef,
-    Dropped,
-    Event,
-    EventTime,
-    OperatorTag,
-    encode_event,
-    new_event_id,
-)
+from edge.events import Event, encode_event
 from edge.guards import Guards
-from edge.ingest import Intake
+from edge.ingest import Intake, drop_event
 from edge.kinds import KINDS
 from edge.kinds.base import Context, DecodeFailed, Device, DeviceState, Env, Reading
 from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
@@ -84,10 +78,12 @@ class Daemon:
         self.started_s = self._now()
         self.root = config.topic_root
         self.alarms = Alarms()
+        self._state_fault = functools.partial(self.alarms.report, self.clock.wall_ns)
         self.store = Store(config.store.path, self._encode, max_events=config.store.max_events,
                            max_bytes=config.store.max_bytes,
                            min_free_bytes=config.store.min_free_bytes,
-                           drop_event=self._drop_event, alarms=self.alarms,
+                           drop_event=functools.partial(drop_event, self.clock, config.edge),
+                           alarms=self.alarms,
                            wall_ns=self.clock.wall_ns)
         self.link = MqttLink(config.broker, will=(topics.status_topic(self.root),
                                                   self._status("offline")),
@@ -133,25 +129,12 @@ class Daemon:
         self.turns = 0
         # The last stored events for the status page, without personal data.
         self.recent = reporting.Recent()
+        self.conditions = Conditions(self.alarms)
         self.intake = Intake(self.store, self.devices, self.ctx, self.recent, config.edge)
 
     def _now(self) -> float:
         """Monotonic seconds of the injected clock: every timer runs on it."""
         return self.clock.mono_ns() / 1e9
-
-    def _state_fault(self, code: str, subject: str, text: str | None) -> None:
-        """A small state file's fault (edge.state.FaultReport): raise or clear its alarm."""
-        if text is None:
-            self.alarms.clear(code, subject)
-        else:
-            self.alarms.raise_(code, text, self.clock.wall_ns(), subject=subject)
-
-    def _drop_event(self, first: int, last: int, reason: str) -> Event:
-        """The `dropped` event announcing seqs first..last (the store writes it)."""
-        t = EventTime(self.clock.wall_ns(), self.clock.synced(), self.clock.boot_id,
-                      self.clock.mono_ns())
-        return Event(new_event_id(), self.config.edge, DeviceRef(self.config.edge, "edge", None),
-                     Dropped(first, last, reason), OperatorTag(None, "none"), t)
 
     def _encode(self, event: Event, seq: int) -> tuple[str, bytes]:
         return (topics.event_topic(self.root, event.device.id),
@@ -249,6 +232,8 @@ class Daemon:
             # Small state files that could not be written are tried again.
             self.operators.retry()
             self._doctors.retry()
+            self.conditions.check(now, self.clock.wall_ns(), self.devices.values(),
+                                  self.clock.synced())
         if now >= self._next_health:
             self._next_health = now + self.config.health_interval_s
             if self.link.connected:

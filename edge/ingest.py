@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import logging
 
+from edge.clock import Clock
+from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, new_event_id
 from edge.kinds.base import Context, Decision, Device, Reading
 from edge.reporting import Recent
 from edge.store import Append, Store, StoreError
 
-__all__ = ["Intake"]
+__all__ = ["Intake", "drop_event"]
 
 log = logging.getLogger(__name__)
+
+
+def drop_event(clock: Clock, edge: str, first: int, last: int, reason: str) -> Event:
+    """The `dropped` event announcing seqs first..last (the store writes it with the
+    drop, edge.store): from the edge itself, nobody's operator, timed now."""
+    t = EventTime(clock.wall_ns(), clock.synced(), clock.boot_id, clock.mono_ns())
+    return Event(new_event_id(), edge, DeviceRef(edge, "edge", None),
+                 Dropped(first, last, reason), OperatorTag(None, "none"), t)
 
 
 class Intake:

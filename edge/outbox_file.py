@@ -349,6 +349,8 @@ class OpenedOutbox:
     lost: tuple[int, int] | None
     # (code, sentence) alarms to raise: store_corrupt, state_unreadable, seq_state_lost.
     alarms: list[tuple[str, str]]
+    # A new store (no birth marker, no seq): the store writes `born` first.
+    new: bool = False
 
 
 def open_outbox(path: Path, *, page_size: int = 1024,
@@ -408,7 +410,7 @@ def open_outbox(path: Path, *, page_size: int = 1024,
         lost = (1, known)
         last = known
     seqs.cover(max(last, known))
-    return OpenedOutbox(db, seqs, last, lost, alarms)
+    return OpenedOutbox(db, seqs, last, lost, alarms, new)
 
 
 # -- the seq watermark and figures ------------------------------------------------

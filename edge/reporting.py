@@ -41,8 +41,10 @@ class Recent:
 def status_line(d: Daemon) -> str:
     """systemd's STATUS=: queue, broker, devices connected."""
     connected = sum(dev.state == "connected" for dev in d.devices.values())
+    alarms = sorted({a.code for a in d.alarms.active(d.clock.wall_ns())})
     return (f"{d.store.depth - len(d.publisher.delivered)} queued, broker {d.broker_state}, "
-            f"{connected}/{len(d.devices)} devices")
+            f"{connected}/{len(d.devices)} devices"
+            + (f"; ALARMS: {', '.join(alarms)}" if alarms else ""))
 
 
 def device_list(d: Daemon) -> list[dict[str, Any]]:

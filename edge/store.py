@@ -272,8 +272,8 @@ class Store:
         if seqs.on_file < seqs.upto:
             with contextlib.suppress(StoreError):
                 seqs.write(seqs.upto)  # best effort: the outbox's mirror vouches meanwhile
-        if db.execute("SELECT 1 FROM meta WHERE name='born'").fetchone() is not None:
-            return
+        if not opened.new:
+            return  # born, or older than the marker but with seqs: nothing to write
         lost = opened.lost
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO meta(name, value) VALUES ('born', ?)",

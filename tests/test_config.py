@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -149,3 +150,87 @@ def _status(control: Path) -> dict[str, Any] | None:
         return query(control, timeout=2)
     except (OSError, ValueError):
         return None
+
+
+def test_check_config_refuses_a_ca_file_that_is_not_a_certificate(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    text = GOOD.replace('host = "localhost"', f'host = "localhost"\n[broker.tls]\n'
+                        f'ca_file = "{bad}"')
+    with pytest.raises(ConfigError, match=r"broker\.tls\.ca_file .* must hold PEM CA"):
+        _parse(text)
+    good = Path(__file__).parent / "fixtures" / "ca.pem"
+    _parse(text.replace(str(bad), str(good)))
+
+
+@pytest.mark.parametrize(("doctors", "why"), [
+    ({"rev": 1, "doctors": [{"id": "dr-a", "name": "A", "specialty": "", "photo": ""}]},
+     "photo"),
+    ({"rev": 1, "doctors": [{"id": "dr a", "name": "A", "specialty": ""}]}, "id"),
+    ([1, 2], "doctor list"),
+])
+def test_check_config_refuses_an_unusable_doctors_file(tmp_path: Path, doctors: object,
+                                                      why: str) -> None:
+    f = tmp_path / "doctors.json"
+    f.write_text(json.dumps(doctors))
+    with pytest.raises(ConfigError, match=rf"survey\.doctors_file .*{why}"):
+        _parse(GOOD + f'[survey]\ndoctors_file = "{f}"\n')
+
+
+def test_a_second_daemon_on_the_same_state_exits_2_naming_the_first(tmp_path: Path) -> None:
+    control = tmp_path / "control.sock"
+    path = tmp_path / "edge.toml"
+    path.write_text(GOOD.replace("[broker]", f'[daemon]\ncontrol_socket = "{control}"\n'
+                                 '[web]\nenabled = false\n[broker]')
+                    + f'[store]\npath = "{tmp_path}/state/outbox.sqlite"\n')
+    first = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        st = wait_for(lambda: _status(control), 15, "the first daemon")
+        second = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(path)],
+                                capture_output=True, text=True, check=False, timeout=30)
+        assert second.returncode == 2
+        assert f"PID {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        # The first one still owns its control socket and its store.
+        assert _status(control) is not None
+        assert st["pid"] == first.pid
+    finally:
+        first.terminate()
+        first.wait(15)
+    assert first.returncode == 0
+
+
+def test_status_exits_0_only_without_alarms(tmp_path: Path) -> None:
+    control = tmp_path / "control.sock"
+    path = tmp_path / "edge.toml"
+    path.write_text(GOOD.replace("[broker]", f'[daemon]\ncontrol_socket = "{control}"\n'
+                                 '[web]\nenabled = false\n[broker]')
+                    + f'[store]\npath = "{tmp_path}/state/outbox.sqlite"\n')
+    status = [sys.executable, "-m", "edge.cli", "status", "--config", str(path)]
+
+    def run_and_ask() -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+        daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config",
+                                   str(path)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            st = wait_for(lambda: _status(control), 15, "the daemon")
+            return subprocess.run(status, capture_output=True, text=True, check=False,
+                                  timeout=30), st
+        finally:
+            daemon.terminate()
+            daemon.wait(15)
+
+    # Freshly started: nothing has lasted long enough to need a person.
+    ok, st = run_and_ask()
+    assert st["alarms"] == []
+    assert ok.returncode == 0
+    # A damaged state file is an alarm from the start: exit 3.
+    (tmp_path / "state" / "doctors.json").write_text("{ not json")
+    alarmed, st = run_and_ask()
+    assert [a.split(":")[0] for a in st["alarms"]] == ["state_unreadable"]
+    assert alarmed.returncode == 3
+    assert "ALARM" in alarmed.stdout
+    down = subprocess.run(status, capture_output=True, text=True, check=False, timeout=30)
+    assert down.returncode == 1
+    assert "NOT RUNNING" in down.stdout

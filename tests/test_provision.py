@@ -64,7 +64,8 @@ def make_site(root: Path, extra: str = "") -> Path:
     site = root / "site"
     site.mkdir()
     (site / "mqtt-password").write_text("broker-secret-123\n")
-    (site / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    # A real (self-signed, test-only) CA certificate: check-config loads it as TLS will.
+    shutil.copy(Path(__file__).parent / "fixtures" / "ca.pem", site / "ca.pem")
     (site / "doctors.json").write_text(json.dumps({"rev": 1, "doctors": []}))
     (site / "edge.toml").write_text(f"""\
 site = "clinic-3"

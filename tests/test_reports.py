@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from collector.reports import (
@@ -145,3 +148,15 @@ def test_callback_list_newest_first_with_status_and_stale_flag() -> None:
 def test_period_keys_cover_iso_weeks_across_a_year_end() -> None:
     assert periods(date(2026, 12, 28), date(2027, 1, 4), "week") == ["2026-W53", "2027-W01"]
     assert periods(date(2026, 11, 30), date(2026, 12, 1), "month") == ["2026-11", "2026-12"]
+
+
+def test_an_unknown_zone_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "collector.toml"
+    cfg.write_text(f'id = "c1"\n[broker]\nhost = "localhost"\n[database]\n'
+                   f'path = "{tmp_path}/c.sqlite"\n')
+    for args in (["report", "loyalty", "--tz", "Mars/Olympus"], ["callbacks", "--tz", "Nowhere"]):
+        r = subprocess.run([sys.executable, "-m", "collector.cli", *args, "--config", str(cfg)],
+                           capture_output=True, text=True, check=False, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert "zone" in r.stderr.lower()

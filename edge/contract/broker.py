@@ -53,6 +53,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_tls_files(t: Table, tls: TlsConfig) -> None:
+    """Load the files as TLS will (ssl, RFC 5280 PEM): a file that is there but is
+    not a certificate or key fails at check-config, not at the clinic."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))
+        except (ssl.SSLError, ValueError) as e:
+            raise t.error("ca_file", str(tls.ca_file),
+                          f"must hold PEM CA certificate(s) ({e.__class__.__name__})") from None
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (ssl.SSLError, ValueError) as e:
+            raise t.error("cert_file", str(tls.cert_file),
+                          "must be a PEM certificate matching key_file (an unencrypted PEM "
+                          f"key) ({e.__class__.__name__})") from None
+
+
 def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
     """A [broker] table (shared with the collector's config)."""
     host = t.required_string("host", allowed="a host name or IP address")
@@ -81,6 +100,7 @@ def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
         if (tls.cert_file is None) != (tls.key_file is None):
             raise tls_table.error("key_file", str(tls.key_file),
                                   "cert_file and key_file go together: give both or neither")
+        _check_tls_files(tls_table, tls)
         tls_table.finish()
     plaintext_ok = t.get("allow_plaintext")
     if plaintext_ok is not MISSING and not isinstance(plaintext_ok, bool):
