@@ -9,6 +9,7 @@ Example::
 
     site = "clinic-3"
     edge = "reception-1"
+    tz = "Europe/Berlin"       # the site's zone, for people reading times (status page)
 
     [broker]
     host = "mqtt.example.org"
@@ -155,6 +156,9 @@ class Config:
     web: WebConfig = WebConfig(True, "127.0.0.1", 8480, None)
     source: str = ""
     delivery: DeliveryConfig = DeliveryConfig()
+    # The site's zone: how people there read times (status page); by default
+    # the opening hours' zone, else UTC.  Events always carry UTC.
+    tz: str = "UTC"
 
     @property
     def topic_root(self) -> str:
@@ -245,10 +249,15 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
     guards = _parse_guards(top.table("guards") or Table({}, "guards", source, base_dir))
     web = _parse_web(top.table("web") or Table({}, "web", source, base_dir))
     delivery = _parse_delivery(top.table("delivery") or Table({}, "delivery", source))
+    tz = top.string("tz", default=guards.hours_tz, allowed="an IANA zone like Europe/Berlin")
+    try:
+        check_zone(str(tz))
+    except ValueError as e:
+        raise top.error("tz", tz, str(e)) from None
     top.finish()
     return Config(site, edge, broker, store, desks, tuple(devices), control, health_interval,
                   led_ms, SurveyConfig(doctors_file, personal is not False), badges,
-                  max_login_h * 3600, guards, web, source, delivery)
+                  max_login_h * 3600, guards, web, source, delivery, str(tz))
 
 
 def _parse_delivery(t: Table) -> DeliveryConfig:

@@ -32,6 +32,7 @@ class Recent:
     def add(self, event: Event) -> None:
         self._items.appendleft({"time": format_wall(event.time.wall_ns), "desk": event.desk,
                                 "device": event.device.id, "what": event.body.summary(),
+                                "doctor": getattr(event.body, "doctor", None),
                                 "operator": event.operator.id, "flags": list(event.flags)})
 
     def list(self) -> list[dict[str, Any]]:
@@ -124,6 +125,13 @@ def status(d: Daemon) -> dict[str, Any]:
         "recent": d.recent.list(),
         "clock": d.timesync.status(),
         "alarms": h["alarms"],
+        "alarm_details": [{"code": a.code, "subject": a.subject, "text": a.text,
+                           "since": format_wall(a.since_ns)}
+                          for a in d.alarms.active(d.clock.wall_ns())],
+        "tz": cfg.tz,
+        # Doctor ids to names, so the page says who an answer was about.
+        "doctors": {str(x["id"]): str(x["name"]) for x in
+                    (d.commands.doctors_now or (0, []))[1]},
     }
 
 

@@ -35,38 +35,62 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Feedback edge status</title>
 <style>
- body { font: 15px/1.4 system-ui, sans-serif; margin: 1.2em; color: #222; }
+ body { font: 15px/1.4 system-ui, sans-serif; margin: 1em; color: #222; }
  h1 { font-size: 1.3em; margin: 0 0 .3em; } h2 { font-size: 1.05em; margin: 1.2em 0 .4em; }
+ .scroll { overflow-x: auto; }
  table { border-collapse: collapse; width: 100%; }
- td, th { text-align: left; padding: .25em .6em; border-bottom: 1px solid #ddd; }
+ td, th { text-align: left; padding: .25em .5em; border-bottom: 1px solid #ddd;
+          vertical-align: top; }
  .ok { color: #0a7d32; font-weight: 600; } .bad { color: #b3261e; font-weight: 600; }
  .muted { color: #777; } #presses tr:first-child { background: #fff7c2; }
  .cards { display: flex; flex-wrap: wrap; gap: .6em; }
- .card { border: 1px solid #ddd; border-radius: 6px; padding: .5em .8em; min-width: 11em; }
+ .card { border: 1px solid #ddd; border-radius: 6px; padding: .5em .8em; min-width: 10em;
+         flex: 1 1 10em; }
+ #verdict { padding: .6em .8em; border-radius: 6px; margin: .4em 0 .8em; font-weight: 600; }
+ #verdict.ok { background: #e3f5e9; } #verdict.bad { background: #fde7e5; }
+ #alarmlist { margin: .3em 0 0; padding-left: 1.2em; } #alarmlist li { margin: .2em 0; }
+ .flag { display: inline-block; font-size: .8em; padding: 0 .35em; margin: 0 .2em .1em 0;
+         border: 1px solid #bbb; border-radius: 4px; color: #555; }
+ @media (max-width: 480px) {
+   body { margin: .6em; font-size: 14px; } .card { min-width: 8em; }
+   .wide { display: none; }
+ }
 </style></head>
 <body>
 <h1>Feedback edge <span id="ident" class="muted"></span></h1>
+<div id="verdict">...</div>
+<ul id="alarmlist"></ul>
 <div class="cards">
  <div class="card">Broker<br><span id="broker">...</span></div>
  <div class="card">Queue<br><span id="queue">...</span></div>
  <div class="card">Clock<br><span id="clock">...</span></div>
- <div class="card">Alarms<br><span id="alarms">...</span></div>
 </div>
 <h2>Devices</h2>
-<table><thead><tr><th>Device</th><th>Kind</th><th>Desk</th><th>State</th><th>Events</th>
-<th>Errors</th></tr></thead><tbody id="devices"></tbody></table>
+<div class="scroll"><table><thead><tr><th>Device</th><th class="wide">Kind</th><th>Desk</th>
+<th>State</th><th>Events</th><th class="wide">Errors</th></tr></thead>
+<tbody id="devices"></tbody></table></div>
 <h2>Desks</h2>
-<table><thead><tr><th>Desk</th><th>On duty</th><th>Since</th></tr></thead>
-<tbody id="desks"></tbody></table>
+<div class="scroll"><table><thead><tr><th>Desk</th><th>On duty</th><th>Since</th></tr></thead>
+<tbody id="desks"></tbody></table></div>
 <h2>Last presses (press a button: it appears here)</h2>
-<table><thead><tr><th>Time</th><th>Desk</th><th>Device</th><th>What</th><th>Operator</th>
-</tr></thead><tbody id="presses"></tbody></table>
+<div class="scroll"><table><thead><tr><th>Time</th><th>Desk</th><th class="wide">Device</th>
+<th>What</th><th>Operator</th></tr></thead><tbody id="presses"></tbody></table></div>
+<p class="muted">Times in <span id="tz"></span>.</p>
 <script>
 const token = new URLSearchParams(location.search).get("token");
 const api = "api/status" + (token ? "?token=" + encodeURIComponent(token) : "");
-function cell(text, cls) {
-  const td = document.createElement("td"); td.textContent = text;
-  if (cls) td.className = cls; return td;
+let fmt = null, fmtZone = null;
+function when(iso) {  // one format for every time on the page, in the site's zone
+  if (!iso) return "-";
+  const p = Object.fromEntries(fmt.formatToParts(new Date(iso)).map(x => [x.type, x.value]));
+  return `${p.year}-${p.month}-${p.day} ${p.hour}:${p.minute}:${p.second}`;
+}
+function cell(content, cls, wide) {
+  const td = document.createElement("td");
+  if (content instanceof Node) td.appendChild(content); else td.textContent = content;
+  const classes = [cls || "", wide ? "wide" : ""].join(" ").trim();
+  if (classes) td.className = classes;
+  return td;
 }
 function rows(id, items, cells) {
   const body = document.getElementById(id); body.replaceChildren();
@@ -80,22 +104,56 @@ function set(id, text, ok) {
   const el = document.getElementById(id); el.textContent = text;
   el.className = ok === undefined ? "" : (ok ? "ok" : "bad");
 }
+function what(p, doctors) {
+  const span = document.createElement("span");
+  let text = p.what;
+  if (p.doctor && doctors[p.doctor]) text = text.replace(p.doctor, doctors[p.doctor]);
+  span.append(text + " ");
+  for (const f of p.flags || []) {
+    const b = document.createElement("span"); b.className = "flag"; b.textContent = f;
+    span.append(b);
+  }
+  return span;
+}
 async function refresh() {
   try {
     const st = await (await fetch(api, {cache: "no-store"})).json();
+    if (fmtZone !== st.tz) {
+      fmt = new Intl.DateTimeFormat("en-GB", {timeZone: st.tz, year: "numeric",
+        month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+        second: "2-digit", hourCycle: "h23"});
+      fmtZone = st.tz;
+    }
     set("ident", st.site + " / " + st.edge);
-    set("broker", st.broker.state, st.broker.state === "connected");
+    set("tz", st.tz);
+    const down = st.devices.filter(d => d.state !== "connected" && d.state !== "unconfigured");
+    const problems = st.alarm_details.length + (st.broker.state === "connected" ? 0 : 1)
+      + down.length;
+    set("verdict", problems ? `Needs attention (${problems})` : "All good", !problems);
+    const list = document.getElementById("alarmlist"); list.replaceChildren();
+    for (const a of st.alarm_details) {
+      const li = document.createElement("li"); li.className = "bad";
+      li.textContent = `${a.text} (${a.code}, since ${when(a.since)})`; list.appendChild(li);
+    }
+    set("broker", st.broker.state + (st.broker.error ? ": " + st.broker.error : ""),
+        st.broker.state === "connected");
     set("queue", st.queue.depth + " pending", st.queue.depth < 100);
     set("clock", st.clock.synced ? "synchronised" : "not synchronised", st.clock.synced);
-    set("alarms", st.alarms.length ? st.alarms.join("; ") : "none", !st.alarms.length);
-    rows("devices", st.devices, d => [cell(d.id), cell(d.kind), cell(d.desk || "-"),
+    rows("devices", st.devices, d => [cell(d.id), cell(d.kind, "", true), cell(d.desk || "-"),
       cell(d.state, d.state === "connected" ? "ok" : "bad"), cell(d.presses ?? "-"),
-      cell(Object.entries(d.decode_errors || {}).map(e => e.join(" ")).join(", ") || "-")]);
+      cell(Object.entries(d.decode_errors || {}).map(e => e.join(" ")).join(", ") || "-",
+           "", true)]);
     rows("desks", st.desks, d => [cell(d.desk), cell(d.operator || "nobody"),
-      cell(d.since || "-", "muted")]);
-    rows("presses", st.recent, p => [cell(new Date(p.time).toLocaleTimeString()), cell(p.desk),
-      cell(p.device), cell(p.what), cell(p.operator || "-")]);
-  } catch (e) { set("broker", "daemon not answering", false); }
+      cell(when(d.since), "muted")]);
+    rows("presses", st.recent, p => [cell(when(p.time)), cell(p.desk),
+      cell(p.device, "", true), cell(what(p, st.doctors || {})), cell(p.operator || "-")]);
+    // Whether the page is wider than the screen (phones): kept on the body.
+    document.body.dataset.overflow = String(
+      document.documentElement.scrollWidth > document.documentElement.clientWidth);
+  } catch (e) {
+    set("verdict", "The daemon is not answering", false);
+    set("broker", "daemon not answering", false);
+  }
 }
 refresh(); setInterval(refresh, 1000);
 </script></body></html>

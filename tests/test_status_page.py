@@ -4,6 +4,7 @@ press made on the simulator shows up in a real headless Chromium."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -84,8 +85,19 @@ def test_a_press_shows_up_in_headless_chromium(served: tuple[Site, int], tmp_pat
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True,
                          text=True, timeout=90, check=True).stdout
     assert "fc3-00a1b2c3d4e0" in dom
-    assert "<td>good</td>" in dom
+    assert "<span>good </span>" in dom
     assert '<span id="broker" class="ok">connected</span>' in dom
+    assert '<div id="verdict" class="ok">All good</div>' in dom
+    # One time format, in the site's zone (UTC here), for every time on the page.
+    assert re.search(r"<td>20\d\d-\d\d-\d\d \d\d:\d\d:\d\d</td>", dom), dom
     subprocess.run([CHROMIUM, *flags, f"--screenshot={tmp_path / 'page.png'}", url],
                    capture_output=True, timeout=90, check=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
+    # A phone: 390 px wide, nothing wider than the screen.
+    phone = [f for f in flags if not f.startswith("--window-size")] + ["--window-size=390,844"]
+    dom = subprocess.run([CHROMIUM, *phone, "--dump-dom", url], capture_output=True,
+                         text=True, timeout=90, check=True).stdout
+    assert 'data-overflow="false"' in dom
+    subprocess.run([CHROMIUM, *phone, f"--screenshot={tmp_path / 'phone.png'}", url],
+                   capture_output=True, timeout=90, check=True)
+    assert (tmp_path / "phone.png").stat().st_size > 10_000
