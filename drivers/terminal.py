@@ -13,18 +13,24 @@ On the wire every frame is COBS(body) followed by one 0x00::
     +-------+--------+----------+----------+------------------+----------+
     crc = CRC-16/CCITT-FALSE over ver..payload (poly 0x1021, init 0xFFFF,
           no reflection, no final xor; "123456789" -> 0x29B1)
-    payload = one compact UTF-8 JSON object, len <= 1024
+    payload = one compact UTF-8 JSON object, len <= 16384 (`MAX_PAYLOAD`)
 
     terminal -> host: 01 HELLO  02 PING  03 PONG  10 ANSWER  11 PRESENCE
                       12 ABANDONED  80 ACK (for DOCTORS and TIME)
-    host -> terminal: 02 PING  03 PONG  20 DOCTORS  21 TIME  80 ACK  81 NAK
+    host -> terminal: 02 PING  03 PONG  20 DOCTORS  21 TIME  22 WHO  80 ACK  81 NAK
 
 Frame errors, each counted by name and NAKed with the sheet's reason:
-`too_long` (more than 1100 bytes before the 0x00), `cobs`, `crc`, and, for
-bodies whose CRC is right but whose structure is not, `bad_length` (len field
-differs from the payload) and `bad_version`, both NAKed as `schema`.  Message
-errors: `json` (payload not a JSON object), `schema` (fields of the wrong type
-or a record breaking the survey rules), `unknown_type`.
+`too_long` (a frame longer than `MAX_WIRE` = 16,500 bytes on the wire, its
+0x00 included, so more than 16,499 bytes before the 0x00; or a `len` field
+over 16384), `cobs`, `crc`, and, for bodies whose CRC is right but whose
+structure is not, `bad_length` (len field differs from the payload) and
+`bad_version`, both NAKed as `schema`.  Message errors: `json` (payload not
+a JSON object), `schema` (fields of the wrong type or a record breaking the
+survey rules), `unknown_type`.
+
+The reader's memory is bounded: `FrameDecoder` never holds more than
+16,499 bytes of a frame; the bytes of an overlong one are counted against
+the limit before they are kept, and dropped up to the next 0x00.
 
 Where the sheet is silent, our choices:
 - Bytes before the first 0x00 after opening are discarded (the sheet's rule),
@@ -32,10 +38,29 @@ Where the sheet is silent, our choices:
   idle filler and resynchronisation marker, not an error.  Terminals (and
   the simulator) send a lone 0x00 before HELLO so the HELLO is not lost.
 - A NAK carries the frame's seq when the body could be read far enough to
-  know it (json/schema/unknown_type), and null after cobs/crc/too_long.
+  know it (json/schema/unknown_type, and too_long from the `len` field), and
+  null after cobs/crc/too_long on the wire.
 - A record is identified by (terminal serial, id): the serial from HELLO, or
   from the config until the first HELLO arrives.  Without either a record is
-  neither stored nor ACKed; the terminal retransmits it every 2 s.
+  not stored or ACKed at once: the latest ones (`PARKED_MAX`, by frame seq)
+  are kept and stored as soon as a HELLO names the serial, their `age_ms`
+  grown by the time they waited, so their real time stays right, and ACKed
+  under the seq they came in (a terminal that replays the record after its
+  HELLO under a new seq gets that copy ACKed as a duplicate).
+- WHO: the host has not heard the terminal's HELLO until it does, whatever
+  the config says (the config's serial is a claim; HELLO also brings
+  `doctors_rev`, and TIME waits for it).  So after opening the port it sends
+  WHO unless a HELLO arrived within `WHO_AFTER_MS` (a CDC-ACM unit sees the
+  open and sends one by itself; asking at once would only make it say it
+  twice), then again after 2, 4, 8 ... up to 60 s while none comes, and
+  at most 1 s after the last WHO whenever the terminal sends a frame without
+  having said HELLO (it is there: ask again now rather than at the back-off).
+- A stuck terminal: a terminal keeps one record in flight and retransmits it
+  until ACKed, so a record the host refuses holds every record behind it.
+  When the same refusal repeats `STUCK_AFTER` (5) times with no record
+  accepted in between (same frame seq and reason; for frames whose seq is
+  unreadable, the same reason with no good frame in between), the host
+  reports `Stuck` once per such run; accepting a record ends the run.
 - `age_ms` must be a non-negative integer; 0 for a record sent at once.
 """
 
@@ -45,7 +70,7 @@ import binascii
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Final
 
@@ -65,6 +90,8 @@ __all__ = [
     "FrameType",
     "Hello",
     "Presence",
+    "Stuck",
+    "TerminalHost",
     "cobs_decode",
     "cobs_encode",
     "crc16",
@@ -76,8 +103,9 @@ VID: Final = 0x1209  # pid.codes
 PID: Final = 0xFB30
 USB_MATCHER: Final = Matcher("terminal", VID, PID)
 VERSION: Final = 1
-MAX_PAYLOAD: Final = 1024
-MAX_WIRE: Final = 1100
+MAX_PAYLOAD: Final = 16_384  # the sheet's limit on `len`
+MAX_WIRE: Final = 16_500  # the longest frame on the wire, its 0x00 included
+_MAX_COBS: Final = MAX_WIRE - 1  # bytes of one frame held before its 0x00
 _HEAD = struct.Struct("<BBHH")
 _PHONE = re.compile(r"^\+?[0-9]{5,16}$")
 
@@ -91,6 +119,7 @@ class FrameType(IntEnum):
     ABANDONED = 0x12
     DOCTORS = 0x20
     TIME = 0x21
+    WHO = 0x22
     ACK = 0x80
     NAK = 0x81
 
@@ -171,7 +200,9 @@ def decode_body(body: bytes) -> Frame | FrameError:
     if ver != VERSION:
         return FrameError("bad_version", "schema", seq)
     payload = body[_HEAD.size:-2]
-    if length != len(payload) or length > MAX_PAYLOAD:
+    if length > MAX_PAYLOAD or len(payload) > MAX_PAYLOAD:
+        return FrameError("too_long", "too_long", seq)
+    if length != len(payload):
         return FrameError("bad_length", "schema", seq)
     return Frame(ftype, seq, payload)
 
@@ -185,17 +216,25 @@ class FrameDecoder:
         self._buf = bytearray()
         self._overlong = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished frame held now (never more than MAX_WIRE - 1)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[Frame | FrameError]:
         out: list[Frame | FrameError] = []
         start = 0
         while True:
             end = data.find(0, start)
-            chunk = data[start:] if end < 0 else data[start:end]
+            stop = len(data) if end < 0 else end
             if not self._overlong:
-                self._buf += chunk
-                if len(self._buf) > MAX_WIRE:
+                # Checked before the bytes are kept: an overlong frame is
+                # never held, only skipped up to its 0x00.
+                if len(self._buf) + (stop - start) > _MAX_COBS:
                     self._overlong = True
                     self._buf.clear()
+                else:
+                    self._buf += data[start:stop]
             if end < 0:
                 return out
             start = end + 1
@@ -364,6 +403,12 @@ def parse_message(frame: Frame) -> Message | FrameError:
 # -- the host's side of one terminal ------------------------------------------
 
 LINK_TIMEOUT_MS: Final = 30_000
+WHO_AFTER_MS: Final = 300  # a HELLO the terminal sends by itself on open comes first
+WHO_RETRY_MS: Final = 2_000  # then 2, 4, 8 ... s while no HELLO comes
+WHO_MAX_MS: Final = 60_000
+WHO_MIN_GAP_MS: Final = 1_000  # a talking terminal without HELLO is asked again this soon
+PARKED_MAX: Final = 4  # records kept while the serial is unknown (one is in flight)
+STUCK_AFTER: Final = 5  # the same refusal this many times in a row: Stuck
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,18 +439,31 @@ class HelloSeen:
     hello: Hello
 
 
-Action = Send | StoreRecord | Count | HelloSeen
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """The terminal sent what the host refuses `times` times in a row, with
+    no record accepted in between: the records behind it wait on the terminal.
+    `seq` is the refused frame's seq, None when it could not be read."""
+
+    reason: str
+    seq: int | None
+    times: int
+
+
+Action = Send | StoreRecord | Count | HelloSeen | Stuck
 
 
 class TerminalHost:
-    """Decisions for one terminal link; bytes in, actions out (no I/O).
+    """Decisions for one terminal link, from the moment the port was opened
+    (`opened_ms`, host monotonic ms); bytes in, actions out (no I/O).
 
     `doctors` is (rev, list) as the host currently has it; `clock_synced`
-    says whether TIME may be sent.
+    says whether TIME may be sent.  `feed` takes what was read; `poll` gives
+    what is due without input (WHO) and `next_due_ms` when that is.
     """
 
     def __init__(self, serial: str | None, doctors: tuple[int, list[dict[str, Any]]] | None = None,
-                 clock_synced: bool = False) -> None:
+                 clock_synced: bool = False, opened_ms: int = 0) -> None:
         self.serial = serial
         self.doctors = doctors
         self.clock_synced = clock_synced
@@ -413,6 +471,13 @@ class TerminalHost:
         self._decoder = FrameDecoder()
         self._seq = 0
         self.last_rx_ms: int | None = None
+        self._who_next = opened_ms + WHO_AFTER_MS
+        self._who_gap = WHO_RETRY_MS
+        self._who_last: int | None = None
+        # frame seq -> (record, host ms it arrived), while no serial is known
+        self._parked: dict[int, tuple[Record, int]] = {}
+        self._refused: tuple[int | None, str] | None = None
+        self._refusals = 0
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFF
@@ -436,21 +501,75 @@ class TerminalHost:
     def link_up(self, host_ms: int) -> bool:
         return self.last_rx_ms is not None and host_ms - self.last_rx_ms <= LINK_TIMEOUT_MS
 
+    # -- WHO -------------------------------------------------------------------
+
+    def next_due_ms(self) -> int | None:
+        """When `poll` has something to send (None: nothing until more input)."""
+        return None if self.hello is not None else self._who_next
+
+    def poll(self, host_ms: int) -> list[Action]:
+        """WHO, while no HELLO has arrived since the port was opened."""
+        if self.hello is not None or host_ms < self._who_next:
+            return []
+        self._who_last = host_ms
+        self._who_next = host_ms + self._who_gap
+        self._who_gap = min(self._who_gap * 2, WHO_MAX_MS)
+        return [Send(self.frame(FrameType.WHO, {}))]
+
+    def _heard_without_hello(self) -> None:
+        if self.hello is None and self._who_last is not None:
+            self._who_next = min(self._who_next, self._who_last + WHO_MIN_GAP_MS)
+
+    # -- refusals --------------------------------------------------------------
+
+    def _refuse(self, err: FrameError, out: list[Action]) -> None:
+        out.append(Count(err.name))
+        out.append(Send(self.frame(FrameType.NAK, {"seq": err.seq, "reason": err.reason})))
+        key = (err.seq, err.reason)
+        if key == self._refused:
+            self._refusals += 1
+        else:
+            self._refused, self._refusals = key, 1
+        if self._refusals == STUCK_AFTER:
+            out.append(Stuck(err.reason, err.seq, self._refusals))
+
+    def _accepted(self, record: bool) -> None:
+        """A good frame: a record ends any run of refusals; any good frame ends
+        a run of refusals whose seq was unreadable (noise, not one record)."""
+        if record or (self._refused is not None and self._refused[0] is None):
+            self._refused, self._refusals = None, 0
+
+    # -- input -----------------------------------------------------------------
+
+    def _record(self, msg: Record, seq: int, host_ms: int, out: list[Action]) -> None:
+        if self.serial is not None:
+            out.append(StoreRecord(msg, self.serial, seq))
+            return
+        out.append(Count("no_serial"))
+        self._parked.pop(seq, None)
+        self._parked[seq] = (msg, host_ms)
+        while len(self._parked) > PARKED_MAX:
+            del self._parked[next(iter(self._parked))]
+
+    def _unpark(self, serial: str, host_ms: int, out: list[Action]) -> None:
+        for seq, (rec, at_ms) in self._parked.items():
+            waited = max(0, host_ms - at_ms)
+            out.append(StoreRecord(replace(rec, age_ms=rec.age_ms + waited), serial, seq))
+        self._parked.clear()
+
     def feed(self, data: bytes, host_ms: int, wall_ms: int) -> list[Action]:
         out: list[Action] = []
         for item in self._decoder.feed(data):
             self.last_rx_ms = host_ms
             if isinstance(item, FrameError):
-                out.append(Count(item.name))
-                out.append(Send(self.frame(FrameType.NAK, {"seq": item.seq,
-                                                           "reason": item.reason})))
+                self._refuse(item, out)
                 continue
             msg = parse_message(item)
             if isinstance(msg, FrameError):
-                out.append(Count(msg.name))
-                out.append(Send(self.frame(FrameType.NAK, {"seq": msg.seq,
-                                                           "reason": msg.reason})))
-            elif isinstance(msg, Hello):
+                self._refuse(msg, out)
+                continue
+            self._accepted(isinstance(msg, Answer | Presence | Abandoned))
+            if isinstance(msg, Hello):
                 self.hello = msg
                 self.serial = msg.serial
                 out.append(HelloSeen(msg))
@@ -460,11 +579,11 @@ class TerminalHost:
                         out.append(Send(frame))
                 if self.clock_synced:
                     out.append(Send(self.time_frame(wall_ms)))
-            elif isinstance(msg, Answer | Presence | Abandoned):
-                if self.serial is None:
-                    out.append(Count("no_serial"))
-                else:
-                    out.append(StoreRecord(msg, self.serial, item.seq))
+                self._unpark(msg.serial, host_ms, out)
+                continue
+            self._heard_without_hello()
+            if isinstance(msg, Answer | Presence | Abandoned):
+                self._record(msg, item.seq, host_ms, out)
             elif item.type == FrameType.PING:
                 out.append(Send(self.frame(FrameType.PONG, {})))
             # PONG and ACK (of our DOCTORS / TIME) only prove the link is up.

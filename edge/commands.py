@@ -32,6 +32,10 @@ __all__ = ["MAX_COMMAND_BYTES", "Commands", "ControlRequest"]
 
 log = logging.getLogger(__name__)
 
+# A larger payload is answered with an error.  Nothing much larger ever reaches
+# the daemon: its CONNECT advertises MQTT v5 Maximum Packet Size
+# edge.mqtt.MAX_PACKET_BYTES (256 KiB, room for a 64 KiB command and its
+# topic), so the broker drops bigger messages for us instead of sending them.
 MAX_COMMAND_BYTES: Final = 65536
 
 

@@ -43,8 +43,16 @@ from edge.events import Event, encode_event
 from edge.guards import Guards
 from edge.ingest import Intake, drop_event
 from edge.kinds import KINDS
-from edge.kinds.base import Context, DecodeFailed, Device, DeviceState, Env, Reading
-from edge.mqtt import Connected, Disconnected, Inbound, MqttLink, PubAck
+from edge.kinds.base import (
+    Context,
+    DecodeFailed,
+    Device,
+    DeviceAlarm,
+    DeviceState,
+    Env,
+    Reading,
+)
+from edge.mqtt import Connected, Disconnected, Inbound, LinkAlarms, MqttLink, PubAck, Stable
 from edge.operators import Operators
 from edge.publisher import Publisher
 from edge.sdnotify import Notifier, Watchdog
@@ -88,6 +96,8 @@ class Daemon:
         self.link = MqttLink(config.broker, will=(topics.status_topic(self.root),
                                                   self._status("offline")),
                              post=self.inbox.put, rng=rng or random.Random())
+        self.link_alarms = LinkAlarms(self.alarms, config.broker, self.clock.wall_ns,
+                                      self.started_s)
         doctors = DoctorList(config.store.path.with_name("doctors.json"),
                              config.survey.doctors_file, on_fault=self._state_fault)
         self.desks = sorted({*config.desks, *(d.desk for d in config.devices)})
@@ -217,12 +227,14 @@ class Daemon:
             self.publisher.delivered.clear()
         acks = [m for m in batch if isinstance(m, PubAck)]
         for a in acks:
-            if not self.publisher.on_puback(a.mid, a.ok, a.reason, now) \
-                    and a.mid == self._offline_mid:
+            is_event = self.publisher.on_puback(a.mid, a.ok, a.reason, now)
+            self.link_alarms.on_puback(a, is_event)
+            if not is_event and a.mid == self._offline_mid:
                 self._offline_mid = None
         self.store.retry(now)
         self.store.remove(self.publisher.take_delivered(now))
         self.publisher.tick(now)
+        self.link_alarms.tick(now)
         self._pump()
         self._check_clock()
         if now - self._roster_checked >= 1.0:
@@ -250,9 +262,19 @@ class Daemon:
                 self._publish_devices()
         elif isinstance(msg, DecodeFailed):
             self._count_decode_error(msg)
+        elif isinstance(msg, DeviceAlarm):
+            if msg.text is None:
+                self.alarms.clear(msg.code, msg.device_id)
+            else:
+                self.alarms.raise_(msg.code, msg.text, self.clock.wall_ns(),
+                                   subject=msg.device_id)
         elif isinstance(msg, Connected):
+            self.link_alarms.on_connected()
             self._on_connected(msg)
+        elif isinstance(msg, Stable):
+            self.link_alarms.on_stable()
         elif isinstance(msg, Disconnected):
+            self.link_alarms.on_disconnected(msg, self._now())
             if self.broker_state != "disconnected" or self.broker_error != msg.reason:
                 log.warning("broker: %s", msg.reason)
             self.broker_state = "disconnected"

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
+from drivers.terminal import MAX_PAYLOAD
 from edge.state import FaultReport, StateFile, ignore_faults
 
 __all__ = ["DoctorList", "validate_doctors"]
@@ -49,6 +50,12 @@ def validate_doctors(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
             raise ValueError(f"doctors[{i}].photo must be null or a lower-case sha256 hex")
         seen.add(did)
         out.append({"id": did, "name": name, "specialty": spec, "photo": photo})
+    # It goes to the terminals as one DOCTORS frame, as compact UTF-8 JSON.
+    size = len(json.dumps({"rev": rev, "doctors": out}, separators=(",", ":"),
+                          ensure_ascii=False).encode())
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"doctors take {size} bytes as the terminals' DOCTORS frame; "
+                         f"a frame holds at most {MAX_PAYLOAD}: shorten names or specialties")
     return rev, out
 
 

@@ -50,11 +50,12 @@ def status_line(d: Daemon) -> str:
 
 def device_list(d: Daemon) -> list[dict[str, Any]]:
     """Every configured device, then hardware plugged in but not configured."""
-    out = [{"id": dev.cfg.id, "kind": dev.cfg.kind, "serial": dev.cfg.serial,
+    # The serial a device reported (a terminal's HELLO) wins over the config's.
+    out = [{"id": dev.cfg.id, "kind": dev.cfg.kind, "serial": dev.serial(),
             "desk": dev.cfg.desk, "state": dev.state,
             "last_seen": format_wall(dev.last_seen_ns) if dev.last_seen_ns else None,
             "error": dev.error} for dev in d.devices.values()]
-    serials = {dev.cfg.serial for dev in d.devices.values() if dev.cfg.serial}
+    serials = {s for dev in d.devices.values() for s in (dev.cfg.serial, dev.serial()) if s}
     for usb, kind in d.attached.devices:
         if kind is not None and usb.serial not in serials:
             # Plugged in but not configured: its identity, for the installer.

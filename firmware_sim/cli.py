@@ -3,6 +3,7 @@
     feedback-sim console run --socket /tmp/fc3.sock [--serial 00A1B2C3D4E5]
     feedback-sim console press good --socket /tmp/fc3.sock [--count 5 --interval-ms 500]
     feedback-sim console power-cycle --socket /tmp/fc3.sock
+    feedback-sim console unplug --socket /tmp/fc3.sock   # the host's link closes; plug ends it
     feedback-sim console state --socket /tmp/fc3.sock
     feedback-sim terminal run --link /tmp/st3.tty --flash /tmp/st3.flash [--day] [--control S]
     feedback-sim terminal answer --control S --doctor dr-petrov --q1 no --q2 yes --phone ...
@@ -33,8 +34,9 @@ def _button_index(name: str, layout: int = Layout.THREE_LEVEL, buttons: int = 5)
         for i, (label, _) in enumerate(button_labels(lay, buttons)):
             if label == name:
                 return i
-    raise SystemExit(f"feedback-sim: unknown button {name!r}: use an index or good, neutral, "
-                     "bad, yes, no")
+    print(f"feedback-sim: unknown button {name!r}: use an index or good, neutral, bad, yes, "
+          "no", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -56,8 +58,13 @@ def _press(args: argparse.Namespace) -> int:
 
     button = _button_index(args.button)
     for i in range(args.count):
-        control(args.socket, b"P", json.dumps({"button": button,
-                                               "hold_ms": args.hold_ms}).encode())
+        reply = control(args.socket, b"P", json.dumps({"button": button,
+                                                       "hold_ms": args.hold_ms}).encode())
+        if not reply.get("ok"):
+            # The console refused (a button it does not have): a usage error.
+            print(f"feedback-sim: console on {args.socket} refused the press: "
+                  f"{reply.get('error')}", file=sys.stderr)
+            return 2
         if i + 1 < args.count:
             time.sleep(args.interval_ms / 1000)
     return 0
@@ -80,7 +87,8 @@ def _terminal_run(args: argparse.Namespace) -> int:
         script = json.loads(args.script.read_text())
     elif args.day:
         script = scripted_day(args.spacing_ms)
-    server = TerminalServer(args.link, args.flash, args.serial, args.control, script)
+    server = TerminalServer(args.link, args.flash, args.serial, args.control, script,
+                            rs232=args.rs232)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     print(f"terminal {args.serial} on {server.slave_name} (link {args.link})", flush=True)
@@ -134,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     trun.add_argument("--script", type=Path, help="JSON list of records with after_ms")
     trun.add_argument("--day", action="store_true", help="play a built-in scripted day")
     trun.add_argument("--spacing-ms", type=int, default=2000)
+    trun.add_argument("--rs232", action="store_true",
+                      help="an older RS-232 unit: it cannot see the host open the port, "
+                           "so it sends HELLO only at power-up and when asked (WHO)")
     trun.set_defaults(func=_terminal_run)
     answer = terminal.add_parser("answer", help="a patient answers on a running terminal")
     answer.add_argument("--control", type=Path, required=True)

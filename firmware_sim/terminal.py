@@ -10,7 +10,15 @@
   stored and ACKed.
 - After power-up, and whenever the host opens the port, a lone 0x00 and then
   HELLO are sent and the unacknowledged records replayed (the 0x00 lets a
-  host that discards bytes up to the first delimiter keep the HELLO).
+  host that discards bytes up to the first delimiter keep the HELLO).  An
+  RS-232 unit cannot see the host open the port (`TerminalServer(rs232=True)`
+  never calls `set_sender` again); it says HELLO only at power-up and when the
+  host asks with WHO.
+- WHO is answered with the lone 0x00 and HELLO, and nothing else changes: the
+  record in flight keeps its seq and its 2 s retransmission (WHO asks who is
+  there; it is not a reconnect).
+- `drop_oldest()` is the service technician removing the oldest record from
+  flash (a record the host keeps refusing blocks all the others).
 - The survey rules are kept (q2 only after "no", phone and comment only
   after q2 "yes"); `answer(..., force=True)` sends a rule-breaking record on
   purpose, for tests of the host's `schema` NAK.
@@ -55,6 +63,7 @@ class TerminalFirmware:
         self.naks: list[dict[str, Any]] = []
         self.time_set: int | None = None
         self.pongs = 0
+        self.whos = 0
         self.powered = False
         self.power_up()
 
@@ -101,16 +110,20 @@ class TerminalFirmware:
                 self.hello()
 
     def hello(self) -> None:
+        """Power-up or a (re)connect: HELLO, then replay from the oldest record."""
         with self._lock:
             self._in_flight = None
-            # A lone 0x00 first: a host that has just opened the port drops
-            # everything up to the first delimiter, and HELLO must survive.
-            if self._send_cb is not None:
-                self._send_cb(b"\x00")
-            self._tx(FrameType.HELLO, {"serial": self.serial, "model": "ST-3000",
-                                       "fw": self.fw, "doctors_rev": self.flash["doctors_rev"],
-                                       "unacked": len(self.flash["records"])})
+            self._announce()
             self._pump(force=True)
+
+    def _announce(self) -> None:
+        # A lone 0x00 first: a host that has just opened the port drops
+        # everything up to the first delimiter, and HELLO must survive.
+        if self._send_cb is not None:
+            self._send_cb(b"\x00")
+        self._tx(FrameType.HELLO, {"serial": self.serial, "model": "ST-3000",
+                                   "fw": self.fw, "doctors_rev": self.flash["doctors_rev"],
+                                   "unacked": len(self.flash["records"])})
 
     def _tx(self, ftype: FrameType, payload: dict[str, Any], seq: int | None = None) -> int:
         if seq is None:
@@ -213,6 +226,20 @@ class TerminalFirmware:
         elif f.type == FrameType.TIME:
             self.time_set = int(body["unix_ms"])
             self._tx(FrameType.ACK, {"ack": f.seq})
+        elif f.type == FrameType.WHO:
+            self.whos += 1
+            self._announce()
+
+    def drop_oldest(self) -> int | None:
+        """Remove the oldest record from flash (a technician's repair); its id."""
+        with self._lock:
+            if not self.flash["records"]:
+                return None
+            rid = int(self.flash["records"].pop(0)["id"])
+            self._save()
+            self._in_flight = None
+            self._pump()
+            return rid
 
     def tick(self) -> None:
         with self._lock:

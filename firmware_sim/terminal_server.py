@@ -6,17 +6,24 @@ The daemon opens the pty's slave side with pyserial exactly as it opens
 closing the port through the pty (POLLHUP on the master while no one has the
 slave open), as CDC-ACM firmware notices DTR, and sends HELLO on open.
 
+With `rs232=True` it is an older unit on an RS-232 cable: it cannot see the
+host at all, so it keeps transmitting (what it sends while nobody has the
+port open is lost on the wire, as on a real cable), says HELLO only at
+power-up and when asked with WHO.
+
 A SIGKILL of this process is the terminal's power cut: the flash file
 survives, and the next start replays what the host never ACKed.
 
 Control socket frames (firmware_sim.link framing): 'A' a record (JSON:
 {"kind": "answer"|"presence"|"abandoned", ...fields}), 'W' raw bytes to put
-on the wire (corrupted frames for tests), 'X' "state"; replies are 'x' JSON.
+on the wire (corrupted frames for tests), 'D' the technician removes the
+oldest record from flash, 'X' "state"; replies are 'x' JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -68,7 +75,7 @@ def scripted_day(spacing_ms: int = 100) -> list[dict[str, Any]]:
 
 class TerminalServer:
     def __init__(self, link: Path, flash: Path, serial: str, control: Path | None = None,
-                 script: list[dict[str, Any]] | None = None) -> None:
+                 script: list[dict[str, Any]] | None = None, *, rs232: bool = False) -> None:
         self.link = link
         self._master, slave = os.openpty()
         self.slave_name = os.ttyname(slave)
@@ -79,7 +86,11 @@ class TerminalServer:
         link.symlink_to(self.slave_name)
         self._stop = threading.Event()
         self._attached = False
-        self.fw = TerminalFirmware(serial, flash, clock_ms=_now_ms, send=None)
+        self.rs232 = rs232
+        # An RS-232 unit transmits whether or not anyone listens: its HELLO
+        # at power-up goes to the wire now (and is lost if no host has the port).
+        self.fw = TerminalFirmware(serial, flash, clock_ms=_now_ms,
+                                   send=self._wire if rs232 else None)
         self._script = script or []
         self._started = _now_ms()
         self._ctl: socket.socket | None = None
@@ -92,10 +103,19 @@ class TerminalServer:
             self._ctl.setblocking(False)
 
     def _write(self, data: bytes) -> None:
-        try:
-            os.write(self._master, data)
-        except OSError as e:
-            log.debug("pty write: %s", e)
+        view = memoryview(data)
+        while view:  # a 16 KB frame may take more than one write
+            try:
+                n = os.write(self._master, view)
+            except OSError as e:
+                log.debug("pty write: %s", e)
+                return
+            view = view[n:]
+
+    def _wire(self, data: bytes) -> None:
+        """An RS-232 transmitter: the bytes reach the host only if it has the port open."""
+        if self._attached:
+            self._write(data)
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,12 +133,14 @@ class TerminalServer:
                 hung_up = bool(mev & select.POLLHUP)
                 if hung_up and self._attached:
                     self._attached = False
-                    self.fw.set_sender(None)
+                    if not self.rs232:
+                        self.fw.set_sender(None)
                     log.info("host closed the port")
                 elif not hung_up and not self._attached:
                     self._attached = True
                     log.info("host opened the port")
-                    self.fw.set_sender(self._write)
+                    if not self.rs232:
+                        self.fw.set_sender(self._write)
                 if mev & select.POLLIN:
                     try:
                         data = os.read(self._master, 4096)
@@ -175,6 +197,8 @@ class TerminalServer:
                 elif kind == b"W":
                     self._write(payload)
                     reply = {"ok": True}
+                elif kind == b"D":
+                    reply = {"ok": True, "dropped": self.fw.drop_oldest()}
                 else:
                     reply = self.state()
                 send_frame(conn, b"x", json.dumps(reply).encode())
@@ -184,8 +208,11 @@ class TerminalServer:
 
     def state(self) -> dict[str, Any]:
         fw = self.fw
+        doctors = json.dumps(fw.flash["doctors"], sort_keys=True, ensure_ascii=False)
         return {"ok": True, "serial": fw.serial, "pty": self.slave_name,
                 "host_attached": self._attached, "unacked": fw.unacked,
                 "next_id": fw.flash["next_id"], "script_done": fw.flash["script_done"],
-                "doctors_rev": fw.flash["doctors_rev"], "time_set": fw.time_set,
-                "naks": fw.naks[-20:], "pongs": fw.pongs}
+                "doctors_rev": fw.flash["doctors_rev"], "doctors": len(fw.flash["doctors"]),
+                "doctors_sha256": hashlib.sha256(doctors.encode()).hexdigest(),
+                "time_set": fw.time_set, "naks": fw.naks[-20:], "pongs": fw.pongs,
+                "whos": fw.whos}

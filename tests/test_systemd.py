@@ -47,6 +47,23 @@ def test_the_unit_is_notify_with_a_watchdog_and_a_tight_sandbox(tmp_path: Path) 
         assert line in text
 
 
+def test_a_config_error_fails_once_instead_of_restarting_forever(tmp_path: Path) -> None:
+    """The daemon exits 2 on a config error (and on another instance); the unit
+    does not restart on 2, so `systemctl status` shows the failure once."""
+    unit = (UNITS / "feedback-edge.service").read_text()
+    prevent = re.search(r"^RestartPreventExitStatus=(.+)$", unit, re.MULTILINE)
+    assert prevent is not None
+    assert "2" in prevent[1].split()
+    bad = tmp_path / "edge.toml"
+    bad.write_text('site = "clinic-3"\nedge = "reception-1"\n[broker]\nhost = "localhost"\n'
+                   "port = 99999\n")
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(bad)],
+                         capture_output=True, text=True, check=False, timeout=30)
+    assert out.returncode == 2
+    assert "broker.port = 99999" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_sysusers_file_declares_the_service_user() -> None:
     text = (UNITS / "feedback-edge.sysusers").read_text()
     assert re.search(r"^u feedback-edge - ", text, re.M)

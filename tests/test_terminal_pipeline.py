@@ -13,60 +13,10 @@ from typing import Any
 import pytest
 
 from drivers.terminal import FrameType, encode_frame
-from edge.control import query
 from firmware_sim.server import control
 from firmware_sim.terminal_server import scripted_day
-from tests.conftest import Broker, Proc, Subscriber, wait_for, write_config
-
-SERIAL = "00C0FFEE0001"
-
-
-class TerminalSite:
-    def __init__(self, tmp: Path, broker: Broker, procs: Callable[[list[str], Path], Proc],
-                 script: list[dict[str, Any]]) -> None:
-        self.tmp = tmp
-        self.procs = procs
-        self.link = tmp / "st3.tty"
-        self.flash = tmp / "st3.flash"
-        self.ctl = tmp / "st3.ctl"
-        self.script_file = tmp / "day.json"
-        self.script_file.write_text(json.dumps(script))
-        doctors = tmp / "doctors.json"
-        doctors.write_text(json.dumps({"rev": 4, "doctors": [
-            {"id": "dr-petrov", "name": "Dr Petrov", "specialty": "ENT", "photo": None}]}))
-        self.config = write_config(
-            tmp / "edge.toml", port=broker.port, store=tmp / "state" / "outbox.sqlite",
-            devices=[{"kind": "terminal", "desk": "office-12", "serial": SERIAL,
-                      "port": str(self.link)}],
-            extra=f'\n[survey]\ndoctors_file = "{doctors}"')
-        self.terminal: Proc | None = None
-        self.daemon: Proc | None = None
-
-    def power_on(self) -> None:
-        self.terminal = self.procs(
-            ["firmware_sim.cli", "terminal", "run", "--link", str(self.link), "--flash",
-             str(self.flash), "--serial", SERIAL, "--control", str(self.ctl), "--script",
-             str(self.script_file)], self.tmp / "terminal.log")
-        wait_for(lambda: self.link.exists() and self.ctl.exists(), 10, "terminal pty")
-
-    def power_cut(self) -> None:
-        assert self.terminal is not None
-        self.terminal.kill(signal.SIGKILL)
-        self.link.unlink(missing_ok=True)
-        self.ctl.unlink(missing_ok=True)
-
-    def start(self) -> None:
-        self.daemon = self.procs(["edge.cli", "run", "--config", str(self.config)],
-                                 self.tmp / "daemon.log")
-
-    def state(self) -> dict[str, Any]:
-        return control(self.ctl, b"X", b"state")
-
-    def status(self) -> dict[str, Any]:
-        try:
-            return query(self.tmp / "control.sock", timeout=2)
-        except (OSError, ValueError):
-            return {}
+from tests.conftest import Broker, Proc, Subscriber, wait_for
+from tests.terminal_fixtures import TerminalSite
 
 
 def _unique(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,7 +104,9 @@ def test_power_cut_daemon_restart_and_broker_outage_lose_nothing_and_double_noth
 @pytest.mark.parametrize(("raw", "reason"), [
     (b"\x05\x01\x02\x00", "cobs"),
     (bytes([0x03, 0x01, 0x02, 0x00]), "schema"),
-    (b"\x01" * 1200 + b"\x00", "too_long"),
+    (b"\x01" * 16_600 + b"\x00", "too_long"),  # over the sheet's 16,500 bytes on the wire
+    # A len over 16384 is too_long too, though the frame fits the wire limit.
+    (encode_frame(FrameType.ANSWER, 80, b"{" + b" " * 16_383 + b"}"), "too_long"),
     (encode_frame(FrameType.ANSWER, 77, b'{"id": 1,'), "json"),
     (encode_frame(0x44, 78, {}), "unknown_type"),
     (encode_frame(FrameType.ANSWER, 79, {"id": 900, "doctor": "d", "q1": "yes", "q2": "yes",
@@ -168,9 +120,7 @@ def test_bad_frames_are_nacked_counted_and_the_link_keeps_working(
     sub = subscribe("feedback/+/+/+/event/#")
     site.power_on()
     site.start()
-    wait_for(lambda: site.state()["host_attached"], 10, "daemon opened the port")
-    wait_for(lambda: (s := site.status()) and s["devices"][0]["state"] == "connected", 10,
-             "terminal connected")
+    site.connected()
     bad = bytearray(encode_frame(FrameType.PING, 5, {}))
     bad[3] ^= 0x10  # a flipped bit: CRC
     reply = control(site.ctl, b"W", bytes(bad) + raw)

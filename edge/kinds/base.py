@@ -41,6 +41,7 @@ __all__ = [
     "Decision",
     "DecodeFailed",
     "Device",
+    "DeviceAlarm",
     "DeviceConfig",
     "DeviceState",
     "Doctors",
@@ -99,6 +100,16 @@ class DecodeFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceAlarm:
+    """A worker's alarm about its device: raise `code` with `text` (no personal
+    data), or clear it (text None); the device id is the alarm's subject."""
+
+    device_id: str
+    code: str
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """connected | missing | error, with the reason and the kind's own details."""
 
@@ -153,6 +164,10 @@ class Context:
               for_s: float | None = None) -> None:
         """Raise alarm `code` (edge.alarms); the text must hold no personal data."""
         self.alarms.raise_(code, text, self.clock.wall_ns(), subject=subject, for_s=for_s)
+
+    def clear_alarm(self, code: str, subject: str) -> None:
+        """The condition behind alarm `code` about `subject` is over."""
+        self.alarms.clear(code, subject)
 
 
 @dataclass(slots=True)
@@ -228,6 +243,12 @@ class Device(ABC):
     def details(self) -> dict[str, Any]:
         """Kind-specific fields for `status` (e.g. a console's buttons)."""
         return {"buttons": None}
+
+    def serial(self) -> str | None:
+        """The serial for `status` and the `devices` topic: what the device
+        itself reported where its kind learns it (a terminal's HELLO), else
+        the config's."""
+        return self.cfg.serial
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,18 @@ unacknowledged ones, replaying the rest oldest first; so a record whose id
 jumps past the last one stored means the records in between were lost on
 the terminal.  That becomes a `device_lost` event (reason flash_full, dedup
 key `gap:<last>:<id>`), a `device_overflow` drop count and an alarm.
+
+Identity: the serial the terminal states in HELLO is what `status` and the
+`devices` topic show (`Terminal.serial()`), also for a terminal configured by
+port only; the worker asks with WHO after opening the port until a HELLO
+comes (`drivers.terminal.TerminalHost`), since an RS-232 unit cannot see the
+daemon restart and says HELLO by itself only at power-up.
+
+A stuck terminal (a record the host refuses, retransmitted for ever, holding
+every record behind it): when the same refusal repeats `STUCK_AFTER` times
+the worker raises alarm `device_stuck` (through a `DeviceAlarm` message) and
+counts `stuck` under the device's decode errors; the alarm is cleared once a
+later record from the terminal is stored.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from drivers.serial_transport import SerialTransport, find_by_serial
 from drivers.terminal import (
@@ -29,11 +41,13 @@ from drivers.terminal import (
     Abandoned,
     Answer,
     Count,
+    Hello,
     HelloSeen,
     Presence,
     Record,
     Send,
     StoreRecord,
+    Stuck,
     TerminalHost,
 )
 from drivers.transport import DeviceGoneError
@@ -47,6 +61,7 @@ from edge.kinds.base import (
     Decision,
     DecodeFailed,
     Device,
+    DeviceAlarm,
     DeviceConfig,
     DeviceState,
     Doctors,
@@ -118,10 +133,12 @@ class TerminalWorker(Worker[SerialTransport]):
         super().__init__(cfg, lambda: open_port(cfg), post, env.clock)
         self._doctors = env.doctors
         self._host: TerminalHost | None = None
+        self._doctors_due = False  # a newer list for this worker's thread to send
 
     def _detached(self) -> None:
         self._transport = None
         self._host = None
+        self._doctors_due = False
 
     def ack(self, frame_seq: int) -> bool:
         """The record in that frame is durable: tell the terminal (main loop)."""
@@ -131,32 +148,45 @@ class TerminalWorker(Worker[SerialTransport]):
             return self._write(self._host.ack_frame(frame_seq))
 
     def set_doctors(self, doctors: Doctors) -> None:
+        """A newer list (main loop).  The worker's thread sends it on its next
+        turn: a 13 KB DOCTORS takes over a second on a 115200-baud RS-232 line,
+        and the main loop must not wait for that write."""
         with self._lock:
             if self._host is None:
                 return
             self._host.doctors = doctors
-            frame = self._host.doctors_frame()
-            if frame is not None and self._host.link_up(self._clock.mono_ns() // 1_000_000):
-                self._write(frame)
+            self._doctors_due = True
 
     def _serve(self, transport: SerialTransport) -> None:
+        opened_ms = self._clock.mono_ns() // 1_000_000
         host = TerminalHost(self.cfg.serial, self._doctors(),
-                            clock_synced=self._clock.synced())
+                            clock_synced=self._clock.synced(), opened_ms=opened_ms)
         with self._lock:
             self._transport = transport
             self._host = host
         self._post(DeviceState(self.cfg.id, "connected", None))
         link_up = True
-        opened_ms = self._clock.mono_ns() // 1_000_000
         next_time = 0.0
+        timeout = READ_TIMEOUT_MS
         while not self._stop.is_set():
-            data = transport.read(READ_TIMEOUT_MS)
+            data = transport.read(timeout)
             mono = self._clock.mono_ns()
             now_ms = mono // 1_000_000
             wall = self._clock.wall_ns()
             with self._lock:
                 host.clock_synced = self._clock.synced()
                 actions = host.feed(data, now_ms, wall // 1_000_000) if data is not None else []
+                actions += host.poll(now_ms)  # WHO while no HELLO
+                due = host.next_due_ms()
+                timeout = READ_TIMEOUT_MS if due is None else \
+                    max(0, min(READ_TIMEOUT_MS, due - now_ms))
+                if any(isinstance(a, HelloSeen) for a in actions):
+                    self._doctors_due = False  # HELLO compared the revisions itself
+                if self._doctors_due and host.link_up(now_ms):
+                    self._doctors_due = False
+                    frame = host.doctors_frame()
+                    if frame is not None:
+                        actions.append(Send(frame))
                 for a in actions:
                     if isinstance(a, Send):
                         self._write(a.data)
@@ -171,17 +201,33 @@ class TerminalWorker(Worker[SerialTransport]):
                                        mono, wall))
                 elif isinstance(a, Count):
                     self._post(DecodeFailed(self.cfg.id, a.name))
+                elif isinstance(a, Stuck):
+                    self._stuck(a)
                 elif isinstance(a, HelloSeen):
                     if self.cfg.serial is not None and a.hello.serial != self.cfg.serial:
                         self._post(DeviceState(self.cfg.id, "error",
                                                f"terminal says serial {a.hello.serial}, the "
-                                               f"config says {self.cfg.serial}"))
+                                               f"config says {self.cfg.serial}", a.hello))
                     else:
-                        self._post(DeviceState(self.cfg.id, "connected", None))
+                        self._post(DeviceState(self.cfg.id, "connected", None, a.hello))
             if up != link_up:
                 link_up = up
                 self._post(DeviceState(self.cfg.id, "connected" if up else "error",
                                        None if up else "link down: no frame for 30 s"))
+
+    def _stuck(self, a: Stuck) -> None:
+        where = f"terminal {self.cfg.id} at {self.cfg.desk}"
+        if a.seq is None:
+            text = (f"{where} keeps sending frames the host refuses ({a.reason}), {a.times} "
+                    "in a row: nothing from it gets through; check the cable and the unit")
+        else:
+            text = (f"{where} keeps sending a record the host refuses ({a.reason}), "
+                    f"{a.times} times in a row: the records behind it wait on the terminal "
+                    "until the record is removed from it (service) or its firmware fixed")
+        log.warning("terminal %s: the same frame (seq %s) refused %d times (%s)",
+                    self.cfg.id, a.seq, a.times, a.reason)
+        self._post(DecodeFailed(self.cfg.id, "stuck"))
+        self._post(DeviceAlarm(self.cfg.id, "device_stuck", text))
 
 
 # -- decisions ----------------------------------------------------------------------
@@ -196,6 +242,20 @@ class Terminal(Device):
         super().__init__(cfg, TerminalWorker(cfg, env.post, env, opener))
         self._stored_keys = env.stored_keys
         self._last_id: dict[str, int] = {}  # terminal serial -> highest record id seen
+        self.hello: Hello | None = None  # the terminal's last HELLO (kept while it is away)
+
+    def on_state(self, msg: DeviceState, wall_ns: int) -> None:
+        super().on_state(msg, wall_ns)
+        if isinstance(msg.details, Hello):
+            self.hello = msg.details
+            self.last_seen_ns = wall_ns
+
+    def serial(self) -> str | None:
+        return self.hello.serial if self.hello is not None else self.cfg.serial
+
+    def details(self) -> dict[str, Any]:
+        h = self.hello
+        return {"buttons": None, "model": h.model if h else None, "fw": h.fw if h else None}
 
     def decide(self, r: Reading, ctx: Context) -> Decision:
         inp = r.data
@@ -248,10 +308,12 @@ class Terminal(Device):
 
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
-        del ctx
         for decision, _ in outcomes:
             assert isinstance(decision.token, int)  # noqa: S101 - set by decide()
             self.worker.ack(decision.token)  # stored now, or stored before
+        if outcomes:
+            # A record got past whatever was refused: the terminal moves again.
+            ctx.clear_alarm("device_stuck", self.cfg.id)
 
     def on_doctors(self, doctors: Doctors) -> None:
         self.worker.set_doctors(doctors)
