@@ -207,6 +207,10 @@ class Store:
             # SQLite reports a full disk met while making its -shm or -wal file
             # as an open or I/O error: the free space tells the truth.
             err = StoreDiskFullError(f"{err} ({free} bytes free)")
+        elif isinstance(err, StoreIOError) and self._read_only_fs():
+            # A file system the kernel turned read-only (ext4 errors=remount-ro)
+            # reaches SQLite as an I/O error.
+            err = StoreReadOnlyError(f"{err} (the file system is read-only)")
         self.alarms.raise_(err.code, f"{err.sentence} ({err})", self._wall_ns(),
                            subject="store")
         if isinstance(err, StoreReadOnlyError | StoreIOError | StoreCorruptError):
@@ -223,8 +227,16 @@ class Store:
             self._opened = None
         self._tail.clear()
 
+    def _read_only_fs(self) -> bool:
+        try:
+            return bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
     def _open(self) -> None:
         try:
+            if self._read_only_fs():
+                raise StoreReadOnlyError(f"{self.path.parent} is on a read-only file system")
             opened = open_outbox(self.path, page_size=self._page_size,
                                  max_page_count=self._max_page_count)
         except StoreError as e:
@@ -261,6 +273,15 @@ class Store:
             self.alarms.raise_("store_replaced", "the event store started again; the seqs it "
                                f"may have lost are announced (seq {self.replaced_seq}), not "
                                "yet delivered", now, subject="store")
+        try:
+            # Opening may succeed read-only; only a write shows the fault is over.
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            self._fault(classify(e, "checking that the store can be written"))
+            return
         for code in _WRITE_FAULTS:
             self.alarms.clear(code, "store")
 
@@ -336,7 +357,17 @@ class Store:
             raise self._fault(e) from e.__cause__
         for code in _WRITE_FAULTS:
             self.alarms.clear(code, "store")
+        self._delivered(remove)
         return result
+
+    def _delivered(self, seqs: Sequence[int]) -> None:
+        """Delivered seqs are gone from the store: was the replaced store's
+        announcement among them?"""
+        if self.replaced_seq is not None and self.replaced_seq in set(seqs):
+            # The collector has been told what the replaced store may have lost.
+            self.replaced_seq = None
+            self.alarms.clear("store_replaced")
+            self.alarms.clear("store_corrupt")
 
     def _commit(self, db: sqlite3.Connection, opened: OpenedOutbox, appends: Sequence[Append],
                 forget: Sequence[str], remove: Sequence[int]) -> CommitResult:
@@ -533,11 +564,7 @@ class Store:
             self._tail.pop(seq, None)
         self._count -= removed
         self._bytes -= removed_bytes
-        if self.replaced_seq is not None and self.replaced_seq in set(seqs):
-            # The collector has been told what the replaced store may have lost.
-            self.replaced_seq = None
-            self.alarms.clear("store_replaced")
-            self.alarms.clear("store_corrupt")
+        self._delivered(seqs)
 
     def remove_through(self, seq: int) -> None:
         """Forget every event with seq <= `seq` (the collector has committed them)."""

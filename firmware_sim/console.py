@@ -24,6 +24,7 @@ Behaviour (shared/devices/console-hid.md, "Firmware behaviour"):
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,12 +45,13 @@ from drivers.console import (
     encode_report,
 )
 
-__all__ = ["ConsoleFirmware", "LedState"]
+__all__ = ["AckedEvent", "ConsoleFirmware", "LedState"]
 
 DEBOUNCE_MS = 30
 HOLD_MS = 2000
 RING = 32
 BACKOFF_MS = (1000, 2000, 4000, 8000)
+ACKED_LOG = 10_000  # events remembered as acknowledged (a test's record, not firmware)
 
 
 @dataclass(slots=True)
@@ -64,6 +66,17 @@ class _Button:
 @dataclass(slots=True)
 class _Entry:
     dev_seq: int  # the sheet's seq: 8 bits, HELLO 0
+    type: ReportType
+    button: int
+    event_uptime: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckedEvent:
+    """An event the host's ACK removed from the ring (the simulator's record, for
+    tests: every press the device was told is safe, in the order it happened)."""
+
+    dev_seq: int
     type: ReportType
     button: int
     event_uptime: int
@@ -104,6 +117,9 @@ class ConsoleFirmware:
         self.leds: list[LedState] = []
         self.counters = _Counters()
         self._script: list[tuple[int, int, bool]] = []
+        # Not part of the firmware: what ACKs removed from the ring, oldest first.
+        self.acked: deque[AckedEvent] = deque(maxlen=ACKED_LOG)
+        self.acked_total = 0
         self.powered = False
         self.power_up()
 
@@ -153,7 +169,16 @@ class ConsoleFirmware:
 
     def press(self, button: int, hold_ms: int = 120, bounce: bool = True,
               delay_ms: int = 0) -> None:
-        """Script a human press starting `delay_ms` from now: bounce, hold, release."""
+        """Script a human press starting `delay_ms` from now: bounce, hold, release.
+
+        Raises ValueError for a button this console does not have or a negative
+        time, before anything is scripted (the ticks replay the script later)."""
+        if not 0 <= button < self.buttons:
+            raise ValueError(f"no button {button}: this console has {self.buttons} buttons "
+                             f"(0..{self.buttons - 1})")
+        if hold_ms < 0 or delay_ms < 0:
+            raise ValueError(f"hold_ms and delay_ms must be >= 0, not {hold_ms} and "
+                             f"{delay_ms}")
         with self.lock:
             t = self._clock() + delay_ms
             steps = [(0, True)]
@@ -261,7 +286,15 @@ class ConsoleFirmware:
                 ack = data[2]
                 # Cumulative: everything up to and including `ack`, in the
                 # half of the seq space behind it.
-                self._ring = [e for e in self._ring if (ack - e.dev_seq) % 256 >= 128]
+                keep: list[_Entry] = []
+                for e in self._ring:
+                    if (ack - e.dev_seq) % 256 >= 128:
+                        keep.append(e)
+                    else:
+                        self.acked.append(AckedEvent(e.dev_seq, e.type, e.button,
+                                                     e.event_uptime))
+                        self.acked_total += 1
+                self._ring = keep
                 if not self._ring:
                     self._next_resend = None
             elif cmd == CMD_SHOW:

@@ -4,6 +4,14 @@ The daemon connects as the host (`firmware_sim.link.SocketTransport`,
 frame kinds described there); `feedback-sim console press` connects as a
 control client.  The console keeps its ring while the daemon is down, just as
 a real one does while its USB host is not reading.
+
+`unplug` is a USB unplug: power is gone (the ring with it), the host's
+connection is closed, and the socket is renamed to `<socket>.unplugged` the
+way a device node disappears, so a host finds nothing to open until `plug`
+(a host hello arriving anyway is refused); `control()` finds the renamed
+socket, so press, state and plug still reach it.  A control request that
+the console cannot carry out (a button it does not have, a malformed
+request) gets `{"ok": false, "error": ...}` and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +34,16 @@ __all__ = ["ConsoleServer", "control"]
 
 log = logging.getLogger(__name__)
 
+ACKED_REPLY = 1500  # acknowledged events listed in a `state` reply, newest kept
+
 
 def _uptime_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+def unplugged_path(path: Path) -> Path:
+    """Where an unplugged console's socket is (control clients only)."""
+    return path.with_name(path.name + ".unplugged")
 
 
 class ConsoleServer:
@@ -39,8 +54,10 @@ class ConsoleServer:
         self._stop = threading.Event()
         self._host: socket.socket | None = None
         self._host_lock = threading.Lock()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        self._unplugged = False
+        for stale in (path, unplugged_path(path)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         self._sock.listen(8)
@@ -57,8 +74,9 @@ class ConsoleServer:
                 threading.Thread(target=self._client, args=(conn,), daemon=True).start()
         finally:
             self._sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            for path in (self.path, unplugged_path(self.path)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def stop(self) -> None:
         self._stop.set()
@@ -70,7 +88,11 @@ class ConsoleServer:
             wait = 1.0 if due is None else max(0.0, (due - _uptime_ms()) / 1000)
             self._wake.wait(min(wait, 1.0))
             self._wake.clear()
-            self.fw.tick()
+            try:
+                self.fw.tick()
+            except Exception:  # a model bug must not stop the console for good
+                log.exception("firmware tick failed")
+                self._stop.wait(1.0)
 
     def _send_to_host(self, conn: socket.socket, report: bytes) -> None:
         try:
@@ -95,6 +117,9 @@ class ConsoleServer:
                 kind, payload = recv_frame(conn)
                 if kind == b"H":
                     with self.fw.lock, self._host_lock:
+                        if self._unplugged:
+                            log.info("host refused: the console is unplugged")
+                            return
                         self._host = conn
                         self.fw.set_sender(functools.partial(self._send_to_host, conn))
                     log.info("host attached")
@@ -106,43 +131,95 @@ class ConsoleServer:
                     with self._host_lock:
                         send_frame(conn, b"f", report)
                 elif kind == b"P":
-                    req = json.loads(payload)
-                    self.fw.press(int(req["button"]), hold_ms=int(req.get("hold_ms", 120)),
-                                  delay_ms=int(req.get("delay_ms", 0)))
-                    self._wake.set()
-                    send_frame(conn, b"x", json.dumps({"ok": True}).encode())
+                    send_frame(conn, b"x", json.dumps(self._press(payload)).encode())
                 elif kind == b"X":
-                    send_frame(conn, b"x", json.dumps(self._control(payload.decode())).encode())
+                    send_frame(conn, b"x", json.dumps(self._control(
+                        payload.decode(errors="replace"))).encode())
         except (DeviceGoneError, OSError, ValueError, KeyError):
             pass
         finally:
             self._detach(conn)
             conn.close()
 
+    def _press(self, payload: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(payload)
+            if not isinstance(req, dict) or "button" not in req:
+                raise ValueError('a press is {"button": N, "hold_ms": N, "delay_ms": N}')
+            self.fw.press(int(req["button"]), hold_ms=int(req.get("hold_ms", 120)),
+                          delay_ms=int(req.get("delay_ms", 0)))
+        except (ValueError, TypeError) as e:
+            return {"ok": False, "error": str(e)}
+        self._wake.set()
+        return {"ok": True}
+
+    def _unplug(self) -> None:
+        with self.fw.lock, self._host_lock:
+            if self._unplugged:
+                return
+            # First the device node goes, so no host can open it again ...
+            self.path.rename(unplugged_path(self.path))
+            self._unplugged = True
+            self.fw.power_cut()
+            host, self._host = self._host, None
+            self.fw.set_sender(None)
+        # ... then the open one sees the device gone (its reader gets EOF).
+        if host is not None:
+            with contextlib.suppress(OSError):
+                host.shutdown(socket.SHUT_RDWR)
+        log.info("unplugged")
+
+    def _plug(self) -> None:
+        with self.fw.lock, self._host_lock:
+            if not self._unplugged:
+                return
+            unplugged_path(self.path).rename(self.path)
+            self._unplugged = False
+            self.fw.power_up()
+        log.info("plugged in")
+
     def _control(self, what: str) -> dict[str, Any]:
         if what == "power-cycle":
             self.fw.power_cut()
             self.fw.power_up()
         elif what == "unplug":
-            self.fw.power_cut()
+            self._unplug()
         elif what == "plug":
-            self.fw.power_up()
+            self._plug()
         elif what != "state":
             return {"ok": False, "error": f"unknown control {what!r}"}
         self._wake.set()
         fw = self.fw
+        with fw.lock:
+            acked = list(fw.acked)[-ACKED_REPLY:]
+            acked_total = fw.acked_total
         return {"ok": True, "serial": fw.serial, "powered": fw.powered,
-                "host_attached": fw.host_attached, "unacked": fw.unacked, "lost": fw.lost,
+                "plugged": not self._unplugged, "host_attached": fw.host_attached,
+                "unacked": fw.unacked, "lost": fw.lost,
                 "sent": fw.counters.sent, "resent": fw.counters.resent,
                 "acks": fw.counters.acks,
-                "leds": [[led.button, led.mode, led.ms] for led in fw.leds[-10:]]}
+                "leds": [[led.button, led.mode, led.ms] for led in fw.leds[-10:]],
+                # Events the host's ACKs removed from the ring, oldest first:
+                # [dev_seq, "PRESS" | "HOLD" | "HELLO", button, event_uptime_ms].  The
+                # last ACKED_REPLY of acked_total (a control frame holds 64 KiB).
+                "acked": [[a.dev_seq, a.type.name, a.button, a.event_uptime] for a in acked],
+                "acked_total": acked_total}
 
 
 def control(path: Path, kind: bytes, payload: bytes) -> dict[str, Any]:
-    """Send one control frame to a running simulator and return its reply."""
+    """Send one control frame to a running simulator and return its reply.
+
+    An unplugged console is found under `unplugged_path(path)`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
-        s.connect(str(path))
+        # Tried again at `path` too: a `plug` may rename it back in between.
+        for i, where in enumerate((path, unplugged_path(path), path)):
+            try:
+                s.connect(str(where))
+                break
+            except FileNotFoundError:
+                if i == 2:
+                    raise
         send_frame(s, kind, payload)
         reply_kind, reply = recv_frame(s)
     if reply_kind != b"x":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from drivers.console import (
     ConsoleReport,
     ReportType,
@@ -131,3 +133,19 @@ def test_unknown_or_malformed_commands_are_ignored() -> None:
     rig.fw.output_report(bytes([2, 0x7F, 0, 0, 0, 0, 0, 0, 0]))
     rig.fw.output_report(b"\x02\x01")
     assert rig.fw.unacked == 1
+
+
+def test_a_button_the_console_does_not_have_is_refused_and_nothing_is_scripted() -> None:
+    rig = Rig()
+    for bad in (3, 5, -1):
+        with pytest.raises(ValueError, match="3 buttons"):
+            rig.fw.press(bad)
+    with pytest.raises(ValueError, match="hold_ms"):
+        rig.fw.press(0, hold_ms=-1)
+    with pytest.raises(ValueError, match="delay_ms"):
+        rig.fw.press(0, delay_ms=-5)
+    assert rig.fw.idle
+    rig.run(3000)  # nothing left behind that a later tick could trip over
+    rig.fw.press(2)
+    rig.run(300)
+    assert [r.button for r in rig.fresh() if r.type is ReportType.PRESS] == [2]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -295,3 +297,66 @@ def test_sigterm_publishes_offline_and_the_will_covers_a_crash(
              "the will after SIGKILL")
     for m in sub.snapshot():
         validate(m.topic, m.json())
+
+
+def _sim_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "firmware_sim.cli", "console", *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_a_press_of_a_button_the_console_lacks_is_refused_and_the_simulator_goes_on(
+        site: Site) -> None:
+    sock = str(site.sockets[0])
+    bad = _sim_cli("press", "5", "--socket", sock)
+    assert bad.returncode == 2, bad
+    assert "no button 5" in bad.stderr
+    assert "3 buttons" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    unknown = _sim_cli("press", "great", "--socket", sock)
+    assert unknown.returncode == 2, unknown
+    assert "unknown button 'great'" in unknown.stderr
+    # The simulator still answers, and its firmware still runs (debounce needs ticks).
+    good = _sim_cli("press", "good", "--socket", sock)
+    assert good.returncode == 0, good
+    wait_for(lambda: site.sim()["sent"] >= 2, 5, "the HELLO and the good press sent")
+    assert site.sim()["powered"] is True
+    assert "Traceback" not in (site.tmp / "sim.log").read_text()
+
+
+def test_unplug_drops_the_daemons_link_until_plug(site: Site) -> None:
+    from drivers.console import INFO_REPORT_LEN, REPORT_INFO
+    from drivers.transport import DeviceGoneError
+    from firmware_sim.link import SocketTransport
+
+    site.start()
+    site.wait_connected()
+    sock = str(site.sockets[0])
+    out = _sim_cli("unplug", "--socket", sock)
+    assert out.returncode == 0, out
+    wait_for(lambda: site.status()["devices"][0]["state"] == "missing", 10,
+             "the daemon sees the console missing")
+    assert site.sim()["host_attached"] is False
+    # While unplugged nobody can attach as the host, and the daemon's retries fail.
+    def attach_as_host() -> None:
+        t = SocketTransport(site.sockets[0])
+        try:
+            t.get_feature(REPORT_INFO, INFO_REPORT_LEN)
+        finally:
+            t.close()
+
+    with pytest.raises(DeviceGoneError):
+        attach_as_host()
+    assert site.daemon is not None
+    wait_for(lambda: "no simulator at" in site.daemon.log(), 10,  # type: ignore[union-attr]
+             "a retry that found nothing plugged in")
+    assert site.status()["devices"][0]["state"] == "missing"
+    assert site.sim()["host_attached"] is False
+    # press and state still reach an unplugged console (its buttons have no power).
+    assert _sim_cli("press", "good", "--socket", sock).returncode == 0
+    out = _sim_cli("plug", "--socket", sock)
+    assert out.returncode == 0, out
+    wait_for(lambda: site.status()["devices"][0]["state"] == "connected", 10,
+             "connected again after plug")
+    site.press(0)
+    wait_for(lambda: site.status()["devices"][0].get("presses") == 1, 10,
+             "a press after plug stored")
