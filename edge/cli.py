@@ -174,6 +174,9 @@ def _offline_status(cfg: Config, why: str) -> dict[str, Any]:
         "drops": stats.drops if stats else {},
         "devices": [{"id": d.id, "kind": d.kind, "desk": d.desk, "serial": d.serial,
                      "state": "unknown"} for d in cfg.devices],
+        # Without the daemon nobody judges the store; say at least that it cannot be read.
+        "alarms": [] if stats is not None or not cfg.store.path.exists() else
+        [f"store_unreadable: {cfg.store.path} cannot be read as an event store"],
     }
 
 

@@ -4,7 +4,7 @@ a configured device missing or failing, the clock never synchronised.
 The daemon calls `check()` about once a second with its monotonic time; an
 alarm is raised when a condition has held for its grace time and cleared
 as soon as it is over.  (The broker's conditions are the MQTT link's,
-edge.mqtt.LinkAlarms; the store's are the store's, edge/store.py.)
+edge.link_alarms.LinkAlarms; the store's are the store's, edge/store.py.)
 """
 
 from __future__ import annotations

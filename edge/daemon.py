@@ -52,7 +52,9 @@ from edge.kinds.base import (
     Env,
     Reading,
 )
-from edge.mqtt import Connected, Disconnected, Inbound, LinkAlarms, MqttLink, PubAck, Stable
+from edge.link_alarms import LinkAlarms
+from edge.link_messages import Connected, Disconnected, Inbound, PubAck, Stable
+from edge.mqtt import MqttLink
 from edge.operators import Operators
 from edge.publisher import Publisher
 from edge.sdnotify import Notifier, Watchdog
@@ -261,13 +263,11 @@ class Daemon:
                          f" ({msg.error})" if msg.error else "")
                 self._publish_devices()
         elif isinstance(msg, DecodeFailed):
-            self._count_decode_error(msg)
+            dev = self.devices.get(msg.device_id)
+            if dev is not None:
+                dev.count_decode_error(msg.name)
         elif isinstance(msg, DeviceAlarm):
-            if msg.text is None:
-                self.alarms.clear(msg.code, msg.device_id)
-            else:
-                self.alarms.raise_(msg.code, msg.text, self.clock.wall_ns(),
-                                   subject=msg.device_id)
+            self.alarms.report(self.clock.wall_ns, msg.code, msg.device_id, msg.text)
         elif isinstance(msg, Connected):
             self.link_alarms.on_connected()
             self._on_connected(msg)
@@ -289,16 +289,6 @@ class Daemon:
             msg.reply.put(self.commands.control(msg.request))
         elif isinstance(msg, Stop):
             self._stopping = msg.reason
-
-    def _count_decode_error(self, msg: DecodeFailed) -> None:
-        dev = self.devices.get(msg.device_id)
-        if dev is None:
-            return
-        n = dev.decode_errors[msg.name] = dev.decode_errors.get(msg.name, 0) + 1
-        # 1st, 2nd, 4th, 8th ...: a babbling device cannot flood the journal.
-        if n & (n - 1) == 0:
-            log.warning("device %s: malformed report (%s), %d so far", msg.device_id,
-                        msg.name, n)
 
     # -- time ---------------------------------------------------------------------
 

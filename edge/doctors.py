@@ -72,6 +72,7 @@ class DoctorList:
         self._file = StateFile(state_path)
         self._on_fault = on_fault
         self._unsaved: tuple[int, list[dict[str, Any]]] | None = None
+        self._bad_reported = False
         if self._file.damaged:
             on_fault("state_unreadable", state_path.name, f"{state_path.name} was unreadable "
                      f"({self._file.damaged}); the doctor list starts from doctors_file")
@@ -95,7 +96,16 @@ class DoctorList:
         doc = self._file.db.get(doc_id=1)
         if not isinstance(doc, dict):
             return None
-        return int(doc["rev"]), list(doc["doctors"])
+        try:
+            return validate_doctors(dict(doc))
+        except (ValueError, TypeError, AttributeError):
+            # JSON, but not a doctor list: as if there were none (doctors_file or the
+            # command bring one), reported once.
+            if not self._bad_reported:
+                self._bad_reported = True
+                name = self._file.path.name
+                self._on_fault("state_unreadable", name, f"{name} holds no valid doctor list")
+            return None
 
     def update(self, rev: int, doctors: list[dict[str, Any]]) -> None:
         self._unsaved = (rev, doctors)

@@ -1,10 +1,11 @@
-"""The daemon's connection to the broker (paho-mqtt 2.x, MQTT v5).
+"""The daemon's connection to the broker (paho-mqtt 2.x, MQTT v5): `MqttLink`,
+its network thread and reconnect back-off.
 
 paho runs its callbacks on the network thread under its own locks, so every
 callback here only records what happened as a message for the daemon's main
-loop and returns (style.md point 9).  Storage, publishing decisions, retries
-and alarms all happen in the main loop (`LinkAlarms` turns the messages into
-alarms there).
+loop (edge.link_messages) and returns (style.md point 9).  Storage, publishing decisions, retries
+and alarms all happen in the main loop (edge.link_alarms.LinkAlarms turns the
+messages into alarms there).
 
 The network thread is ours rather than paho's `loop_start()`, because paho's
 reconnect delay has no jitter: after a broker restart every Pi at every site
@@ -26,9 +27,9 @@ getaddrinfo on a short-lived thread (waited for `RESOLVE_TIMEOUT_S`; a lookup
 that is still running is waited for again on the next attempt rather than
 started twice), and the TCP connect and TLS handshake run on another one
 (`CONNECT_TIMEOUT_S` each), to the resolved address, with the configured host
-name kept for TLS server-name checks.  The network thread waits for both in
-short slices, beating its heartbeat; a CONNACK that does not come within
-`CONNACK_TIMEOUT_S` ends the attempt.
+name kept for TLS server-name checks (the helpers: edge.mqtt_connect).  The
+network thread waits for both in short slices, beating its heartbeat; a
+CONNACK that does not come within `CONNACK_TIMEOUT_S` ends the attempt.
 
 **Packet sizes.**  CONNECT advertises MQTT v5 Maximum Packet Size
 `MAX_PACKET_BYTES` (256 KiB): the broker does not send us anything larger
@@ -60,7 +61,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -69,22 +69,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.alarms import Alarms
 from edge.contract.broker import BrokerConfig, set_credentials
+from edge.link_messages import Connected, Disconnected, Inbound, PubAck, Stable, reason_hex
+from edge.mqtt_connect import LinkClient, Lookup, publish_packet_size
 
-__all__ = ["AUTH_REFUSALS", "BRIEF_S", "CONNACK_TIMEOUT_S", "CONNECT_TIMEOUT_S",
-           "MAX_PACKET_BYTES", "RESOLVE_TIMEOUT_S", "SENT_REFUSALS", "STABLE_S",
-           "UNREACHABLE_S", "Connected", "Disconnected", "Inbound", "LinkAlarms", "MqttLink",
-           "PubAck", "Stable", "backoff_delays", "publish_packet_size"]
+__all__ = ["CONNACK_TIMEOUT_S", "CONNECT_TIMEOUT_S", "MAX_PACKET_BYTES", "RESOLVE_TIMEOUT_S",
+           "STABLE_S", "MqttLink", "backoff_delays"]
 
 log = logging.getLogger(__name__)
 
 # A connection that held this long resets the reconnect back-off and clears
 # `client_id_taken`.
 STABLE_S: Final = 60.0
-# A connection that ends within this of its CONNACK was dropped "right after
-# CONNACK"; two in a row raise `client_id_taken`.
-BRIEF_S: Final = 5.0
 # getaddrinfo is given this long (glibc's own timeouts add up to half a minute).
 RESOLVE_TIMEOUT_S: Final = 5.0
 # The TCP connect and the TLS handshake, each.
@@ -93,72 +89,10 @@ CONNACK_TIMEOUT_S: Final = 10.0
 # Advertised in CONNECT: the broker sends us no larger packet.  Well above a
 # command (edge.commands.MAX_COMMAND_BYTES, 64 KiB) and its topic.
 MAX_PACKET_BYTES: Final = 256 * 1024
-# Not connected for this long (main loop's clock): `broker_unreachable`.
-UNREACHABLE_S: Final = 60.0
-
-# CONNACK reason codes that mean "these credentials are not accepted": v5
-# Bad user name or password, Not authorized, Banned, Bad authentication
-# method; MQTT 3.1.1's bad user name or password, not authorised.
-AUTH_REFUSALS: Final = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x04, 0x05})
-# DISCONNECT reason codes from the broker that refuse something we sent: Not
-# authorized, Topic Name invalid, Packet too large, Quota exceeded, Payload
-# format invalid, Retain not supported, QoS not supported.
-SENT_REFUSALS: Final = frozenset({0x87, 0x90, 0x95, 0x97, 0x99, 0x9A, 0x9B})
-SESSION_TAKEN_OVER: Final = 0x8E
 PACKET_TOO_LARGE: Final = 0x95
 
 
-# -- messages to the main loop ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    receive_maximum: int
-    maximum_packet_size: int | None = None  # the broker's, from CONNACK
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnected:
-    """Not connected (any more), and why.
-
-    stage: "dns" (the host name did not resolve), "connect" (TCP, TLS or no
-    CONNACK), "refused" (CONNACK with a failure reason code), "lost" (a
-    connection that had its CONNACK ended).  `code`: the MQTT reason code of
-    the CONNACK or of the broker's DISCONNECT, when there was one.
-    `held_s`: how long a lost connection had held after its CONNACK.
-    `detail`: the broker's (or the resolver's) own words, which `reason` quotes."""
-
-    reason: str
-    stage: str = "lost"
-    code: int | None = None
-    from_broker: bool = False
-    held_s: float | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Stable:
-    """The connection has held for STABLE_S (the back-off was reset)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PubAck:
-    mid: int
-    reason_code: int
-    reason: str
-
-    @property
-    def ok(self) -> bool:
-        # MQTT v5: reason codes below 0x80 are success (0x10 "no matching
-        # subscribers" included: the broker has the message).
-        return self.reason_code < 0x80
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    topic: str
-    payload: bytes
-    retain: bool
+# -- reconnect back-off -----------------------------------------------------------
 
 
 def backoff_delays(low: float, high: float, rng: random.Random) -> Callable[[bool], float]:
@@ -176,98 +110,6 @@ def backoff_delays(low: float, high: float, rng: random.Random) -> Callable[[boo
     return next_delay
 
 
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 128:
-        n //= 128
-        size += 1
-    return size
-
-
-def publish_packet_size(topic: str, payload: bytes, qos: int) -> int:
-    """Bytes of the MQTT v5 PUBLISH paho writes for this message (no properties)."""
-    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + len(payload)
-    return 1 + _varint_len(remaining) + remaining
-
-
-def _hex(code: int) -> str:
-    return f"0x{code:02X}"
-
-
-# -- paho, connecting where we resolved ---------------------------------------------
-
-
-class _Client(mqtt.Client):
-    """paho's client, connecting to addresses resolved beforehand (paho would
-    resolve the host name itself, on the thread that calls connect()).  The
-    host name given to connect() stays paho's `host`: TLS checks the server's
-    certificate against it and sends it as SNI."""
-
-    addresses: list[tuple[int, Any]]
-    _raw: socket.socket | None = None
-
-    def _create_socket_connection(self) -> socket.socket:
-        # paho's own hook (Client._create_socket calls it, then wraps TLS).
-        error: OSError = OSError(f"no address for {self.host}")
-        for family, sockaddr in self.addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            self._raw = sock
-            try:
-                sock.settimeout(self.connect_timeout)
-                sock.connect(sockaddr)
-            except OSError as e:
-                sock.close()
-                error = e
-                continue
-            return sock
-        raise error
-
-    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        # paho's hook too.  As paho's, with the context checking the host name
-        # (set_credentials: CERT_REQUIRED), but a failed handshake closes the
-        # TLS socket (paho leaves it to the garbage collector) and an abort
-        # from the network thread reaches it.
-        ctx = self._ssl_context
-        if ctx is None or not ctx.check_hostname:
-            return super()._ssl_wrap_socket(tcp_sock)
-        tls = ctx.wrap_socket(tcp_sock, server_hostname=self.host, do_handshake_on_connect=False)
-        self._raw = tls
-        try:
-            tls.settimeout(self.connect_timeout)
-            tls.do_handshake()
-        except BaseException:
-            tls.close()
-            raise
-        return tls
-
-    def abort_connect(self) -> None:
-        """From another thread: make a connect or TLS handshake in progress fail now."""
-        raw = self._raw
-        if raw is not None:
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)
-
-
-class _Lookup:
-    """getaddrinfo on its own thread: it cannot be interrupted, only left behind."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.done = threading.Event()
-        self.addresses: list[tuple[int, Any]] = []
-        self.error: str | None = None
-        self._host, self._port = host, port
-        threading.Thread(target=self._run, name="mqtt-resolve", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
-            self.addresses = [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
-        except OSError as e:  # socket.gaierror included
-            self.error = e.strerror or str(e)
-        finally:
-            self.done.set()
-
-
 class MqttLink:
     def __init__(self, cfg: BrokerConfig, *, will: tuple[str, bytes],
                  post: Callable[[object], None], rng: random.Random | None = None,
@@ -281,7 +123,7 @@ class MqttLink:
         self._stable_s = stable_s
         self._resolve_timeout_s = resolve_timeout_s
         self._max_packet_bytes = max_packet_bytes
-        self._lookup: _Lookup | None = None
+        self._lookup: Lookup | None = None
         # Per connection, written only by the network thread.
         self._connect_sent_at = 0.0
         self._connack_at = 0.0
@@ -294,7 +136,7 @@ class MqttLink:
         self._too_large_warned: set[str] = set()
         # When the network thread last went round its loop (watchdog).
         self.heartbeat = time.monotonic()
-        c = _Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+        c = LinkClient(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                     protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
         c.addresses = []
         c.connect_timeout = CONNECT_TIMEOUT_S
@@ -327,7 +169,7 @@ class MqttLink:
         del client, userdata, flags
         if rc.is_failure:
             self._refused = True
-            detail = f"{rc} ({_hex(rc.value)})"
+            detail = f"{rc} ({reason_hex(rc.value)})"
             self._post(Disconnected(f"broker refused the connection: {detail}",
                                     stage="refused", code=int(rc.value), from_broker=True,
                                     detail=detail))
@@ -348,7 +190,7 @@ class MqttLink:
         held = time.monotonic() - self._connack_at if self.connected else None
         self.connected = False
         from_broker = flags.is_disconnect_packet_from_server
-        detail = f"{rc} ({_hex(rc.value)})" if from_broker else str(rc)
+        detail = f"{rc} ({reason_hex(rc.value)})" if from_broker else str(rc)
         if from_broker:
             reason = f"the broker disconnected us: {detail}"
         elif str(rc) == "Unspecified error":
@@ -406,7 +248,7 @@ class MqttLink:
         """The broker's addresses, or None (posted as a "dns" Disconnected)."""
         host = self._cfg.host
         if self._lookup is None:
-            self._lookup = _Lookup(host, self._cfg.port)
+            self._lookup = Lookup(host, self._cfg.port)
         lookup = self._lookup
         if not self._beat_until(lookup.done, self._resolve_timeout_s):
             if not self._stop.is_set():
@@ -564,93 +406,3 @@ class MqttLink:
         self.connected = False
         self._wake_r.close()
         self._wake_w.close()
-
-
-# -- alarms, on the main loop -------------------------------------------------------
-
-
-class LinkAlarms:
-    """The broker link's alarms, from the link's messages.  Owned by the main
-    loop; `now` is its injected monotonic time in seconds.
-
-    - `broker_dns`: the host name did not resolve (or not in time); cleared
-      when a resolution works again (any later stage) or on connect.
-    - `broker_auth`: CONNACK refused the credentials (AUTH_REFUSALS); cleared
-      by a successful CONNACK.
-    - `broker_unreachable`: not connected for UNREACHABLE_S; cleared on connect.
-    - `broker_refusing`: the broker refused an event (PUBACK reason code 0x80
-      or above, or too large for its Maximum Packet Size) or disconnected us
-      for something we sent (SENT_REFUSALS); cleared when an event is accepted.
-    - `client_id_taken`: a DISCONNECT "Session taken over", or two connections
-      in a row dropped within BRIEF_S of their CONNACK; cleared when a
-      connection has held (Stable).
-    """
-
-    def __init__(self, alarms: Alarms, cfg: BrokerConfig, wall_ns: Callable[[], int],
-                 now: float) -> None:
-        self._alarms = alarms
-        self._cfg = cfg
-        self._wall_ns = wall_ns
-        self._down_since: float | None = now  # not connected since
-        self._last_error = "not connected yet"
-        self._brief = 0  # connections in a row dropped right after their CONNACK
-
-    def _raise(self, code: str, text: str) -> None:
-        self._alarms.raise_(code, text, self._wall_ns())
-
-    def on_connected(self) -> None:
-        self._down_since = None
-        for code in ("broker_dns", "broker_auth", "broker_unreachable"):
-            self._alarms.clear(code)
-
-    def on_stable(self) -> None:
-        self._brief = 0
-        self._alarms.clear("client_id_taken")
-
-    def on_disconnected(self, msg: Disconnected, now: float) -> None:
-        if self._down_since is None:
-            self._down_since = now
-        self._last_error = msg.reason
-        if msg.stage == "dns":
-            self._raise("broker_dns", f"{msg.reason} (is DNS reachable?)")
-            return
-        self._alarms.clear("broker_dns")  # the name resolved, whatever came next
-        code = msg.code
-        if msg.stage == "refused" and code in AUTH_REFUSALS:
-            self._raise("broker_auth", f"broker {self._cfg.host} refused our login: "
-                        f"{msg.detail} (bad user name or password, or not authorized); check "
-                        "username and password_file")
-        if msg.stage != "lost":
-            return
-        if msg.from_broker and code in SENT_REFUSALS:
-            self._raise("broker_refusing", f"broker {self._cfg.host} disconnected us for "
-                        f"what we sent: {msg.detail}; the events stay in the store")
-            self._brief = 0
-        elif msg.from_broker and code == SESSION_TAKEN_OVER:
-            self._raise("client_id_taken", f"client id in use elsewhere: another connection "
-                        f"to {self._cfg.host} took over client id {self._cfg.client_id}")
-        elif msg.held_s is not None and msg.held_s < BRIEF_S:
-            self._brief += 1
-            if self._brief >= 2:
-                self._raise("client_id_taken", f"client id in use elsewhere? {self._cfg.host} "
-                            f"closed our last {self._brief} connections within "
-                            f"{BRIEF_S:.0f} s of accepting them; does another client connect "
-                            f"as {self._cfg.client_id}?")
-        else:
-            self._brief = 0
-
-    def on_puback(self, ack: PubAck, is_event: bool) -> None:
-        if not is_event:
-            return
-        if ack.ok:
-            self._alarms.clear("broker_refusing")
-        else:
-            self._raise("broker_refusing", f"broker {self._cfg.host} refuses events: "
-                        f"{ack.reason} ({_hex(ack.reason_code)}); they stay in the store and "
-                        "are retried")
-
-    def tick(self, now: float) -> None:
-        if self._down_since is not None and now - self._down_since >= UNREACHABLE_S:
-            self._raise("broker_unreachable", f"no connection to broker {self._cfg.host}:"
-                        f"{self._cfg.port} for more than {UNREACHABLE_S:.0f} s; last error: "
-                        f"{self._last_error}")

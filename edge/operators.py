@@ -31,7 +31,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from edge.contract.timefmt import DAYS, parse_hhmm
 from edge.events import OperatorTag
@@ -118,9 +118,14 @@ class Operators:
         self._roster_sig: tuple[int, int, int] | None = None
         self.shifts: list[tuple[int, Shift]] = []
         self.reload_roster()
-        self.history: dict[str, list[Login]] = {
-            str(d["desk"]): [Login(**x) for x in d["logins"]]
-            for d in self._logins_db.table("desks").all()}
+        self.history: dict[str, list[Login]] = {}
+        for d in self._logins_db.table("desks").all():
+            try:
+                self.history[str(d["desk"])] = [Login(**x) for x in d["logins"]]
+            except (KeyError, TypeError, ValueError):
+                # JSON, but not ours (edited by hand, another version): skip it, loudly.
+                on_fault("state_unreadable", "logins.json", "logins.json holds an entry that "
+                         "is not a desk's logins; it was skipped")
 
     # -- roster ---------------------------------------------------------------
 
@@ -136,10 +141,26 @@ class Operators:
         if sig == self._roster_sig:
             return False
         self._roster_sig = sig
-        self.shifts = [(doc.doc_id, Shift(str(doc["desk"]), str(doc["operator"]),
-                                          tuple(int(d) for d in doc["days"]), str(doc["start"]),
-                                          str(doc["end"]), str(doc["tz"])))
-                       for doc in self._roster_db.table("shifts").all()]
+        shifts: list[tuple[int, Shift]] = []
+        bad = 0
+        for doc in self._roster_db.table("shifts").all():
+            try:
+                shift = Shift(str(doc["desk"]), str(doc["operator"]),
+                              tuple(int(d) for d in doc["days"]), str(doc["start"]),
+                              str(doc["end"]), str(doc["tz"]))
+                ZoneInfo(shift.tz)
+                parse_hhmm(shift.start)
+                parse_hhmm(shift.end)
+            except (KeyError, TypeError, ValueError, ZoneInfoNotFoundError):
+                bad += 1
+                continue
+            shifts.append((doc.doc_id, shift))
+        self.shifts = shifts
+        if bad:
+            self._on_fault("state_unreadable", "roster.json", f"roster.json holds {bad} "
+                           "shift(s) that are not valid; they are ignored")
+        else:
+            self._on_fault("state_unreadable", "roster.json", None)
         return True
 
     def add_shift(self, shift: Shift) -> int:

@@ -1,11 +1,12 @@
-"""The outbox's files: open, check, classify faults, recover, and keep seq
-from ever repeating.
+"""The outbox's files: open, check, recover, and keep seq from ever repeating.
 
 Everything here is about the files on disk rather than about events: opening
 the SQLite database with its pragmas, telling a busy, full, read-only or
 failing disk from real corruption, moving a corrupt store aside, the seq
 watermark and reservation, and reading the figures without the daemon.  The
-outbox proper (commit, limits, removal, pending) is `edge.store`.
+outbox proper (opening, faults, pending) is `edge.store`, its write path
+(commit, limits, removal) `edge.store_write`, the fault classes
+`edge.store_faults`.
 
 Files, all in the store's directory::
 
@@ -30,8 +31,8 @@ Tables::
         ever removed, dropped or lost), `seq_reserved` (the reservation's
         mirror), drop counters `drops.<reason>`.
 
-Fault model (errors are classified by `classify`; the alarm code is the
-error class's `code`):
+Fault model, the store's one fault table (errors are classified by
+`edge.store_faults.classify`; the alarm code is the error class's `code`):
 
 ============================  =========================================  ==================
 condition (any store file)    what happens                               alarm
@@ -64,7 +65,6 @@ failing disk never does, and the daemon never exits for any of them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Final
 
 from edge.state import StateFile
+from edge.store_faults import StoreBusyError, StoreCorruptError, classify
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -82,14 +83,7 @@ __all__ = [
     "SEQ_BLOCK",
     "OpenedOutbox",
     "SeqReservation",
-    "StoreBusyError",
-    "StoreCorruptError",
-    "StoreDiskFullError",
-    "StoreError",
-    "StoreIOError",
-    "StoreReadOnlyError",
     "StoreStats",
-    "classify",
     "connect",
     "drop_counts",
     "file_bytes",
@@ -130,85 +124,6 @@ CREATE TABLE IF NOT EXISTS meta (
     value
 ) WITHOUT ROWID;
 """
-
-
-# -- faults -------------------------------------------------------------------
-
-class StoreError(Exception):
-    """The store could not do what was asked; nothing was changed."""
-
-    code = "store_error"
-    sentence = "the event store failed"
-
-
-class StoreBusyError(StoreError):
-    """Another process holds the store's lock (SQLITE_BUSY, SQLITE_LOCKED)."""
-
-    code = "store_busy"
-    sentence = "another process holds the event store's lock; presses wait on the devices"
-
-
-class StoreDiskFullError(StoreError):
-    """The file system (or the store's page quota) is full."""
-
-    code = "disk_full"
-    sentence = "the disk is full; presses wait on the devices until there is room"
-
-
-class StoreReadOnlyError(StoreError):
-    """A store file cannot be written (read-only file system, permissions)."""
-
-    code = "store_read_only"
-    sentence = "the event store cannot be written (read-only disk?); presses wait on the devices"
-
-
-class StoreIOError(StoreError):
-    """The disk reported an I/O error (a failing SD card)."""
-
-    code = "store_io_error"
-    sentence = "the disk reports I/O errors (failing SD card?); presses wait on the devices"
-
-
-class StoreCorruptError(StoreError):
-    """The database failed its integrity check: the only fault that moves it aside."""
-
-    code = "store_corrupt"
-    sentence = "the event store was damaged"
-
-
-_SQLITE_CLASSES: Final = {
-    sqlite3.SQLITE_BUSY: StoreBusyError, sqlite3.SQLITE_LOCKED: StoreBusyError,
-    sqlite3.SQLITE_FULL: StoreDiskFullError, sqlite3.SQLITE_READONLY: StoreReadOnlyError,
-    sqlite3.SQLITE_PERM: StoreReadOnlyError, sqlite3.SQLITE_CANTOPEN: StoreReadOnlyError,
-    sqlite3.SQLITE_IOERR: StoreIOError, sqlite3.SQLITE_CORRUPT: StoreCorruptError,
-    sqlite3.SQLITE_NOTADB: StoreCorruptError,
-}
-_ERRNO_CLASSES: Final = {
-    errno.ENOSPC: StoreDiskFullError, errno.EDQUOT: StoreDiskFullError,
-    errno.EROFS: StoreReadOnlyError, errno.EACCES: StoreReadOnlyError,
-    errno.EPERM: StoreReadOnlyError, errno.ENOTDIR: StoreReadOnlyError,
-    errno.EISDIR: StoreReadOnlyError, errno.EEXIST: StoreReadOnlyError, errno.EIO: StoreIOError,
-}
-
-
-def classify(e: BaseException, doing: str) -> StoreError:
-    """The StoreError subclass for an sqlite3 or OS error met while `doing` something."""
-    if isinstance(e, StoreError):
-        return e
-    cls: type[StoreError] = StoreError
-    if isinstance(e, sqlite3.Error):
-        code = getattr(e, "sqlite_errorcode", None)
-        if code is not None:
-            cls = _SQLITE_CLASSES.get(code & 0xFF, StoreError)
-        elif "locked" in str(e):
-            cls = StoreBusyError
-        elif "full" in str(e):
-            cls = StoreDiskFullError
-    elif isinstance(e, OSError) and e.errno is not None:
-        cls = _ERRNO_CLASSES.get(e.errno, StoreIOError)
-    err = cls(f"{doing}: {e}")
-    err.__cause__ = e
-    return err
 
 
 # -- opening and recovery ---------------------------------------------------------
@@ -311,8 +226,12 @@ class SeqReservation:
         self._file = StateFile(path)
         doc = self._file.db.get(doc_id=1)
         value = doc.get("seq_reserved", 0) if isinstance(doc, dict) else 0
+        used = doc.get("seq_used", 0) if isinstance(doc, dict) else 0
         # What the file says: every seq up to here may have been used.
         self.on_file: int = int(value) if isinstance(value, int) else 0
+        # A seq known to have been used (written at close and once a minute): an
+        # outbox whose own watermark is below it was rolled back (a restored copy).
+        self.used: int = int(used) if isinstance(used, int) else 0
         self.damaged = self._file.damaged  # the file was there but unreadable
         self.upto = self.on_file
 
@@ -327,11 +246,24 @@ class SeqReservation:
     def write(self, upto: int) -> None:
         """Reserve every seq up to `upto` on disk.  Raises the classified StoreError."""
         try:
-            self._file.replace({"seq_reserved": upto})
+            self._file.replace({"seq_reserved": upto, "seq_used": self.used})
         except OSError as e:
             raise classify(e, f"writing {self._file.path.name}") from e
         self.upto = max(self.upto, upto)
         self.on_file = upto
+
+    def note_used(self, seq: int) -> None:
+        """Record that seqs up to `seq` have been used (best effort: a failed write is
+        only a weaker guard against a rolled-back outbox)."""
+        if seq <= self.used:
+            return
+        try:
+            self._file.replace({"seq_reserved": max(self.on_file, seq), "seq_used": seq})
+        except OSError as e:
+            log.warning("could not note the last seq used in %s: %s", self._file.path.name,
+                        e.strerror)
+            return
+        self.used = seq
 
     def close(self) -> None:
         self._file.close()
@@ -351,6 +283,8 @@ class OpenedOutbox:
     alarms: list[tuple[str, str]]
     # A new store (no birth marker, no seq): the store writes `born` first.
     new: bool = False
+    # Why `lost`: store_replaced (a new store), store_rolled_back (an older copy).
+    lost_reason: str = "store_replaced"
 
 
 def open_outbox(path: Path, *, page_size: int = 1024,
@@ -404,13 +338,23 @@ def open_outbox(path: Path, *, page_size: int = 1024,
                        "gone: new seq numbers may repeat ones the collector already has"))
     lost: tuple[int, int] | None = None
     last = high
+    reason = "store_replaced"
     if new and known > 0:
         # A store that had to start again continues after every seq that
         # could have been used before, so no seq is ever reused.
         lost = (1, known)
         last = known
+    elif not new and seqs.used > high:
+        # An outbox older than what it has already used (a backup put back, a
+        # copy from elsewhere): continue above, and announce what it lacks.
+        lost = (high + 1, seqs.used)
+        last = seqs.used
+        reason = "store_rolled_back"
+        alarms.append(("store_rolled_back", f"the event store is older than the seqs it has "
+                       f"used ({high} < {seqs.used}); seq {high + 1}..{seqs.used} are announced "
+                       "as lost"))
     seqs.cover(max(last, known))
-    return OpenedOutbox(db, seqs, last, lost, alarms, new)
+    return OpenedOutbox(db, seqs, last, lost, alarms, new, reason)
 
 
 # -- the seq watermark and figures ------------------------------------------------

@@ -28,19 +28,10 @@ import pytest
 from edge.alarms import Alarms
 from edge.clock import ManualClock
 from edge.contract.broker import BrokerConfig, TlsConfig
-from edge.mqtt import (
-    BRIEF_S,
-    CONNACK_TIMEOUT_S,
-    MAX_PACKET_BYTES,
-    UNREACHABLE_S,
-    Connected,
-    Disconnected,
-    LinkAlarms,
-    MqttLink,
-    PubAck,
-    Stable,
-    publish_packet_size,
-)
+from edge.link_alarms import BRIEF_S, UNREACHABLE_S, LinkAlarms
+from edge.link_messages import Connected, Disconnected, PubAck, Stable
+from edge.mqtt import CONNACK_TIMEOUT_S, MAX_PACKET_BYTES, MqttLink
+from edge.mqtt_connect import publish_packet_size
 from tests.conftest import Broker, Proc, Subscriber, wait_for, write_config
 from tests.test_pipeline import Site
 from tests.test_sdnotify import Systemd

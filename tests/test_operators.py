@@ -128,3 +128,18 @@ def test_roster_and_logins_survive_a_restart_and_roster_edits_are_seen(tmp_path:
     assert cli.remove_shift(sid) is True
     assert daemon_view.reload_roster() is True
     assert daemon_view.who("desk-2", t).id is None
+
+
+def test_state_files_that_are_json_but_not_ours_are_skipped_and_reported(
+        tmp_path: Path) -> None:
+    (tmp_path / "logins.json").write_text('{"desks": {"1": {"desk": "desk-1"}}}')
+    (tmp_path / "roster.json").write_text(
+        '{"shifts": {"1": {"desk": "desk-1", "operator": "op-1"}}}')
+    faults: list[tuple[str, str, str | None]] = []
+    o = Operators(tmp_path, {"desk-1": "op-fixed"}, on_fault=lambda *f: faults.append(f))
+    assert o.who("desk-1", 0).id == "op-fixed"  # nothing usable: the config decides
+    assert {(code, name) for code, name, text in faults if text} == {
+        ("state_unreadable", "logins.json"), ("state_unreadable", "roster.json")}
+    o.login("desk-1", "op-23", "command", 10)
+    assert o.who("desk-1", 11).id == "op-23"
+    o.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -307,3 +308,41 @@ def test_a_read_only_store_is_opened_again_once_writable(tmp_path: Path) -> None
         s.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_older_copy_of_the_store_put_back_does_not_reuse_seqs(tmp_path: Path) -> None:
+    """A backup restored over the outbox (or a copy from another card) is valid but
+    older than the seqs already used: it continues above them and says so."""
+    path = tmp_path / "o.sqlite"
+    s = open_store(path, announce=True)
+    s.commit([Append(make_event()) for _ in range(2)])
+    s.close()
+    backup = tmp_path / "backup.sqlite"
+    shutil.copy(path, backup)
+    s = open_store(path, announce=True)
+    s.commit([Append(make_event()) for _ in range(3)])  # seqs 3..5, published
+    s.remove([1, 2, 3, 4, 5])
+    s.close()  # notes seq 5 as used
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    shutil.copy(backup, path)
+    s = open_store(path, announce=True)
+    assert "store_rolled_back" in _codes(s)
+    announced = [json.loads(p.payload) for p in s.pending(0, 10)]
+    assert [a["dropped"] for a in announced if a["kind"] == "dropped"] == [
+        {"from_seq": 3, "to_seq": 5, "reason": "store_rolled_back"}]
+    assert s.commit([Append(make_event())]).seqs[0] == 7  # 6 is the announcement
+
+
+def test_a_store_deleted_while_open_is_noticed_and_started_again(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    s = open_store(path, announce=True)
+    s.commit([Append(make_event()) for _ in range(3)])
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    s.retry(time.monotonic() + 100)
+    assert s.available
+    assert _codes(s) == ["store_replaced"]
+    first = s.pending(0, 10)
+    assert [json.loads(p.payload)["dropped"]["to_seq"] for p in first] == [SEQ_BLOCK]
+    assert s.commit([Append(make_event())]).seqs == [SEQ_BLOCK + 2]

@@ -217,6 +217,13 @@ class Device(ABC):
     def stop(self) -> None:
         self.worker.stop()
 
+    def count_decode_error(self, name: str) -> None:
+        """A malformed report or frame, counted by the decoder's name for it."""
+        n = self.decode_errors[name] = self.decode_errors.get(name, 0) + 1
+        # 1st, 2nd, 4th, 8th ...: a babbling device cannot flood the journal.
+        if n & (n - 1) == 0:
+            log.warning("device %s: malformed report (%s), %d so far", self.cfg.id, name, n)
+
     def on_state(self, msg: DeviceState, wall_ns: int) -> None:
         """The worker's word on the device (connected, missing, error)."""
         del wall_ns

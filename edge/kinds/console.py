@@ -167,9 +167,19 @@ class ConsoleInput:
 
 @dataclass(frozen=True, slots=True)
 class ConsoleLoss:
-    """The console's lost counter (events its ring overwrote since power-up)."""
+    """The console's lost counter (events its ring overwrote since power-up) and
+    how many unacknowledged events its ring holds now (info feature report)."""
 
     total: int
+    unacked: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A device_lost record's token: counted and alarmed once it is stored."""
+
+    n: int
+    reason: str
 
 
 class ConsoleWorker(Worker[HidTransport]):
@@ -195,8 +205,8 @@ class ConsoleWorker(Worker[HidTransport]):
         if info.lost:
             # Lost while nobody read it (the OVERFLOW flag went with a report
             # sent into the void): the counter says so.
-            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost), self._clock.mono_ns(),
-                               self._clock.wall_ns()))
+            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost, info.unacked),
+                               self._clock.mono_ns(), self._clock.wall_ns()))
         # Presses made while nobody was reading (daemon down, up to the ring's
         # 32) arrive at once instead of at the next back-off step.
         transport.write(encode_resend())
@@ -214,7 +224,8 @@ class ConsoleWorker(Worker[HidTransport]):
             if decoded.overflow:
                 fresh = self._read_info(transport)
                 if not isinstance(fresh, DecodeError):
-                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost), mono, wall))
+                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost, fresh.unacked),
+                                       mono, wall))
 
 
 # -- decisions ----------------------------------------------------------------------
@@ -241,6 +252,9 @@ class Console(Device):
         # (key -> event_uptime): no ACK may cover an unstored one.
         self._batch: list[ConsoleReport] = []
         self.unstored: dict[str, int] = {}
+        self._lost_committed = self.lost_seen
+        # The newest durable report an ACK could not cover yet (an unstored one is older).
+        self._held: ConsoleReport | None = None
 
     def on_state(self, msg: DeviceState, wall_ns: int) -> None:
         super().on_state(msg, wall_ns)
@@ -253,6 +267,7 @@ class Console(Device):
     def decide(self, r: Reading, ctx: Context) -> Decision:
         inp = r.data
         if isinstance(inp, ConsoleLoss):
+            self._forget_overwritten(inp.unacked)
             return self._loss(r, inp.total, ctx)
         assert isinstance(inp, ConsoleInput)  # noqa: S101 - posted by ConsoleWorker only
         action = self.host.on_report(inp.report, r.host_mono_ns)
@@ -260,19 +275,19 @@ class Console(Device):
             return Decision(duplicate=True, token=inp.report)
         self._batch.append(inp.report)
         if isinstance(action, NewSession):
-            self._new_session(ctx)
             log.info("device %s powered up (HELLO)", self.cfg.id)
-            return Decision([Append(None, (self.scope, action.key))], (self.scope,),
-                            token=inp.report)
+            return Decision([*self._new_session(r, ctx), Append(None, (self.scope, action.key))],
+                            (self.scope,), token=inp.report)
         assert isinstance(action, Record)  # noqa: S101 - the three host actions
         forget: tuple[str, ...] = ()
+        gone: list[Append] = []
         if action.new_session:
-            self._new_session(ctx)
+            gone = self._new_session(r, ctx)
             forget = (self.scope,)
         # A dropped press still records its key, so its replays are
         # recognised instead of being judged (and counted) again.
-        return Decision([Append(self._event(r, inp.report, ctx), (self.scope, action.key))],
-                        forget, token=inp.report)
+        return Decision([*gone, Append(self._event(r, inp.report, ctx),
+                                       (self.scope, action.key))], forget, token=inp.report)
 
     def _event(self, r: Reading, rep: ConsoleReport, ctx: Context) -> Event | None:
         age_ns = rep.age_ms * 1_000_000
@@ -293,56 +308,92 @@ class Console(Device):
                      operator=ctx.operator(self.cfg.desk, wall),
                      time=ctx.event_time(mono, wall, rep.age_ms), flags=flags)
 
-    def _new_session(self, ctx: Context) -> None:
-        """The console powered up: its ring, and what we had not stored of it, is gone."""
+    def _new_session(self, r: Reading, ctx: Context) -> list[Append]:
+        """The console powered up: its ring, and what we had not stored of it, is
+        gone: a device_lost record (power_loss) for those."""
         self.resets += 1
-        self.lost_seen = 0
-        if self.unstored:
-            n = len(self.unstored)
-            ctx.count("device_power_loss", n)
-            log.warning("device %s: powered up with %d presses not yet stored: lost", self.cfg.id,
-                        n)
-            self.unstored.clear()
+        self.lost_seen = self._lost_committed = 0
+        if not self.unstored:
+            return []
+        n = len(self.unstored)
+        self.unstored.clear()
+        log.warning("device %s: powered up with %d presses not yet stored: lost", self.cfg.id, n)
+        return [self._lost_record(r, ctx, (n, n), reason="power_loss",
+                                  key=f"power:{r.host_mono_ns}")]
+
+    def _forget_overwritten(self, unacked: int | None) -> None:
+        """The ring holds the newest `unacked` events after the last ACK: unstored
+        ones older than those were overwritten, and must not hold the ACK back."""
+        if unacked is None or len(self.unstored) <= unacked:
+            return
+        keep = sorted(self.unstored.items(), key=lambda kv: kv[1])[-unacked:] if unacked else []
+        log.warning("device %s: %d unstored presses were overwritten in its ring", self.cfg.id,
+                    len(self.unstored) - len(keep))
+        self.unstored = dict(keep)
 
     def _loss(self, r: Reading, total: int, ctx: Context) -> Decision:
         """A lost counter read from the console: record what is new in it."""
         if total <= self.lost_seen:
             return Decision()
         n = total - self.lost_seen
-        self.lost_seen = total
-        ctx.count("device_overflow", n)
-        ctx.alarm("device_lost", f"console {self.cfg.id} at desk {self.cfg.desk} lost {n} "
-                  "presses: its ring overflowed while they could not be read",
-                  subject=self.cfg.id, for_s=LOSS_ALARM_S)
-        log.warning("device %s: its ring overflowed, %d presses lost", self.cfg.id, n)
+        self.lost_seen = total  # provisional: commit_failed() goes back
+        return Decision([self._lost_record(r, ctx, (n, total), reason="ring_overflow",
+                                           key=f"lost:{total}")], token=_Lost(n, "ring_overflow"))
+
+    def _lost_record(self, r: Reading, ctx: Context, counts: tuple[int, int], *, reason: str,
+                     key: str) -> Append:
+        """A device_lost record of (newly lost, total) events, deduplicated by `key`."""
+        n, total = counts
         event = Event(event_id=new_event_id(), desk=self.cfg.desk,
                       device=DeviceRef(self.cfg.id, "console", self.cfg.serial),
-                      body=DeviceLost(lost=n, total=total, reason="ring_overflow"),
+                      body=DeviceLost(lost=n, total=total, reason=reason),
                       operator=ctx.operator(self.cfg.desk, r.host_wall_ns),
                       time=ctx.event_time(r.host_mono_ns, r.host_wall_ns))
-        return Decision([Append(event, (self.scope, f"lost:{total}"))])
+        return Append(event, (self.scope, key))
+
+    def _count_lost(self, lost: _Lost, ctx: Context) -> None:
+        ctx.count("device_overflow" if lost.reason == "ring_overflow" else "device_power_loss",
+                  lost.n)
+        why = "its ring overflowed while they could not be read" \
+            if lost.reason == "ring_overflow" else "it lost power before they were stored"
+        ctx.alarm("device_lost", f"console {self.cfg.id} at desk {self.cfg.desk} lost "
+                  f"{lost.n} presses: {why}", subject=self.cfg.id, for_s=LOSS_ALARM_S)
+        log.warning("device %s: %d presses lost (%s)", self.cfg.id, lost.n, lost.reason)
 
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
         self._batch.clear()
         handled: list[ConsoleReport] = []
+        self._lost_committed = self.lost_seen
         for decision, stored in outcomes:
             rep = decision.token
+            if isinstance(rep, _Lost) and any(stored):
+                self._count_lost(rep, ctx)
+            for a, ok in zip(decision.appends, stored, strict=True):
+                if ok and a.event is not None and isinstance(a.event.body, DeviceLost) \
+                        and a.event.body.reason == "power_loss":
+                    self._count_lost(_Lost(a.event.body.lost, "power_loss"), ctx)
             if not isinstance(rep, ConsoleReport):
                 continue  # a lost-counter record: nothing to acknowledge
             if decision.forget:
                 handled.clear()  # a new device session: earlier dev_seqs mean nothing now
+                self._held = None
             handled.append(rep)
             self.unstored.pop(rep.key, None)  # durable now (stored, or known as stored)
             if any(stored) and rep.type is ReportType.PRESS and ctx.led_ms > 0:
                 self.worker.send(encode_show(rep.button, ms=ctx.led_ms))
-        # Cumulative: the last report handled before the oldest unstored one.
+        # Cumulative: the newest report handled (now or held back before) that is
+        # older than the oldest unstored one; what is newer waits for it.
+        candidates = [*handled, *([self._held] if self._held is not None else [])]
         oldest = min(self.unstored.values(), default=None)
-        ack = [r for r in handled if oldest is None or r.event_uptime < oldest]
+        ack = [r for r in candidates if oldest is None or r.event_uptime < oldest]
+        held = [r for r in candidates if oldest is not None and r.event_uptime >= oldest]
+        self._held = max(held, key=lambda r: r.event_uptime) if held else None
         if ack:
             self.worker.send(encode_ack(max(ack, key=lambda r: r.event_uptime).dev_seq))
 
     def commit_failed(self) -> None:
+        self.lost_seen = self._lost_committed
         for rep in self._batch:
             self.unstored[rep.key] = rep.event_uptime
         self._batch.clear()

@@ -294,9 +294,6 @@ class Terminal(Device):
         if not last or rec_id <= last + 1:
             return []
         n = rec_id - last - 1
-        ctx.count("device_overflow", n)
-        ctx.alarm("device_lost", f"terminal {self.cfg.id} at {self.cfg.desk} lost {n} records: "
-                  "its flash was full", subject=self.cfg.id, for_s=LOSS_ALARM_S)
         log.warning("terminal %s: record ids jumped from %d to %d: %d lost on the terminal",
                     self.cfg.id, last, rec_id, n)
         event = Event(event_id=new_event_id(), desk=self.cfg.desk,
@@ -308,12 +305,24 @@ class Terminal(Device):
 
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
-        for decision, _ in outcomes:
+        for decision, stored in outcomes:
             assert isinstance(decision.token, int)  # noqa: S101 - set by decide()
             self.worker.ack(decision.token)  # stored now, or stored before
+            for a, ok in zip(decision.appends, stored, strict=True):
+                body = a.event.body if a.event is not None else None
+                if ok and isinstance(body, events.DeviceLost):
+                    # Counted and alarmed once on record (not again after a failed commit).
+                    ctx.count("device_overflow", body.lost)
+                    ctx.alarm("device_lost", f"terminal {self.cfg.id} at {self.cfg.desk} lost "
+                              f"{body.lost} records: its flash was full", subject=self.cfg.id,
+                              for_s=LOSS_ALARM_S)
         if outcomes:
             # A record got past whatever was refused: the terminal moves again.
             ctx.clear_alarm("device_stuck", self.cfg.id)
+
+    def commit_failed(self) -> None:
+        # The ids seen were not stored: judge the next ones against the store.
+        self._last_id.clear()
 
     def on_doctors(self, doctors: Doctors) -> None:
         self.worker.set_doctors(doctors)
