@@ -283,8 +283,7 @@ def _parse_web(t: Table) -> WebConfig:
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise t.error("listen", listen, "the port must be from 0 to 65535")
-    token_file = t.path_value("token_file", must_exist=True)
-    token = token_file.read_text(encoding="utf-8").strip() if token_file else None
+    token = t.secret_file("token_file")
     if not is_loopback(host) and not token:
         raise t.error("listen", listen, "a page reachable from the LAN needs token_file "
                       "(the page shows who is on duty)")

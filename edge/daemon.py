@@ -246,8 +246,10 @@ class Daemon:
             # Small state files that could not be written are tried again.
             self.operators.retry()
             self._doctors.retry()
-            self.conditions.check(now, self.clock.wall_ns(), self.devices.values(),
-                                  self.clock.synced())
+            self.conditions.check(
+                now, self.clock.wall_ns(), self.devices.values(), self.clock.synced(),
+                collector_online=self.publisher.delivery_status()["collector_online"],
+                oldest_pending_s=reporting.health(self)["oldest_pending_age_s"])
         if now >= self._next_health:
             self._next_health = now + self.config.health_interval_s
             if self.link.connected:

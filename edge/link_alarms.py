@@ -39,7 +39,9 @@ class LinkAlarms:
       when a resolution works again (any later stage) or on connect.
     - `broker_auth`: CONNACK refused the credentials (AUTH_REFUSALS); cleared
       by a successful CONNACK.
-    - `broker_unreachable`: not connected for UNREACHABLE_S; cleared on connect.
+    - `broker_unreachable`: no connection has held (Stable) for UNREACHABLE_S
+      while disconnected (a broker that keeps dropping us counts); cleared when
+      a connection holds.
     - `broker_refusing`: the broker refused an event (PUBACK reason code 0x80
       or above, or too large for its Maximum Packet Size) or disconnected us
       for something we sent (SENT_REFUSALS); cleared when an event is accepted.
@@ -53,7 +55,8 @@ class LinkAlarms:
         self._alarms = alarms
         self._cfg = cfg
         self._wall_ns = wall_ns
-        self._down_since: float | None = now  # not connected since
+        self._down_since: float | None = now  # no connection has held since
+        self._connected = False
         self._last_error = "not connected yet"
         self._brief = 0  # connections in a row dropped right after their CONNACK
 
@@ -61,15 +64,20 @@ class LinkAlarms:
         self._alarms.raise_(code, text, self._wall_ns())
 
     def on_connected(self) -> None:
-        self._down_since = None
-        for code in ("broker_dns", "broker_auth", "broker_unreachable"):
+        # Unreachable ends only when a connection holds (on_stable): a broker
+        # that accepts and drops us again and again is not reachable either.
+        self._connected = True
+        for code in ("broker_dns", "broker_auth"):
             self._alarms.clear(code)
 
     def on_stable(self) -> None:
         self._brief = 0
-        self._alarms.clear("client_id_taken")
+        self._down_since = None
+        for code in ("client_id_taken", "broker_unreachable"):
+            self._alarms.clear(code)
 
     def on_disconnected(self, msg: Disconnected, now: float) -> None:
+        self._connected = False
         if self._down_since is None:
             self._down_since = now
         self._last_error = msg.reason
@@ -83,6 +91,9 @@ class LinkAlarms:
                         f"{msg.detail} (bad user name or password, or not authorized); check "
                         "username and password_file")
         if msg.stage != "lost":
+            # A connect that failed in between: the broker restarts or the network
+            # drops, which is not another client taking our id.
+            self._brief = 0
             return
         if msg.from_broker and code in SENT_REFUSALS:
             self._raise("broker_refusing", f"broker {self._cfg.host} disconnected us for "
@@ -112,7 +123,8 @@ class LinkAlarms:
                         "are retried")
 
     def tick(self, now: float) -> None:
-        if self._down_since is not None and now - self._down_since >= UNREACHABLE_S:
+        if not self._connected and self._down_since is not None \
+                and now - self._down_since >= UNREACHABLE_S:
             self._raise("broker_unreachable", f"no connection to broker {self._cfg.host}:"
-                        f"{self._cfg.port} for more than {UNREACHABLE_S:.0f} s; last error: "
-                        f"{self._last_error}")
+                        f"{self._cfg.port} has held for more than {UNREACHABLE_S:.0f} s; last "
+                        f"error: {self._last_error}")

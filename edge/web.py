@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,6 +161,16 @@ refresh(); setInterval(refresh, 1000);
 """
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client gone mid-answer (closed tab, timeout) is not the journal's business;
+        # anything else is a fault of ours and is logged with its traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("web: client %s went away", client_address[0] if client_address else "?")
+        else:
+            super().handle_error(request, client_address)
+
+
 class StatusPage:
     def __init__(self, host: str, port: int, ask: Ask, token: str | None = None) -> None:
         if not is_loopback(host) and not token:
@@ -169,6 +180,10 @@ class StatusPage:
         page = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that sends its request slowly (or never) gives up its
+            # thread after this many seconds.
+            timeout = 10
+
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("web: %s", fmt % args)
 
@@ -192,7 +207,7 @@ class StatusPage:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = _Server((host, port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="web",

@@ -234,3 +234,32 @@ def test_status_exits_0_only_without_alarms(tmp_path: Path) -> None:
     down = subprocess.run(status, capture_output=True, text=True, check=False, timeout=30)
     assert down.returncode == 1
     assert "NOT RUNNING" in down.stdout
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (b"\xff\xfebad", "must be UTF-8 text"),
+    (b"", "is empty"),
+    (b"  \n", "is empty"),
+    (b"one\ntwo\n", "only the secret, on one line"),
+])
+def test_a_password_file_is_one_line_of_text(tmp_path: Path, content: bytes, why: str) -> None:
+    f = tmp_path / "mqtt-password"
+    f.write_bytes(content)
+    text = GOOD.replace('host = "localhost"', f'host = "localhost"\nusername = "u"\n'
+                        f'password_file = "{f}"')
+    with pytest.raises(ConfigError, match=why) as e:
+        _parse(text)
+    assert "two" not in str(e.value)  # never the secret itself
+
+
+def test_an_encrypted_client_key_is_refused_not_prompted_for(tmp_path: Path) -> None:
+    key, cert = tmp_path / "client.key", tmp_path / "client.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=client",
+                    "-passout", "pass:secret"], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    ca = Path(__file__).parent / "fixtures" / "ca.pem"
+    text = GOOD.replace('host = "localhost"', f'host = "localhost"\n[broker.tls]\n'
+                        f'ca_file = "{ca}"\ncert_file = "{cert}"\nkey_file = "{key}"')
+    with pytest.raises(ConfigError, match="unencrypted PEM key"):
+        _parse(text)

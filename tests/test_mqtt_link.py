@@ -217,6 +217,8 @@ def test_link_alarms_raise_and_clear_by_their_rules() -> None:
     assert codes() == {"broker_auth", "broker_unreachable"}
     assert "Not authorized" in next(t for t in alarms.texts(2) if t.startswith("broker_auth"))
     la.on_connected()
+    assert codes() == {"broker_unreachable"}, "unreachable ends when a connection holds"
+    la.on_stable()
     assert codes() == set()
     # Refused events, then one accepted; PUBACKs of other messages do not count.
     la.on_puback(PubAck(5, 0x87, "Not authorized"), is_event=False)
@@ -248,6 +250,27 @@ def test_link_alarms_raise_and_clear_by_their_rules() -> None:
     la.on_disconnected(Disconnected("x", code=0x95, from_broker=True, held_s=0.1), 91.0)
     la.on_disconnected(Disconnected("x", code=0x95, from_broker=True, held_s=0.1), 92.0)
     assert codes() == {"broker_refusing"}
+
+
+def test_a_broker_restarting_over_and_over_is_unreachable_not_a_stolen_client_id() -> None:
+    alarms = Alarms()
+    la = LinkAlarms(alarms, _cfg(host="mqtt.example.org"), lambda: 1, now=0.0)
+    la.on_connected()
+    la.on_stable()
+    now = 100.0
+    for _ in range(25):  # up for a second, then down and refusing for two: every 3 s
+        la.on_disconnected(Disconnected("connection lost", stage="lost", held_s=1.0), now)
+        la.on_disconnected(Disconnected("cannot reach broker: Connection refused",
+                                        stage="connect"), now + 1)
+        la.on_connected()
+        la.tick(now + 2)
+        now += 3
+    codes = {a.code for a in alarms.active(2)}
+    assert "client_id_taken" not in codes
+    la.on_disconnected(Disconnected("connection lost", stage="lost", held_s=1.0), now)
+    la.tick(now + 1)
+    assert {a.code for a in alarms.active(2)} == {"broker_unreachable"}
+    assert "has held" in alarms.texts(2)[0]
 
 
 def test_publish_packet_size_is_what_paho_writes() -> None:

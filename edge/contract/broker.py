@@ -65,8 +65,9 @@ def _check_tls_files(t: Table, tls: TlsConfig) -> None:
                           f"must hold PEM CA certificate(s) ({e.__class__.__name__})") from None
     if tls.cert_file is not None and tls.key_file is not None:
         try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (ssl.SSLError, ValueError) as e:
+            # An empty password: an encrypted key fails here instead of prompting.
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=b"")
+        except (ssl.SSLError, ValueError, OSError) as e:
             raise t.error("cert_file", str(tls.cert_file),
                           "must be a PEM certificate matching key_file (an unencrypted PEM "
                           f"key) ({e.__class__.__name__})") from None
@@ -82,11 +83,11 @@ def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
     keepalive = t.integer("keepalive_s", 30, 5, 600)
     username = t.string("username", default=None)
     password = t.string("password", default=None)
-    password_file = t.path_value("password_file", must_exist=True)
-    if password is not None and password_file is not None:
+    from_file = t.secret_file("password_file")
+    if password is not None and from_file is not None:
         raise t.error("password", "***", "give either password or password_file, not both")
-    if password_file is not None:
-        password = password_file.read_text(encoding="utf-8").strip()
+    if from_file is not None:
+        password = from_file
     if password is not None and username is None:
         raise t.error("username", MISSING, "required when a password is given")
     tls_table = t.table("tls")

@@ -119,6 +119,28 @@ class Table:
             raise self.error(name, value, "must be a table ([" + self.key(name) + "])")
         return Table(value, self.key(name), self.source, self.base_dir)
 
+    def secret_file(self, name: str) -> str | None:
+        """A file holding one secret (a password, a token): its one line, stripped.
+
+        Raises ConfigError (never showing the content) when it cannot be read, is
+        not UTF-8, is empty, or holds more than one line.
+        """
+        path = self.path_value(name, must_exist=True)
+        if path is None:
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise self.error(name, str(path), "must be UTF-8 text") from None
+        except OSError as e:
+            raise self.error(name, str(path), f"cannot be read: {e.strerror}") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise self.error(name, str(path), "is empty: the file must hold the secret")
+        if len(lines) > 1:
+            raise self.error(name, str(path), "must hold only the secret, on one line")
+        return lines[0].strip()
+
     def finish(self) -> None:
         for name in self.data:
             if name not in self.used:
