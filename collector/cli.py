@@ -57,7 +57,9 @@ def _db(cfg: CollectorConfig) -> Database:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header, *[[str(c) for c in r] for r in rows]]
+    # Cells may hold what patients, devices and edges sent: one line each, no
+    # control characters (reports.text_cell).
+    cells = [header, *[[reports.text_cell(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in cells]
@@ -72,9 +74,7 @@ def _emit(args: argparse.Namespace, header: list[str], rows: list[list[Any]]) ->
     out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="",  # noqa: SIM115
                                                    encoding="utf-8")
     try:
-        w = csv.writer(out)
-        w.writerow(header)
-        w.writerows(rows)
+        reports.write_csv(out, header, rows)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -340,8 +340,8 @@ def _report_result(what: str, result: dict[str, Any] | None, edge: tuple[str, st
               "command is not retained and was not applied", file=sys.stderr)
         return EXIT_TIMEOUT
     if not result.get("ok"):
-        print(f"feedback-collector: {edge[0]}/{edge[1]} refused: {result.get('error')}",
-              file=sys.stderr)
+        print(f"feedback-collector: {edge[0]}/{edge[1]} refused: "
+              f"{reports.text_cell(result.get('error'))}", file=sys.stderr)
         return 1
     print(f"{edge[0]}/{edge[1]}: {what}")
     return 0

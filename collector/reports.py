@@ -21,19 +21,38 @@ ISO weeks (Monday first) and months are those of the report's time zone.
 
 A period with no counted data is listed with zero counts and no index, never
 with an index of 0, which would read as a neutral result.
+
+Output: every CSV the collector writes goes through `write_csv`, and every
+table printed to a terminal shows its cells through `text_cell`.  Cells come
+from patients (comments), devices and edges, so:
+
+- CSV (OWASP "CSV injection"): a text cell whose first character, leading
+  whitespace aside, is `=`, `+`, `-`, `@`, a tab or a carriage return would
+  run as a formula in a spreadsheet; it is written with a `'` in front.  A
+  phone number (`+7999...`) is such a cell too, so it stays text instead of
+  becoming a number.  The figures (integers, and decimals like `-12.5` for an
+  index) are written as they are.  The csv module quotes a cell holding line
+  breaks, commas or quotes, so a multi-line comment stays one cell.
+- Terminal: a line break in a cell shows as `⏎`, a tab as a space, and other
+  control and format characters (escape sequences, bidi overrides) are
+  dropped, so a cell can neither forge table rows nor drive the terminal.
 """
 
 from __future__ import annotations
 
+import csv
+import re
+import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import IO, Any, Final
 from zoneinfo import ZoneInfo
 
 __all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "answer_rate", "callback_list",
-           "doctor_index", "loyalty_index", "mood", "period_key", "period_span", "periods"]
+           "csv_cell", "doctor_index", "loyalty_index", "mood", "period_key", "period_span",
+           "periods", "text_cell", "write_csv"]
 
 PERIODS = ("day", "week", "month")
 _MOODS = {"good": "good", "yes": "good", "neutral": "neutral", "bad": "bad", "no": "bad"}
@@ -299,3 +318,34 @@ def callback_list(rows: Iterable[dict[str, Any]],
                                None if at is None else _fmt(at, tz),
                                status == "new" and (now_ms - t) / 1000 > stale_after_s))
     return out
+
+
+# -- output ---------------------------------------------------------------------------
+
+_FORMULA_START: Final = frozenset("=+-@\t\r")
+_FIGURE: Final = re.compile(r"^-?[0-9]+(?:\.[0-9]+)?\Z")
+_BREAKS: Final = re.compile(r"\r\n|[\n\r\v\f\x85\u2028\u2029]")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell no spreadsheet runs as a formula (module docstring)."""
+    if value is None or isinstance(value, bool | int | float):
+        return "" if value is None else value
+    text = str(value)
+    if _FIGURE.match(text):
+        return text
+    first = text.lstrip(" \n")[:1]
+    return f"'{text}" if first and first in _FORMULA_START else text
+
+
+def write_csv(out: IO[str], header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
+    """The one CSV writer of the collector: neutralised cells, one record per row."""
+    w = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+    w.writerow([csv_cell(c) for c in header])
+    w.writerows([csv_cell(c) for c in r] for r in rows)
+
+
+def text_cell(value: Any) -> str:
+    """A value as one line of text for a terminal table (module docstring)."""
+    text = _BREAKS.sub("\u23ce", str(value)).replace("\t", " ")
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp"))

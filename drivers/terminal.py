@@ -62,6 +62,21 @@ Where the sheet is silent, our choices:
   unreadable, the same reason with no good frame in between), the host
   reports `Stuck` once per such run; accepting a record ends the run.
 - `age_ms` must be a non-negative integer; 0 for a record sent at once.
+- Absurd values are refused (NAKed `schema`, counted; retransmitted, such a
+  record becomes a stuck one and raises `device_stuck`), so no device can
+  publish an event from another century or an id no log can show:
+  `age_ms` at most `MAX_AGE_MS` (90 days: what a terminal's flash plausibly
+  holds unsent; a clinic notices a dead edge within days, and older records
+  would rate staff long gone); record `id` from 0 to `MAX_RECORD_ID`
+  (2^32 - 1, a 32-bit counter in flash); PRESENCE `period_ms` at most a day
+  and `approaches` at most `MAX_APPROACHES` (100,000) per report; HELLO
+  `doctors_rev` below 2^31 (the doctor list's range) and `unacked` at most
+  65,535.
+- Identifiers follow edge.contract.ids: `doctor` is a doctor id
+  (DOCTOR_ID_RE), `lang` a language tag (LANG_RE), the HELLO `serial` a
+  device serial (DEVICE_SERIAL_RE); HELLO `model` and `fw` hold no control
+  characters.  Free text (the patient's comment) is kept as it is: it may
+  span lines, and whoever prints it escapes it.
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 from drivers.usb_match import Matcher
+from edge.contract.ids import DEVICE_SERIAL_RE, DOCTOR_ID_RE, LANG_RE
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -107,7 +123,12 @@ MAX_PAYLOAD: Final = 16_384  # the sheet's limit on `len`
 MAX_WIRE: Final = 16_500  # the longest frame on the wire, its 0x00 included
 _MAX_COBS: Final = MAX_WIRE - 1  # bytes of one frame held before its 0x00
 _HEAD = struct.Struct("<BBHH")
-_PHONE = re.compile(r"^\+?[0-9]{5,16}$")
+_PHONE = re.compile(r"^\+?[0-9]{5,16}\Z")
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f-\x9f]*\Z")
+MAX_AGE_MS: Final = 90 * 24 * 3600 * 1000  # see "Absurd values" above
+MAX_RECORD_ID: Final = 2**32 - 1
+MAX_APPROACHES: Final = 100_000
+MAX_PERIOD_MS: Final = 24 * 3600 * 1000
 
 
 class FrameType(IntEnum):
@@ -322,13 +343,23 @@ def _int(d: dict[str, Any], key: str, low: int = 0, high: int = 2**53) -> int:
     return v
 
 
-def _str(d: dict[str, Any], key: str, *, null: bool = False, max_len: int = 256) -> Any:
+def _str(d: dict[str, Any], key: str, *, null: bool = False, max_len: int = 256,
+         pattern: re.Pattern[str] | None = None) -> Any:
     v = d.get(key)
     if v is None and null and key in d:
         return None
-    if not isinstance(v, str) or len(v) > max_len:
+    if not isinstance(v, str) or len(v) > max_len or (pattern is not None
+                                                      and not pattern.match(v)):
         raise _InvalidError(key)
     return v
+
+
+def _id(d: dict[str, Any]) -> int:
+    return _int(d, "id", 0, MAX_RECORD_ID)
+
+
+def _age(d: dict[str, Any]) -> int:
+    return _int(d, "age_ms", 0, MAX_AGE_MS)
 
 
 def _answer(d: dict[str, Any]) -> Answer:
@@ -346,13 +377,14 @@ def _answer(d: dict[str, Any]) -> Answer:
         raise _InvalidError("phone/comment only when q2 is yes")
     if phone is not None and not _PHONE.match(phone):
         raise _InvalidError("phone")
-    return Answer(_int(d, "id"), _str(d, "doctor", max_len=64), q1, q2, phone, comment,
-                  _str(d, "lang", max_len=16), _int(d, "age_ms"))
+    return Answer(_id(d), _str(d, "doctor", max_len=64, pattern=DOCTOR_ID_RE), q1, q2, phone,
+                  comment, _str(d, "lang", max_len=16, pattern=LANG_RE), _age(d))
 
 
 def _presence(d: dict[str, Any]) -> Presence:
-    p = Presence(_int(d, "id"), _int(d, "approaches"), _int(d, "engaged"),
-                 _int(d, "period_ms"), _int(d, "age_ms"))
+    p = Presence(_id(d), _int(d, "approaches", 0, MAX_APPROACHES),
+                 _int(d, "engaged", 0, MAX_APPROACHES), _int(d, "period_ms", 0, MAX_PERIOD_MS),
+                 _age(d))
     if p.engaged > p.approaches:
         raise _InvalidError("engaged > approaches")
     return p
@@ -362,13 +394,15 @@ def _abandoned(d: dict[str, Any]) -> Abandoned:
     step = _str(d, "step")
     if step not in ("q1", "q2", "contact"):
         raise _InvalidError("step")
-    return Abandoned(_int(d, "id"), _str(d, "doctor", null=True, max_len=64), step,
-                     _int(d, "age_ms"))
+    return Abandoned(_id(d), _str(d, "doctor", null=True, max_len=64, pattern=DOCTOR_ID_RE),
+                     step, _age(d))
 
 
 def _hello(d: dict[str, Any]) -> Hello:
-    return Hello(_str(d, "serial", max_len=32), _str(d, "model", max_len=64),
-                 _str(d, "fw", max_len=32), _int(d, "doctors_rev"), _int(d, "unacked"))
+    return Hello(_str(d, "serial", max_len=32, pattern=DEVICE_SERIAL_RE),
+                 _str(d, "model", max_len=64, pattern=_PRINTABLE),
+                 _str(d, "fw", max_len=32, pattern=_PRINTABLE),
+                 _int(d, "doctors_rev", 0, 2**31 - 1), _int(d, "unacked", 0, 0xFFFF))
 
 
 _PARSERS: Final = {

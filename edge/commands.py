@@ -5,13 +5,16 @@ MQTT (mqtt-contract.md, "Commands"): `{root}/cmd/{name}` with a JSON object
 of at most `MAX_COMMAND_BYTES` holding a `request_id` (string, at most 128
 characters); the result `{"request_id", "ok", "error"}` goes to
 `{root}/cmd/{name}/result`.  Names: `ping`, `operator` (`desk`, `operator`:
-an id of 1 to 64 characters or null for "nobody"), `doctors` (`rev`,
+an operator id, edge.contract.ids.OPERATOR_RE, or null for "nobody"), `doctors` (`rev`,
 `doctors`: edge.doctors.validate_doctors).  Retained commands are ignored
 (the daemon decides that before calling here).
 
 Control socket (edge/control.py): `{"cmd": "status"}` answers the status
 object; `{"cmd": "operator", "desk", "operator"}` logs in and `{"cmd":
 "operator", "desk", "logout": true}` ends the desk's login.
+
+What came from outside is checked against its grammar before it is used, and
+logged only through `edge.logsafe.printable`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from queue import SimpleQueue
 from typing import Any, Final
 
 from edge.clock import Clock
+from edge.contract.ids import OPERATOR_RULE, valid_operator
 from edge.doctors import DoctorList, validate_doctors
 from edge.kinds.base import Device, Doctors
+from edge.logsafe import printable
 from edge.operators import Operators
 
 __all__ = ["MAX_COMMAND_BYTES", "Commands", "ControlRequest"]
@@ -109,10 +114,12 @@ class Commands:
         error = self._desk_error(desk)
         if error is not None:
             return error
-        if op is ... or not (op is None or (isinstance(op, str) and 1 <= len(op) <= 64)):
-            return "operator must be an operator id of 1 to 64 characters, or null for nobody"
+        if op is ... or not (op is None or valid_operator(op)):
+            # The refused value is not echoed: it may hold anything.
+            return f"operator must be {OPERATOR_RULE}; or null for nobody"
         self._operators.login(str(desk), op, "command", self._clock.wall_ns())
-        log.info("desk %s: operator %s on duty by command", desk, op or "nobody")
+        log.info("desk %s: operator %s on duty by command", printable(desk),
+                 printable(op or "nobody"))
         return None
 
     def _logout(self, desk: object) -> str | None:
@@ -121,7 +128,8 @@ class Commands:
         if error is not None:
             return error
         ended = self._operators.logout(str(desk), self._clock.wall_ns())
-        log.info("desk %s: %s logged out", desk, (ended.operator if ended else None) or "nobody")
+        log.info("desk %s: %s logged out", printable(desk),
+                 printable((ended.operator if ended else None) or "nobody"))
         return None
 
     def _doctors_cmd(self, body: dict[str, Any]) -> str | None:

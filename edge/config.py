@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.contract.broker import BrokerConfig, is_loopback, parse_broker
-from edge.contract.ids import DESK_RE, NAME_RE
+from edge.contract.ids import DESK_RE, NAME_RE, OPERATOR_RE, OPERATOR_RULE, valid_operator
 from edge.contract.timefmt import check_zone, parse_days, parse_hhmm
 from edge.contract.toml import MISSING, ConfigError, Table
 from edge.contract.topics import topic_root
@@ -198,7 +198,8 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
             one = desks_t.table(name)
             assert one is not None  # noqa: S101 - name comes from the table itself
             desks[name] = DeskConfig(name, one.string("operator", default=None,
-                                                      pattern=re.compile(r"^.{1,64}$")))
+                                                      pattern=OPERATOR_RE,
+                                                      allowed=OPERATOR_RULE))
             one.finish()
 
     raw_devices = top.get("devices")
@@ -239,9 +240,8 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
             if not re.match(r"^[A-Za-z0-9]{4,32}$", badge):
                 raise badges_t.error("(a badge)", "(hidden)", "badge numbers are 4 to 32 "
                                      "letters or digits")
-            if not isinstance(op, str) or not 1 <= len(op) <= 64:
-                raise badges_t.error("(a badge)", "(hidden)", "must map to an operator id "
-                                     "string of 1 to 64 characters")
+            if not valid_operator(op):
+                raise badges_t.error("(a badge)", "(hidden)", f"must map to {OPERATOR_RULE}")
             badges[badge.upper()] = op
     ops_t = top.table("operators") or Table({}, "operators", source, base_dir)
     max_login_h = ops_t.number("max_login_hours", 10.0, 0.25, 24.0)
@@ -276,7 +276,7 @@ def _parse_web(t: Table) -> WebConfig:
     if enabled is not MISSING and not isinstance(enabled, bool):
         raise t.error("enabled", enabled, "must be true or false")
     listen = t.string("listen", default="127.0.0.1:8480",
-                      pattern=re.compile(r"^[^\s:]+:\d{1,5}$"),
+                      pattern=re.compile(r"^[^\s:]+:\d{1,5}\Z"),
                       allowed="host:port, e.g. 127.0.0.1:8480 or 0.0.0.0:8480")
     assert listen is not None  # noqa: S101 - has a default
     host, port_text = listen.rsplit(":", 1)

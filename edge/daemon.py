@@ -120,7 +120,7 @@ class Daemon:
                       lambda: self.commands.doctors_now, (openers or {}).get(d.kind))
             self.devices[d.id] = KINDS[d.kind].device(d, env)
         self._doctors = doctors
-        self.timesync = TimeSync(self.clock)
+        self.timesync = TimeSync(self.clock, redo=self.ctx.rejudge)
         self.publisher = Publisher(config.broker.window,
                                    collector_mode=config.delivery.mode == "collector",
                                    max_unacked=config.delivery.max_unacked,

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from drivers.terminal import MAX_PAYLOAD
+from edge.contract.ids import DOCTOR_ID_RE
 from edge.state import FaultReport, StateFile, ignore_faults
 
 __all__ = ["DoctorList", "validate_doctors"]
 
 log = logging.getLogger(__name__)
 
-_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
+_SHA256: Final = re.compile(r"^[0-9a-f]{64}\Z")
+# Names and specialties are shown on the terminals' screen and the status page:
+# any text, but no control or line-breaking characters.
+_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 MAX_DOCTORS: Final = 200
 
 
@@ -39,13 +42,15 @@ def validate_doctors(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
         if not isinstance(d, dict):
             raise ValueError(f"doctors[{i}] must be an object")  # noqa: TRY004 - one error type for all bad input
         did, name, spec, photo = d.get("id"), d.get("name"), d.get("specialty"), d.get("photo")
-        if not isinstance(did, str) or not _ID.match(did) or did in seen:
+        if not isinstance(did, str) or not DOCTOR_ID_RE.match(did) or did in seen:
             raise ValueError(f"doctors[{i}].id must be a unique id of 1-64 letters, digits, "
                              "'_', '.', '-'")
-        if not isinstance(name, str) or not 1 <= len(name) <= 128:
-            raise ValueError(f"doctors[{i}].name must be a string of 1-128 characters")
-        if not isinstance(spec, str) or len(spec) > 128:
-            raise ValueError(f"doctors[{i}].specialty must be a string of at most 128 characters")
+        if not isinstance(name, str) or not 1 <= len(name) <= 128 or _UNPRINTABLE.search(name):
+            raise ValueError(f"doctors[{i}].name must be a string of 1-128 characters, "
+                             "without control characters or line breaks")
+        if not isinstance(spec, str) or len(spec) > 128 or _UNPRINTABLE.search(spec):
+            raise ValueError(f"doctors[{i}].specialty must be a string of at most 128 "
+                             "characters, without control characters or line breaks")
         if photo is not None and (not isinstance(photo, str) or not _SHA256.match(photo)):
             raise ValueError(f"doctors[{i}].photo must be null or a lower-case sha256 hex")
         seen.add(did)

@@ -7,7 +7,12 @@
   published when the burst became a burst).  Presses are taken in arrival
   order, which is time order except for a console's replays.
 - `after_hours`: a press whose wall time is outside the opening hours (days,
-  from-to, zone) is flagged, or dropped and counted if configured so.
+  from-to, zone) is flagged, or dropped and counted if configured so.  Only a
+  trustworthy clock can say so: while the wall clock is not synchronised
+  (a Pi without RTC starts in 1970) nothing is dropped; the press is kept with
+  `time.synced` false, and when the clock syncs the time is corrected and the
+  opening hours judged again (edge.timesync, `rejudge`): flagged then, never
+  dropped, since dropping after the fact would leave a hole in the seqs.
 - `test`: a console HOLD (a button held for 2 s) is an installer's test; the
   HOLD event is flagged, and reports exclude it and the PRESS of the same
   device and button just before it.
@@ -34,8 +39,10 @@ class Guards:
     def is_open(self, wall_ns: int) -> bool:
         return self._open is None or self._open.occurrence(wall_ns) is not None
 
-    def press(self, desk: str, mono_ns: int, wall_ns: int, hold: bool) -> tuple[list[str], bool]:
-        """(flags, drop) for a press at `desk`."""
+    def press(self, desk: str, mono_ns: int, wall_ns: int, hold: bool,
+              synced: bool = True) -> tuple[list[str], bool]:
+        """(flags, drop) for a press at `desk`; `synced`: the wall clock is trustworthy
+        (if not, opening hours are judged later, by `rejudge`)."""
         flags: list[str] = []
         if hold:
             flags.append("test")
@@ -48,8 +55,16 @@ class Guards:
             if len(recent) == n and recent[0] >= mono_ns - self._window_ns:
                 flags.append("burst")
             recent.append(mono_ns)
-        if not self.is_open(wall_ns):
+        if synced and not self.is_open(wall_ns):
             if self.cfg.after_hours == "drop":
                 return flags, True
             flags.append("after_hours")
         return flags, False
+
+    def rejudge(self, flags: list[str], wall_ns: int) -> list[str]:
+        """A press judged on an unsynchronised clock, with its corrected time: its
+        flags with `after_hours` as the opening hours say now."""
+        flags = [f for f in flags if f != "after_hours"]
+        if not self.is_open(wall_ns):
+            flags.append("after_hours")
+        return flags

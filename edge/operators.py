@@ -14,14 +14,23 @@ the desk that covers the login, or else `max_login_s` after it (default
 10 hours), so a forgotten logout cannot rate tomorrow's receptionist.
 
 The operator of an event is decided for the moment the event happened (a
-replayed press gets the operator of its real press time), so the recent
-logins of each desk are kept as a short history, not just the current one.
+replayed press gets the operator of its real press time), so each desk's
+logins are kept, and persisted, for as long as a device can still deliver an
+event from their time: HISTORY_S, the oldest record a terminal may replay
+(90 days of flash, drivers/terminal.py; a console's ring is younger).  Time
+bounds the history, not a count of changes; HISTORY_MAX per desk only guards
+against a flood of commands.
 
 Storage: two small TinyDB files next to the store, with crash-safe writes:
 `roster.json` (edited by `feedback-edge operator add/remove`, read by the
 daemon when the file changes) and `logins.json` (written by the daemon).
 All times here are UTC nanoseconds since the epoch, passed in by the caller,
 so tests control time without sleeping.
+
+Ids follow edge.contract.ids (DESK_RE, OPERATOR_RE): a `Shift` or `Login`
+with any other id cannot be made (ValueError), so a hand-edited roster or
+logins file cannot bring a line break or escape sequence into a log or an
+event; such entries are skipped and reported like any other invalid entry.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from edge.contract.ids import DESK_RE, OPERATOR_RULE, valid_operator
 from edge.contract.timefmt import DAYS, parse_hhmm
 from edge.events import OperatorTag
 from edge.state import FaultReport, StateFile, ignore_faults
@@ -41,7 +51,8 @@ __all__ = ["Login", "Operators", "Shift"]
 
 log = logging.getLogger(__name__)
 
-HISTORY: Final = 20
+HISTORY_S: Final = 90 * 24 * 3600
+HISTORY_MAX: Final = 10_000
 _NS: Final = 1_000_000_000
 
 
@@ -58,6 +69,12 @@ class Shift:
     start: str
     end: str
     tz: str
+
+    def __post_init__(self) -> None:
+        if not DESK_RE.match(self.desk):
+            raise ValueError("a desk name is 1 to 64 letters, digits, '_', '.', '-'")
+        if not valid_operator(self.operator):
+            raise ValueError(f"the operator must be {OPERATOR_RULE}")
 
     def _zone(self) -> ZoneInfo:
         return ZoneInfo(self.tz)
@@ -91,6 +108,12 @@ class Login:
     source: str  # badge | command
     since_ns: int
     until_ns: int | None  # logout time or expiry; None while open with no expiry known
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.desk, str) or not DESK_RE.match(self.desk):
+            raise ValueError("a desk name is 1 to 64 letters, digits, '_', '.', '-'")
+        if self.operator is not None and not valid_operator(self.operator):
+            raise ValueError(f"the operator must be {OPERATOR_RULE}")
 
 
 class Operators:
@@ -205,7 +228,7 @@ class Operators:
         table = self._logins_db.table("desks")
         try:
             for desk in sorted(self._unsaved):
-                doc = {"desk": desk, "logins": [asdict(x) for x in self.history[desk][-HISTORY:]]}
+                doc = {"desk": desk, "logins": [asdict(x) for x in self.history[desk]]}
                 ids = [d.doc_id for d in table.all() if d["desk"] == desk]
                 if ids:
                     table.update(doc, doc_ids=ids)
@@ -237,7 +260,9 @@ class Operators:
         shift = self.shift_of(desk, operator, at_ns) if operator is not None else None
         until = shift[1] if shift is not None else at_ns + self.max_login_ns
         hist.append(Login(desk, operator, source, at_ns, until))
-        del hist[:-HISTORY]
+        # Logins that ended before any event a device may still deliver go.
+        horizon = at_ns - HISTORY_S * _NS
+        hist[:] = [x for x in hist if x.until_ns is None or x.until_ns >= horizon][-HISTORY_MAX:]
         self._save(desk)
 
     def logout(self, desk: str, at_ns: int) -> Login | None:

@@ -74,9 +74,9 @@ STATE_DIR = Path("/var/lib/feedback-edge")
 FILE_KEYS = (("broker", "password_file"), ("broker", "tls", "ca_file"),
              ("broker", "tls", "cert_file"), ("broker", "tls", "key_file"),
              ("survey", "doctors_file"), ("web", "token_file"))
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+COUNTRY_RE = re.compile(r"^[A-Z]{2}\Z")
 SECRET_FLAGS = ("--wifi-psk", "--psk", "--password", "--wifi-password", "--passphrase")
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from edge.clock import Clock
 from edge.contract.timefmt import format_wall
@@ -31,8 +32,13 @@ STEP_NS: Final = 1_000_000_000
 class TimeSync:
     """Watches the clock; pure apart from reading `clock`."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock,
+                 redo: Callable[[dict[str, Any], int], None] | None = None) -> None:
+        """`redo(event, wall_ns)` takes the decisions that depended on the wall
+        clock again (opening hours, the roster's operator) for a stored event
+        whose time is being corrected (edge.kinds.base.Context.rejudge)."""
         self.clock = clock
+        self._redo = redo
         # (synced, wall - mono) at the last look.
         self._seen: tuple[bool, int] | None = None
         self.anchor: tuple[int, int] | None = None  # (mono_ns, wall_ns)
@@ -78,9 +84,12 @@ class TimeSync:
             if t["synced"] is not False or t["boot_id"] != self.clock.boot_id:
                 return None
             mono, wall = self.anchor
-            t["wall"] = format_wall(wall - (mono - int(t["mono_ns"])))
+            corrected = wall - (mono - int(t["mono_ns"]))
+            t["wall"] = format_wall(corrected)
             t["synced"] = True
             event["flags"] = [*event["flags"], "time_corrected"]
+            if self._redo is not None:
+                self._redo(event, corrected)
         except (ValueError, KeyError, TypeError):
             return None
         return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()

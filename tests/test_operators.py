@@ -143,3 +143,19 @@ def test_state_files_that_are_json_but_not_ours_are_skipped_and_reported(
     o.login("desk-1", "op-23", "command", 10)
     assert o.who("desk-1", 11).id == "op-23"
     o.close()
+
+
+def test_the_operator_of_any_past_moment_survives_many_changes_and_a_restart(
+        tmp_path: Path) -> None:
+    """24 operator commands at one desk; a record replayed from the time of the
+    4th login is tagged with that login's operator (20 changes used to be kept)."""
+    o = Operators(tmp_path, {"desk-1": "op-fixed"})
+    start = utc("2026-11-24T08:00:00")
+    for i in range(24):
+        o.login("desk-1", f"op-{i}", "command", start + i * 60 * 10**9)
+    during_4th = start + 3 * 60 * 10**9 + 30 * 10**9
+    assert o.who("desk-1", during_4th).id == "op-3"
+    o.close()
+    o = Operators(tmp_path, {"desk-1": "op-fixed"})  # persisted
+    assert o.who("desk-1", during_4th).id == "op-3"
+    o.close()

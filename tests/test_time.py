@@ -152,3 +152,31 @@ def test_after_hours_flag_lands_on_the_presses_after_closing_time(
         rig.press(1)
         wait_for(lambda: len(sub.events()) == 2, 10, "two events")
     assert [e["flags"] for e in sub.events()] == [[], ["after_hours"]]
+
+
+def test_presses_on_a_clock_that_reads_1970_are_not_dropped_as_after_hours(
+        tmp_path: Path, broker: Broker, events_and_anchors: Subscriber) -> None:
+    """A Pi without a real-time clock boots in 1970, unsynchronised.  With
+    after_hours = "drop", presses made before NTP arrives must not be dropped on
+    that clock: once the time is corrected they are presses in opening hours."""
+    # 1970-01-01 00:00 is a Thursday at 01:00 in Berlin: "after hours" by that clock.
+    clock = ManualClock(wall_ns=0, mono_ns=50 * S, synced=False)
+    hours = ('[guards.opening_hours]\ndays = "mon-fri"\nfrom = "08:00"\nto = "18:00"\n'
+             'tz = "Europe/Berlin"\n')
+    true_start = utc("2026-11-27T10:00:00")  # a Friday, 11:00 in Berlin: open
+    broker.stop()
+    with Rig(tmp_path, broker, clock, '[guards]\nafter_hours = "drop"\n' + hours) as rig:
+        for b in range(3):
+            rig.press(b)
+            clock.advance(10)
+        assert rig.status()["drops"].get("after_hours", 0) == 0
+        clock.step_wall((true_start + 30 * S - clock.wall_ns()) / 1e9)
+        clock.set_synced(True)
+        wait_for(lambda: rig.status()["clock"]["corrected_events"] == 3, 10, "corrected")
+        broker.start()
+        sub = events_and_anchors
+        wait_for(lambda: len(sub.events()) == 3, 20, "the three presses")
+    for e in sub.events():
+        assert "after_hours" not in e["flags"], e["flags"]
+        assert "time_corrected" in e["flags"]
+        assert e["time"]["synced"] is True

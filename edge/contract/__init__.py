@@ -12,6 +12,6 @@ Both sides import it; `collector/` imports nothing else from `edge/`.
   client gets its credentials and TLS from it;
 - `toml`: reading one TOML table with errors that name key, value and what
   is allowed (`ConfigError`, `Table`);
-- `ids`: the grammar of site, edge, device and desk ids (they are topic
-  levels).
+- `ids`: the grammar of every identifier: site, edge, device and desk ids
+  (topic levels), operator and doctor ids, device serials.
 """

@@ -78,7 +78,7 @@ def parse_broker(t: Table, default_client_id: str) -> BrokerConfig:
     host = t.required_string("host", allowed="a host name or IP address")
     port = t.integer("port", 1883, 1, 65535)
     client_id = t.string("client_id", default=default_client_id,
-                         pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
+                         pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z"),
                          allowed="1 to 64 letters, digits, '_', '.', '-'")
     keepalive = t.integer("keepalive_s", 30, 5, 600)
     username = t.string("username", default=None)

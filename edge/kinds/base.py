@@ -147,11 +147,24 @@ class Context:
 
     def guard(self, desk: str, mono_ns: int, wall_ns: int, hold: bool) -> tuple[str, ...] | None:
         """The guards' flags for a press, or None if it is to be dropped (counted)."""
-        flags, drop = self.guards.press(desk, mono_ns, wall_ns, hold)
+        flags, drop = self.guards.press(desk, mono_ns, wall_ns, hold, self.clock.synced())
         if drop:
             self.count("after_hours")
             return None
         return tuple(flags)
+
+    def rejudge(self, event: dict[str, Any], wall_ns: int) -> None:
+        """Decisions taken on an unsynchronised clock, taken again on the corrected
+        time `wall_ns` (edge.timesync): a press's `after_hours` flag, and the
+        operator where the roster or the config decided (a login is its own record)."""
+        if event.get("kind") == "press":
+            event["flags"] = self.guards.rejudge(list(event["flags"]), wall_ns)
+        operator = event.get("operator")
+        if isinstance(operator, dict) and operator.get("source") in ("schedule", "config",
+                                                                     "none"):
+            tag = self.operators.who(str(event["desk"]), wall_ns)
+            if tag.source in ("schedule", "config", "none"):
+                event["operator"] = {"id": tag.id, "source": tag.source}
 
     def event_time(self, mono_ns: int, wall_ns: int, age_ms: int = 0) -> EventTime:
         return EventTime(wall_ns=wall_ns, synced=self.clock.synced(),

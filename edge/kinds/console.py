@@ -18,6 +18,14 @@ connect and after a report flagged OVERFLOW) counts presses its 32-event ring
 overwrote.  Each increase becomes a `device_lost` event (reason
 ring_overflow, dedup key `lost:<total>` so a daemon restart does not record
 it twice), a `device_overflow` drop count and a `device_lost` alarm.
+
+Event time (the sheet is silent): a press happened `age_ms` = now_uptime -
+event_uptime (mod 2^32, so at most ~49.7 days) before the report was read.
+The console lives on this Pi's USB power and keeps its events in RAM, so a
+press from before this boot is implausible (a console clock fault, or a Pi
+reboot that kept the hub powered).  Such an age is clamped to the time since
+boot: the event is timed at the boot (`mono_ns` 0, `wall` and `age_ms` to
+match), never before it, and a warning is logged.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ __all__ = ["KIND", "Console", "ConsoleConfig", "ConsoleInput", "ConsoleWorker"]
 
 log = logging.getLogger(__name__)
 
-_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}$")
+_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}\Z")
 # hidapi has no armv7 wheel; there the console is read through hidraw directly.
 _HAVE_HIDAPI: Final = importlib.util.find_spec("hid") is not None
 
@@ -290,7 +298,13 @@ class Console(Device):
                                        (self.scope, action.key))], forget, token=inp.report)
 
     def _event(self, r: Reading, rep: ConsoleReport, ctx: Context) -> Event | None:
-        age_ns = rep.age_ms * 1_000_000
+        age_ms = rep.age_ms
+        if age_ms * 1_000_000 > r.host_mono_ns:
+            # Not before this boot (module docstring): timed at the boot.
+            log.warning("device %s: a press %d ms old, from before this boot %d ms ago: "
+                        "timed at the boot", self.cfg.id, age_ms, r.host_mono_ns // 1_000_000)
+            age_ms = max(0, r.host_mono_ns // 1_000_000)
+        age_ns = age_ms * 1_000_000
         mono, wall = r.host_mono_ns - age_ns, r.host_wall_ns - age_ns
         label, score = self.labels[rep.button] if rep.button < len(self.labels) else \
             (f"button-{rep.button}", None)
@@ -306,7 +320,7 @@ class Console(Device):
                      device=DeviceRef(self.cfg.id, "console", self.cfg.serial),
                      body=Press(button=rep.button, label=label, score=score, hold=hold),
                      operator=ctx.operator(self.cfg.desk, wall),
-                     time=ctx.event_time(mono, wall, rep.age_ms), flags=flags)
+                     time=ctx.event_time(mono, wall, age_ms), flags=flags)
 
     def _new_session(self, r: Reading, ctx: Context) -> list[Append]:
         """The console powered up: its ring, and what we had not stored of it, is

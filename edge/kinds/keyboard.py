@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["KIND", "BootKeyboardWorker", "Keyboard", "KeyboardConfig", "UsbKeyboardConfig",
            "open_keyboard", "parse_id", "parse_identity"]
 
-_USB_PORT: Final = re.compile(r"^\d+-[\d.]+$")
-_USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}$")
-_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}$")
+_USB_PORT: Final = re.compile(r"^\d+-[\d.]+\Z")
+_USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}\Z")
+_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ def parse_identity(t: Table) -> tuple[int, int, str | None, str | None]:
     if vid < 0 or pid < 0:
         raise t.error("vid" if vid < 0 else "pid", MISSING,
                       "required for keyboard-class devices (`feedback-edge devices` shows it)")
-    serial = t.string("serial", default=None, pattern=re.compile(r"^[ -~]{1,64}$"),
+    serial = t.string("serial", default=None, pattern=re.compile(r"^[ -~]{1,64}\Z"),
                       allowed="the USB serial number as `feedback-edge devices` shows it")
     usb_port = t.string("usb_port", default=None, pattern=_USB_PORT,
                         allowed="a USB port path like 1-1.4 (`feedback-edge devices`)")
