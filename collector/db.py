@@ -6,6 +6,15 @@ the few spellings that differ (`GREATEST`/`MAX`, `FOR UPDATE`), creating the
 tables (and adding, on open, the columns a database made by an earlier version
 lacks), and one transaction at a time.  What is stored and how lives in
 `collector.store` (intake) and `collector.queries` (reports and the CLI).
+
+Errors are told apart by class.  An outage (`DatabaseError`: the server is
+unreachable, the disk is full or failing, the file is locked, corrupt or
+cannot be opened, a table is missing) is the database's fault: intake keeps
+the batch unacknowledged and tries again.  A refusal (`RefusedError`: a
+value out of a column's range, a constraint, a string the database cannot
+hold) is the data's fault: intake quarantines the message at fault and goes
+on.  Anything not known to be a refusal is an outage, so a fault of the
+database never turns into messages quarantined instead of stored.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-__all__ = ["EVENT_COLS", "Cursor", "Database", "DatabaseError", "EdgeKey", "open_database"]
+__all__ = ["EVENT_COLS", "Cursor", "Database", "DatabaseError", "EdgeKey", "RefusedError",
+           "open_database"]
 
 EdgeKey = tuple[str, str]  # (site, edge)
 
@@ -79,7 +89,20 @@ _ADDED_COLUMNS: Final = (
 
 
 class DatabaseError(Exception):
-    """The database refused or is unreachable; the batch is not acknowledged."""
+    """The database is unreachable or failing (an outage); the batch is not acknowledged."""
+
+
+class RefusedError(DatabaseError):
+    """The database refused the data of a statement (DataError, IntegrityError, a
+    value it cannot bind): the message is at fault, not the database.
+
+    `error` is the class name of the driver's exception; the text is not
+    kept, as it may quote a value (a phone number).
+    """
+
+    def __init__(self, error: str) -> None:
+        super().__init__(f"refused: {error}")
+        self.error = error
 
 
 class Cursor(Protocol):
@@ -163,6 +186,8 @@ class Database:
                 self._conn.rollback()
             if isinstance(e, DatabaseError):
                 raise
+            if _is_refusal(e):
+                raise RefusedError(type(e).__name__) from e
             if _is_db_error(e):
                 raise DatabaseError(f"{type(e).__name__}: {e}") from e
             raise
@@ -197,6 +222,30 @@ class _Adapted:
 
     def fetchall(self) -> list[Any]:
         return list(self._cur.fetchall())
+
+
+def _is_refusal(e: Exception) -> bool:
+    """Whether the driver refused a statement's data (not an outage).
+
+    SQLite: IntegrityError (constraints), DataError (too big), and the
+    binding errors (InterfaceError, ProgrammingError: a value of a type it
+    cannot bind).  PostgreSQL: DataError (a number out of a column's range,
+    NUL in text, a character the encoding lacks) and IntegrityError.  The
+    rest (sqlite3 OperationalError: locked, disk I/O error, disk full, unable
+    to open, no such table; DatabaseError: corrupt; psycopg
+    OperationalError: connection, disk full, deadlock; InterfaceError;
+    InternalError; ProgrammingError: a missing table, no privilege) is an outage.
+    """
+    if isinstance(e, sqlite3.Error):
+        if isinstance(e, (sqlite3.InterfaceError, sqlite3.ProgrammingError)):
+            # Not "Cannot operate on a closed database": only a value it cannot bind.
+            return str(e).startswith("Error binding parameter")
+        return isinstance(e, (sqlite3.IntegrityError, sqlite3.DataError))
+    try:
+        import psycopg  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return False
+    return isinstance(e, (psycopg.DataError, psycopg.IntegrityError))
 
 
 def _is_db_error(e: Exception) -> bool:

@@ -16,7 +16,16 @@ Payloads that are not JSON, carry an unknown schema version or fail the
 schema are stored in `quarantine` with the reason and counted; they are
 acknowledged too (delivering them again would not make them valid).  Reasons
 name the failing field and rule, never its value: a value may be a phone
-number.
+number.  Every number in the schemas has a range within 64 bits, so what
+passes them fits the database's columns.  Beyond the schema, `classify`
+refuses what the JSON Schema text cannot say or Python's validator reads
+loosely: NaN and Infinity (not JSON), a string the databases cannot hold (NUL,
+an unpaired surrogate), a time that is not a real date ("2026-02-30"), a
+trailing newline where a pattern ends in `$` (ECMA-262's `$`, the schemas'
+dialect, does not match before one; Python's does), a side message's topic
+whose site or edge is not a name.  `classify` never raises: whatever it
+cannot read is quarantined.  A message the database still refuses is
+quarantined by `store.ingest`; only a database outage holds up intake.
 
 After each commit the instance publishes, retained, every watermark that
 moved (`{root}/ack`: `{"collector", "seq"}`); a sweep every 2 s moves
@@ -29,16 +38,19 @@ up, it says online again, so edges keep publishing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import queue
+import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -46,9 +58,10 @@ from paho.mqtt.properties import Properties
 from collector import store
 from collector.config import CollectorConfig
 from collector.db import Database, DatabaseError, EdgeKey
-from collector.store import IngestResult, Item
+from collector.store import IngestResult, Item, field_path, wall_ms
 from edge.contract import topics
 from edge.contract.broker import set_credentials
+from edge.contract.ids import NAME_RE
 from edge.contract.payloads import EVENT_SCHEMA, load_schema
 from edge.contract.timefmt import format_wall
 
@@ -59,8 +72,24 @@ log = logging.getLogger(__name__)
 _SIDE = frozenset(topics.SIDE_MESSAGES)
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
-_VALIDATORS = {name: Draft202012Validator(load_schema(name))
-               for name in ("event", *topics.SIDE_MESSAGES)}
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    """A schema's pattern with ECMA-262's end: `$` does not match before a trailing
+    newline there (Python's does, so "clinic-3\\n" would pass `^[a-z0-9-]{1,32}$`)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any
+             ) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
+        yield ValidationError(f"does not match {pattern!r}")
+
+
+_Validator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, {"pattern": _pattern})
+_VALIDATORS = {name: _Validator(load_schema(name)) for name in ("event", *topics.SIDE_MESSAGES)}
 
 
 def _why(name: str, body: Any) -> str | None:
@@ -68,12 +97,93 @@ def _why(name: str, body: Any) -> str | None:
     if not errors:
         return None
     e = errors[0]
-    where = "/".join(str(p) for p in e.absolute_path) or "(top)"
-    return f"invalid: {where} fails {e.validator}"
+    return f"invalid: {field_path(e.absolute_path)} fails {e.validator}"
+
+
+class _NotJsonError(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJsonError(f"{name} is not JSON")
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an integer if it is one (JSON
+    Schema counts 5.0 as the integer 5), so what is stored is an int."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _loads(payload: bytes) -> Any:
+    return json.loads(payload, parse_constant=_no_constant, parse_float=_number)
+
+
+def _unstorable(body: Any, path: tuple[object, ...] = ()) -> str | None:
+    """The path of the first string (key or value) no database can hold: NUL (not in
+    PostgreSQL's text) or an unpaired surrogate (not UTF-8)."""
+    if isinstance(body, str):
+        return None if _storable(body) else field_path(path)
+    if isinstance(body, dict):
+        for k, v in body.items():
+            if not _storable(k):
+                return field_path(path)
+            if (found := _unstorable(v, (*path, k))) is not None:
+                return found
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            if (found := _unstorable(v, (*path, i))) is not None:
+                return found
+    return None
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check(kind: str, site: str, edge: str, body: Any) -> str | None:
+    """Why a message is to be quarantined, or None."""
+    if kind == "event":
+        version = body.get("schema") if isinstance(body, dict) else None
+        if version != EVENT_SCHEMA:
+            return f"schema: unknown version {str(version)[:40]!r}"
+    why = _why(kind, body)
+    if why is not None:
+        return why
+    where = _unstorable(body)
+    if where is not None:
+        return f"invalid: {where} fails text"  # NUL or an unpaired surrogate
+    if kind == "event":
+        if (body["site"], body["edge"]) != (site, edge):
+            return "topic: site/edge differ from the payload's"
+        wall, where = body["time"]["wall"], "time/wall"
+    elif kind == "timesync":
+        wall, where = body["wall"], "wall"
+    else:
+        wall = None
+    if wall is not None:
+        try:
+            wall_ms(wall)
+        except ValueError:
+            return f"invalid: {where} fails date-time"
+    if not (NAME_RE.match(site) and NAME_RE.match(edge)):
+        return "topic: site/edge are not names"
+    return None
 
 
 def classify(topic: str, payload: bytes) -> Item | None:
-    """What a message is, validated; None for topics the collector does not store."""
+    """What a message is, validated; None for topics the collector does not store.
+
+    Never raises: a payload it cannot read is a quarantine item.
+    """
     split = topics.split_topic(topic)
     if split is None:
         return None
@@ -85,21 +195,17 @@ def classify(topic: str, payload: bytes) -> Item | None:
     else:
         return None  # commands, results, acks: not intake's business
     try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
+        body = _loads(payload)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         return Item("quarantine", site, edge, topic=topic, raw=payload,
                     reason=f"json: {type(e).__name__}")
-    if kind == "event":
-        version = body.get("schema") if isinstance(body, dict) else None
-        if version != EVENT_SCHEMA:
-            return Item("quarantine", site, edge, topic=topic, raw=payload,
-                        reason=f"schema: unknown version {str(version)[:40]!r}")
-    why = _why(kind, body)
-    if why is None and kind == "event" and (body["site"], body["edge"]) != (site, edge):
-        why = "topic: site/edge differ from the payload's"
+    try:
+        why = _check(kind, site, edge, body)
+    except Exception as e:  # noqa: BLE001 - a payload must never stop intake
+        why = f"invalid: {type(e).__name__}"
     if why is not None:
         return Item("quarantine", site, edge, topic=topic, raw=payload, reason=why)
-    return Item(kind, site, edge, body=body)
+    return Item(kind, site, edge, body=body, topic=topic, raw=payload)
 
 
 @dataclass(slots=True)
@@ -194,10 +300,16 @@ class Intake:
             self._publish_watermarks(self._all_watermarks())
         items: list[Item] = []
         for m in msgs:
-            if m.topic == topics.COLLECTOR_STATE_TOPIC:
+            try:
+                topic = m.topic
+            except UnicodeDecodeError:  # the broker checks topics are UTF-8; still
+                items.append(Item("quarantine", topic="(not UTF-8)", raw=bytes(m.payload),
+                                  reason="topic: not UTF-8"))
+                continue
+            if topic == topics.COLLECTOR_STATE_TOPIC:
                 self._on_collector_state(bytes(m.payload))
                 continue
-            item = classify(m.topic, bytes(m.payload))
+            item = classify(topic, bytes(m.payload))
             if item is not None:
                 items.append(item)
         res = self._commit(items) if items else IngestResult()
@@ -252,7 +364,7 @@ class Intake:
     def _on_collector_state(self, payload: bytes) -> None:
         try:
             state = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             state = {}
         if isinstance(state, dict) and state.get("state") == "offline" \
                 and not self.stop_event.is_set():

@@ -20,6 +20,16 @@ watermark passes; `device_lost` events (a device lost events before the edge
 could store them: a console's ring overflowed, a terminal's flash was full)
 are ordinary events with their count in `lost`, summed per device by `gaps`.
 
+Poison: a message the database refuses (a value out of a column's range, a
+string it cannot hold; schema validation in `collector.intake` keeps these
+out, this is the second line) must not hold up everyone else's.  When a
+batch fails with anything but an outage, its messages are stored again one
+by one, each in its own transaction, and the ones that still fail are
+quarantined with the error's class and the field at fault if it can be told
+(never the value), counted under `quarantined:store`.  An outage
+(`DatabaseError`, see `collector.db`) is raised: the batch is not
+acknowledged and is tried again.
+
 Timesync: an event recorded while the edge's clock was not synchronised
 (`time.synced` false) gets `corrected_ms` = anchor wall + (event mono_ns -
 anchor mono_ns) as soon as an anchor for the same boot is known, whichever
@@ -29,16 +39,19 @@ arrives first.  Reports use corrected_ms when present, else wall_ms.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from collector.db import EVENT_COLS, Cursor, Database, EdgeKey
+from collector.db import EVENT_COLS, Cursor, Database, DatabaseError, EdgeKey, RefusedError
 
-__all__ = ["IngestResult", "Item", "advance_watermark", "counters", "device_losses", "gaps",
-           "ingest", "missing_ranges", "quarantined", "sweep", "wall_ms", "watermarks"]
+__all__ = ["IngestResult", "Item", "advance_watermark", "counters", "device_losses",
+           "field_path", "gaps", "ingest", "missing_ranges", "quarantined", "sweep", "wall_ms",
+           "watermarks"]
 
 _INSERT_EVENT: Final = (f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "
                         f"({', '.join('?' * len(EVENT_COLS))}) "
@@ -46,10 +59,38 @@ _INSERT_EVENT: Final = (f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "
 # Committed seqs above the watermark are read in pages of this many.
 _PAGE: Final = 2000
 
+log = logging.getLogger(__name__)
+
+# RFC 3339 in UTC: seconds required, any number of fraction digits, 'Z'.
+# ASCII digits only (`\d` would take any script's), `\Z` not `$` (which
+# also matches before a trailing newline).
+_WALL: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?Z\Z")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+# What a column can hold: BIGINT everywhere; INTEGER is 32 bits on PostgreSQL.
+_INT64: Final = (-(2**63), 2**63 - 1)
+_INT32: Final = (-(2**31), 2**31 - 1)
+_INT32_FIELDS: Final = frozenset({("press", "button"), ("press", "score"),
+                                  ("presence", "approaches"), ("presence", "engaged")})
+
 
 def wall_ms(text: str) -> int:
-    """RFC 3339 UTC ('...Z') to milliseconds since the epoch."""
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    """RFC 3339 UTC ('...Z', optional fraction of any length) to ms since the epoch.
+
+    The fraction is cut to milliseconds (not rounded: an event stays in its
+    second); a leap second (:60) is the first instant of the next second.
+    ValueError if `text` is not such a time or not a real date and time.
+    """
+    m = _WALL.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError("not an RFC 3339 UTC time")
+    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+    if s > 60:
+        raise ValueError("seconds out of range")
+    at = datetime(y, mo, d, h, mi, min(s, 59), tzinfo=UTC)  # ValueError if not a real date
+    frac = (m.group(7) or "")[:3].ljust(3, "0")
+    return (at - _EPOCH) // _MS + int(frac) + (1000 if s == 60 else 0)
 
 
 @dataclass(slots=True)
@@ -124,8 +165,124 @@ def missing_ranges(watermark: int, max_seq: int, have: set[int],
 # -- intake -------------------------------------------------------------------------
 
 def ingest(db: Database, items: Sequence[Item], now_ms: int | None = None) -> IngestResult:
-    """Store a batch in one transaction.  Re-running it changes nothing."""
+    """Store a batch in one transaction.  Re-running it changes nothing.
+
+    If the database refuses the batch's data (or storing raises anything
+    but an outage), each message is stored on its own and those refused
+    are quarantined: one bad message never holds up the rest.  An outage
+    raises DatabaseError.
+    """
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    try:
+        return _ingest(db, items, now)
+    except Exception as e:
+        if not _poison(e):
+            raise
+        first = e
+    if len(items) == 1:
+        return _quarantine_failed(db, items[0], first, now)
+    res = IngestResult()
+    for it in items:
+        try:
+            one = _ingest(db, [it], now)
+        except Exception as e:
+            if not _poison(e):
+                raise
+            one = _quarantine_failed(db, it, e, now)
+        _merge(res, one)
+    return res
+
+
+def _poison(e: Exception) -> bool:
+    """Whether `e` is the message's fault (quarantine it), not an outage (retry)."""
+    return isinstance(e, RefusedError) or not isinstance(e, DatabaseError)
+
+
+def _merge(into: IngestResult, part: IngestResult) -> None:
+    into.stored += part.stored
+    into.duplicates += part.duplicates
+    into.quarantined += part.quarantined
+    for key, wm in part.watermarks.items():  # watermarks only grow
+        into.watermarks[key] = max(wm, into.watermarks.get(key, wm))
+    into.dropped_ranges.extend(part.dropped_ranges)
+    into.device_losses.extend(part.device_losses)
+
+
+def _quarantine_failed(db: Database, it: Item, e: Exception, now: int) -> IngestResult:
+    """Quarantine a message the database refused, naming the error and the field."""
+    error = e.error if isinstance(e, RefusedError) else type(e).__name__
+    where = _suspect(it.body) if it.kind != "quarantine" else None
+    reason = f"store: {error}" + (f" at {where}" if where else "")
+    log.error("%s message on %s refused by the database (%s): quarantined", it.kind,
+              _printable(it.topic), reason)
+    raw = it.raw
+    if not raw and it.kind != "quarantine":
+        try:
+            raw = json.dumps(it.body, default=repr).encode("utf-8", "backslashreplace")
+        except (ValueError, TypeError, RecursionError):
+            raw = b""
+    topic = _printable(it.topic or f"feedback/v1/{it.site}/{it.edge}/{it.kind}")
+    try:
+        return _ingest(db, [Item("quarantine", topic=topic, raw=raw, reason=reason)], now)
+    except RefusedError as again:
+        # Printable ASCII and bytes refused: the database is at fault, not the message.
+        raise DatabaseError(f"the quarantine refused a message: {again.error}") from again
+
+
+def _printable(text: str) -> str:
+    """`text` as printable ASCII (escapes), at most 300 characters: storable anywhere."""
+    out = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in out)[:300]
+
+
+_NAME: Final = re.compile(r"[a-z_]{1,32}\Z")
+
+
+def field_path(parts: Iterable[object]) -> str:
+    """A field's path for a reason ("answer/phone", "devices/0/id"): a key that is not
+    a plain field name (a key of the sender's choice may be personal data) is '*'."""
+    out = [str(p) if isinstance(p, int) or (isinstance(p, str) and _NAME.match(p)) else "*"
+           for p in parts]
+    return "/".join(out) or "(top)"
+
+
+def _suspect(body: Any, path: tuple[object, ...] = ()) -> str | None:
+    """The path of the first value no column can hold: an integer outside 64 bits
+    (32 for the INTEGER columns), a string with NUL or an unpaired surrogate."""
+    if isinstance(body, dict):
+        items: Iterable[tuple[Any, Any]] = body.items()
+    elif isinstance(body, list):
+        items = enumerate(body)
+    else:
+        return None
+    for k, v in items:
+        here = (*path, k)
+        if isinstance(k, str) and not _storable_text(k):
+            return field_path(here)
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            lo, hi = _INT32 if here in _INT32_FIELDS else _INT64
+            if not lo <= v <= hi:
+                return field_path(here)
+        elif isinstance(v, str):
+            if not _storable_text(v):
+                return field_path(here)
+        elif (found := _suspect(v, here)) is not None:
+            return found
+    return None
+
+
+def _storable_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in s
+
+
+def _ingest(db: Database, items: Sequence[Item], now: int) -> IngestResult:
+    """`ingest`'s one transaction."""
     res = IngestResult()
     top_seq: dict[EdgeKey, int] = {}
     events = sorted((i for i in items if i.kind == "event"),

@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from collector import cli, queries, store
+from collector.db import DatabaseError, RefusedError
 from collector.intake import classify
 from collector.store import Item
 from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, encode_event
@@ -154,6 +155,134 @@ def test_malformed_and_unknown_versions_are_kept_aside_with_a_named_reason(
     counts = store.counters(db)
     assert sum(v for k, v in counts.items() if k.startswith("quarantined:")) == 5
     db.close()
+
+
+@pytest.mark.parametrize(("wall", "ms"), [
+    ("2026-11-23T17:30:00Z", 1_795_455_000_000),  # another producer: no fraction
+    ("2026-11-23T17:30:00.5Z", 1_795_455_000_500),
+    ("2026-11-23T17:30:00.123456789Z", 1_795_455_000_123),  # cut to ms, not rounded
+    ("2026-11-23T09:14:03.512Z", 1_795_425_243_512),  # the daemon's (float maths lost 1 ms)
+    ("2016-12-31T23:59:60Z", 1_483_228_800_000)])  # a leap second
+def test_rfc3339_times_with_any_fraction_are_stored_at_the_millisecond(
+        tmp_path: Path, wall: str, ms: int) -> None:
+    db = Backend("sqlite", tmp_path, None).open()
+    topic, payload = press_event(1)
+    body = json.loads(payload)
+    body["time"]["wall"] = wall
+    anchor = {"boot_id": "boot-z", "mono_ns": 0, "wall": wall}
+    items = [_item(topic, json.dumps(body).encode()),
+             _item("feedback/v1/clinic-3/reception-1/timesync", json.dumps(anchor).encode())]
+    assert [i.kind for i in items] == ["event", "timesync"]
+    store.ingest(db, items)
+    assert db.query("SELECT wall_ms FROM events") == [(ms,)]
+    assert db.query("SELECT wall_ms FROM anchors") == [(ms,)]
+    db.close()
+
+
+@pytest.mark.parametrize(("wall", "reason"), [
+    ("2026-02-30T10:00:00Z", "invalid: time/wall fails date-time"),
+    ("0000-01-01T00:00:00Z", "invalid: time/wall fails date-time"),
+    ("2026-11-23T17:30:61Z", "invalid: time/wall fails date-time"),
+    ("2026-11-23T17:30:00Z\n", "invalid: time/wall fails pattern"),  # ECMA-262's $
+    ("2026-11-23T17:30:00+00:00", "invalid: time/wall fails pattern"),
+    ("2026-11-23T17:30Z", "invalid: time/wall fails pattern")])
+def test_times_that_are_not_rfc3339_utc_or_not_real_are_quarantined(wall: str,
+                                                                    reason: str) -> None:
+    topic, payload = press_event(1)
+    body = json.loads(payload)
+    body["time"]["wall"] = wall
+    item = _item(topic, json.dumps(body).encode())
+    assert (item.kind, item.reason) == ("quarantine", reason)
+
+
+def test_what_the_database_refuses_is_quarantined_and_the_rest_of_the_batch_is_stored(
+        backend: Backend) -> None:
+    """The store's own line, behind the schema: items that skipped `classify`."""
+    db = backend.open()
+    first, second = _item(*press_event(1)), _item(*press_event(3))
+    huge = _item(*press_event(2))
+    huge = Item("event", huge.site, huge.edge, body={**huge.body, "seq": 2**63},
+                topic=huge.topic, raw=b"{}")
+    bad_text = _item(*press_event(4))
+    bad_text = Item("event", bad_text.site, bad_text.edge,
+                    body={**bad_text.body, "desk": "desk-\ud800"}, topic=bad_text.topic)
+    res = store.ingest(db, [first, huge, second, bad_text])
+    assert (res.stored, res.quarantined) == (2, 2)
+    by_field = {r.rsplit(" at ", 1)[-1]: r for _, _, r, _ in store.quarantined(db)}
+    assert sorted(by_field) == ["desk", "seq"]
+    assert by_field["desk"] == "store: UnicodeEncodeError at desk"
+    assert by_field["seq"].startswith("store: ")  # OverflowError; NumericValueOutOfRange
+    assert store.counters(db)["quarantined:store"] == 2
+    assert store.watermarks(db) == {("clinic-3", "reception-1"): 1}
+    db.close()
+
+
+class _FailingConn:
+    """A connection whose event inserts fail with `error`."""
+
+    def __init__(self, conn: Any, error: Exception) -> None:
+        self._conn, self._error = conn, error
+
+    def cursor(self) -> Any:
+        cur, error = self._conn.cursor(), self._error
+
+        class Cursor:
+            rowcount = property(lambda _self: cur.rowcount)
+
+            def execute(self, sql: str, params: Any = ()) -> Any:
+                if sql.startswith("INSERT INTO events"):
+                    raise error
+                return cur.execute(sql, params)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(cur, name)
+
+        return Cursor()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize(("error", "outage"), [
+    (sqlite3.OperationalError("database is locked"), True),
+    (sqlite3.OperationalError("disk I/O error"), True),
+    (sqlite3.OperationalError("database or disk is full"), True),
+    (sqlite3.OperationalError("unable to open database file"), True),
+    (sqlite3.DatabaseError("database disk image is malformed"), True),
+    (sqlite3.ProgrammingError("Cannot operate on a closed database."), True),
+    (sqlite3.IntegrityError("NOT NULL constraint failed: events.desk"), False),
+    (sqlite3.DataError("string or blob too big"), False),
+    (OverflowError("Python int too large to convert to SQLite INTEGER"), False)])
+def test_an_outage_holds_the_batch_but_a_refusal_quarantines_the_message(
+        tmp_path: Path, error: Exception, outage: bool) -> None:
+    db = Backend("sqlite", tmp_path, None).open()
+    db._conn = _FailingConn(db._conn, error)  # the error, injected
+    items = [_item(*press_event(1)), _item(*press_event(2))]
+    if outage:
+        with pytest.raises(DatabaseError) as raised:
+            store.ingest(db, items)
+        assert not isinstance(raised.value, RefusedError)
+        assert store.quarantined(db) == []  # nothing acknowledged: all delivered again
+    else:
+        res = store.ingest(db, items)
+        assert (res.stored, res.quarantined) == (0, 2)
+        assert {r for _, _, r, _ in store.quarantined(db)} == {
+            f"store: {type(error).__name__}"}  # the class, never the driver's text
+    db.close()
+
+
+def test_postgresql_errors_are_told_apart_by_class() -> None:
+    psycopg = pytest.importorskip("psycopg")
+    from collector.db import _is_refusal
+
+    refusals = [psycopg.errors.NumericValueOutOfRange(), psycopg.errors.NotNullViolation(),
+                psycopg.errors.UntranslatableCharacter(), psycopg.DataError()]
+    outages = [psycopg.OperationalError(), psycopg.errors.DiskFull(),
+               psycopg.errors.AdminShutdown(), psycopg.errors.DeadlockDetected(),
+               psycopg.errors.UndefinedTable(), psycopg.errors.InsufficientPrivilege(),
+               psycopg.InterfaceError()]
+    assert [_is_refusal(e) for e in refusals] == [True] * len(refusals)
+    assert [_is_refusal(e) for e in outages] == [False] * len(outages)
 
 
 # -- device_lost: events a device lost before the edge could store them ---------------
@@ -425,3 +554,31 @@ def test_commands_to_an_edge_wait_for_its_result(tmp_path: Path, broker: Broker,
     r = _cli(cfg, "doctors", "clinic-3/reception-1", str(doctors))
     assert r.returncode == 0, r.stderr
     assert "doctor list rev 2 applied" in r.stdout
+
+
+def test_a_poison_event_is_quarantined_and_intake_goes_on(
+        broker: Broker, backend: Backend, collectors: Callable[[str], Proc],
+        subscribe: Callable[[str], Subscriber]) -> None:
+    """seq 2^63 passed the old schema and killed `run` (SQLite: OverflowError) or
+    wedged it (PostgreSQL: bigint out of range, retried for ever); unacknowledged,
+    it came back after every restart and nothing from any edge was committed."""
+    states = subscribe("feedback/v1/collector/state")
+    proc = collectors("central-1")
+    wait_collector_online(states)
+    topic, good = press_event(1)
+    poison = json.loads(press_event(2)[1])
+    poison["seq"] = 2**63
+    publish_all(broker, [(topic, json.dumps(poison).encode())])
+    publish_all(broker, [press_event(3, site="clinic-4", edge="office-1"), (topic, good)])
+    wait_events(backend, 2, 30, "the events published after the poison stored")
+    db = backend.open()
+    try:
+        wait_for(lambda: len(store.quarantined(db)) == 1, 10, "the poison quarantined")
+        assert [r for _, _, r, _ in store.quarantined(db)] == ["invalid: seq fails maximum"]
+        assert store.counters(db).get("quarantined:invalid") == 1
+        assert db.query("SELECT site, seq FROM events ORDER BY site") == [
+            ("clinic-3", 1), ("clinic-4", 3)]
+    finally:
+        db.close()
+    assert proc.proc is not None
+    assert proc.proc.poll() is None, proc.log()

@@ -14,8 +14,11 @@ from __future__ import annotations
 import re
 from typing import Final
 
+# A press's score, as the event schema bounds it (edge/contract/schemas/event.schema.json).
+SCORE_RANGE: Final = (-1000, 1000)
+
 __all__ = ["DESK_RE", "DEVICE_SERIAL_RE", "DOCTOR_ID_RE", "LANG_RE", "NAME_RE", "OPERATOR_RE",
-           "OPERATOR_RULE", "SERIAL_RE", "valid_operator"]
+           "OPERATOR_RULE", "SCORE_RANGE", "SERIAL_RE", "valid_operator"]
 
 # site, edge and device ids: they are topic levels, so no '/', '+', '#'.
 NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}\Z")

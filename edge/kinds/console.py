@@ -61,7 +61,7 @@ from drivers.console import (
 from drivers.hid_transport import HidapiTransport
 from drivers.hidraw_transport import HidrawConsole
 from drivers.transport import HidTransport
-from edge.contract.ids import NAME_RE, SERIAL_RE
+from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
@@ -116,10 +116,12 @@ def _parse_labels(t: Table) -> tuple[tuple[str, ...] | None, tuple[int | None, .
                       "must be a list of 1 to 16 labels like \"good\" ([a-z0-9_-], 1-32 chars)")
     if scores is MISSING:
         return tuple(labels), None
+    low, high = SCORE_RANGE
     if not isinstance(scores, list) or len(scores) != len(labels) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in scores):
-        raise t.error("scores", scores, f"must be a list of {len(labels)} integers, "
-                      "one per label")
+            isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+            for x in scores):
+        raise t.error("scores", scores, f"must be a list of {len(labels)} integers from "
+                      f"{low} to {high}, one per label")
     return tuple(labels), tuple(scores)
 
 

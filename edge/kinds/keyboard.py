@@ -20,7 +20,7 @@ from drivers.hidraw_transport import HidrawKeyboard
 from drivers.keyboard import USB_MATCHER, BootDecoder, ButtonMap, ButtonPress, KeyPress
 from drivers.transport import DeviceGoneError, Transport
 from drivers.usb_discovery import scan
-from edge.contract.ids import NAME_RE
+from edge.contract.ids import NAME_RE, SCORE_RANGE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
@@ -107,8 +107,10 @@ def parse(t: Table, index: int, desk: str) -> KeyboardConfig:
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
                 and _LABEL.match(spec[0])
                 and (spec[1] is None or (isinstance(spec[1], int)
-                                         and not isinstance(spec[1], bool)))):
-            raise raw_keys.error(usage, spec, 'must be ["label", score], e.g. ["good", 1]')
+                                         and not isinstance(spec[1], bool)
+                                         and SCORE_RANGE[0] <= spec[1] <= SCORE_RANGE[1]))):
+            raise raw_keys.error(usage, spec, 'must be ["label", score], e.g. ["good", 1], '
+                                 f"a score from {SCORE_RANGE[0]} to {SCORE_RANGE[1]} or null")
         keys.append((int(usage, 16), spec[0], spec[1]))
     dev_id = parse_id(t, index, "kbd", serial, usb_port)
     t.finish()
