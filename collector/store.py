@@ -462,6 +462,10 @@ def quarantined(db: Database, limit: int = 50) -> list[tuple[int, str, str, int]
         (limit,))]
 
 
+_INT_COLS: Final = ("seq", "wall_ms", "mono_ns", "score", "button", "approaches", "engaged",
+                    "from_seq", "to_seq", "lost", "received_ms")
+
+
 def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
     kind = p["kind"]
     body = p[kind]
@@ -488,4 +492,11 @@ def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
         row.update(from_seq=body["from_seq"], to_seq=body["to_seq"], reason=body["reason"])
     elif kind == "device_lost":
         row.update(lost=body["lost"], reason=body["reason"])
+    for col in _INT_COLS:
+        value = row[col]
+        # The schema has already said so for classified messages; a value that
+        # got here otherwise must not land in the table as a float or a bigint.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not _INT64[0] <= value <= _INT64[1]):
+            raise ValueError(f"{col} is not a 64-bit integer")
     return row

@@ -33,8 +33,10 @@ class Guards:
         self.cfg = cfg
         self._window_ns = int(cfg.burst_window_s * 1e9)
         self._recent: dict[str, deque[int]] = {}
+        # The opening hours are a weekly shift of nobody at no desk in particular.
         self._open = None if cfg.hours_days is None else Shift(
-            "", "", cfg.hours_days, cfg.hours_from, cfg.hours_to, cfg.hours_tz)
+            "opening-hours", "opening hours", cfg.hours_days, cfg.hours_from, cfg.hours_to,
+            cfg.hours_tz)
 
     def is_open(self, wall_ns: int) -> bool:
         return self._open is None or self._open.occurrence(wall_ns) is not None
