@@ -34,12 +34,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from edge.alarms import Alarms
-from edge.events import Event
 from edge.outbox_file import (
     REOPEN_S,
     OpenedOutbox,
@@ -59,7 +57,7 @@ from edge.store_faults import (
     read_only_fs,
     refine,
 )
-from edge.store_write import DropEvent, Encoder, Writer
+from edge.store_write import Append, CommitResult, DropEvent, Encoder, Pending, Writer
 
 __all__ = [
     "Append",
@@ -84,41 +82,11 @@ log = logging.getLogger(__name__)
 TAIL_CACHE: Final = 2048
 READ_AHEAD: Final = 256
 
-# The faults that a failed write raises as alarms, cleared by the next success.
 # How often the last seq used is noted in the reservation file (and at close).
 USED_EVERY_S: Final = 60.0
+# The faults that a failed write raises as alarms, cleared by the next success.
 _WRITE_FAULTS: Final = ("store_busy", "disk_full", "store_read_only", "store_io_error",
                         "store_error")
-
-
-@dataclass(frozen=True, slots=True)
-class Append:
-    """One event to store with `Store.commit`."""
-
-    # None records only the dedup key (a device session marker, say).
-    event: Event | None
-    # (source, key): if this key was seen before for this source, the event is
-    # a duplicate and is not stored again.
-    dedup: tuple[str, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A stored event awaiting delivery: its seq, MQTT topic and encoded payload."""
-
-    seq: int
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    """What `Store.commit` did."""
-
-    # One entry per Append: its seq, or None when it was a known duplicate.
-    seqs: list[int | None]
-    # Ranges (first, last) of seqs dropped to stay within the limits.
-    dropped: list[tuple[int, int]]
 
 
 class Store:

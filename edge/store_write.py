@@ -34,7 +34,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from edge.events import Event
 from edge.outbox_file import (
@@ -46,20 +46,50 @@ from edge.outbox_file import (
 )
 from edge.store_faults import classify
 
-if TYPE_CHECKING:  # edge.store imports this module; Append is only annotated here
-    from edge.store import Append
-
 __all__ = [
     "DEDUP_KEEP",
+    "Append",
     "Batch",
+    "CommitResult",
     "Drop",
     "DropEvent",
     "Encoder",
+    "Pending",
     "Writer",
 ]
 
 # The store's logger, whichever module of it speaks.
 log = logging.getLogger("edge.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One event to store with `Store.commit`."""
+
+    # None records only the dedup key (a device session marker, say).
+    event: Event | None
+    # (source, key): if this key was seen before for this source, the event is
+    # a duplicate and is not stored again.
+    dedup: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A stored event awaiting delivery: its seq, MQTT topic and encoded payload."""
+
+    seq: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What `Store.commit` did."""
+
+    # One entry per Append: its seq, or None when it was a known duplicate.
+    seqs: list[int | None]
+    # Ranges (first, last) of seqs dropped to stay within the limits.
+    dropped: list[tuple[int, int]]
 
 DEDUP_KEEP: Final = 4096
 _PRUNE_EVERY: Final = 256
