@@ -209,10 +209,10 @@ def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
         demo = demo_mod.Demo(tmp_path, signals)
         ready = tmp_path / "ready"
         demo.spawn("stubborn", [sys.executable, "-c",
-                                "import signal, pathlib, time\n"
+                                "import signal, pathlib\n"
                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                 f"pathlib.Path({str(ready)!r}).touch()\n"
-                                "while True: time.sleep(1)\n"])
+                                "while True: signal.pause()\n"])
         wait_for(ready.exists, 10, "the child ignoring SIGTERM")
         p = demo.procs["stubborn"]
         started = time.monotonic()
