@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from edge.clock import Clock
-from edge.events import EventTime, OperatorTag
+from edge.events import DeviceLost, EventTime, OperatorTag
 from edge.store import Append
 
 if TYPE_CHECKING:
@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 # A device's own loss is news for an hour (its alarm); the device_lost record stays.
 LOSS_ALARM_S: Final = 3600.0
+_LOSS_WHY: Final = {
+    "ring_overflow": "its ring overflowed while they could not be read",
+    "power_loss": "it lost power before they were stored",
+    "flash_full": "its flash was full",
+}
 
 # (rev, doctors) as the `doctors` command and doctors_file give it.
 Doctors = tuple[int, list[dict[str, Any]]]
@@ -172,6 +177,22 @@ class Context:
 
     def count(self, name: str, n: int = 1) -> None:
         self.discarded[name] = self.discarded.get(name, 0) + n
+
+    def lost_on_device(self, cfg: DeviceConfig, outcomes: Sequence[tuple[Decision,
+                                                                          Sequence[bool]]]) -> None:
+        """Count and alarm the device_lost records of a committed batch, once each:
+        only records that were stored (not known before, not in a failed commit)."""
+        for decision, stored in outcomes:
+            for a, ok in zip(decision.appends, stored, strict=True):
+                body = a.event.body if ok and a.event is not None else None
+                if not isinstance(body, DeviceLost):
+                    continue
+                why = _LOSS_WHY.get(body.reason, body.reason)
+                self.count("device_power_loss" if body.reason == "power_loss"
+                           else "device_overflow", body.lost)
+                self.alarm("device_lost", f"{cfg.kind} {cfg.id} at desk {cfg.desk} lost "
+                           f"{body.lost} events: {why}", subject=cfg.id, for_s=LOSS_ALARM_S)
+                log.warning("device %s: %d events lost (%s)", cfg.id, body.lost, body.reason)
 
     def alarm(self, code: str, text: str, *, subject: str = "",
               for_s: float | None = None) -> None:

@@ -65,7 +65,6 @@ from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
-    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -182,14 +181,6 @@ class ConsoleLoss:
 
     total: int
     unacked: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Lost:
-    """A device_lost record's token: counted and alarmed once it is stored."""
-
-    n: int
-    reason: str
 
 
 class ConsoleWorker(Worker[HidTransport]):
@@ -354,7 +345,7 @@ class Console(Device):
         n = total - self.lost_seen
         self.lost_seen = total  # provisional: commit_failed() goes back
         return Decision([self._lost_record(r, ctx, (n, total), reason="ring_overflow",
-                                           key=f"lost:{total}")], token=_Lost(n, "ring_overflow"))
+                                           key=f"lost:{total}")])
 
     def _lost_record(self, r: Reading, ctx: Context, counts: tuple[int, int], *, reason: str,
                      key: str) -> Append:
@@ -367,28 +358,14 @@ class Console(Device):
                       time=ctx.event_time(r.host_mono_ns, r.host_wall_ns))
         return Append(event, (self.scope, key))
 
-    def _count_lost(self, lost: _Lost, ctx: Context) -> None:
-        ctx.count("device_overflow" if lost.reason == "ring_overflow" else "device_power_loss",
-                  lost.n)
-        why = "its ring overflowed while they could not be read" \
-            if lost.reason == "ring_overflow" else "it lost power before they were stored"
-        ctx.alarm("device_lost", f"console {self.cfg.id} at desk {self.cfg.desk} lost "
-                  f"{lost.n} presses: {why}", subject=self.cfg.id, for_s=LOSS_ALARM_S)
-        log.warning("device %s: %d presses lost (%s)", self.cfg.id, lost.n, lost.reason)
-
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
         self._batch.clear()
         handled: list[ConsoleReport] = []
         self._lost_committed = self.lost_seen
+        ctx.lost_on_device(self.cfg, outcomes)
         for decision, stored in outcomes:
             rep = decision.token
-            if isinstance(rep, _Lost) and any(stored):
-                self._count_lost(rep, ctx)
-            for a, ok in zip(decision.appends, stored, strict=True):
-                if ok and a.event is not None and isinstance(a.event.body, DeviceLost) \
-                        and a.event.body.reason == "power_loss":
-                    self._count_lost(_Lost(a.event.body.lost, "power_loss"), ctx)
             if not isinstance(rep, ConsoleReport):
                 continue  # a lost-counter record: nothing to acknowledge
             if decision.forget:

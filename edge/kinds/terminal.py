@@ -56,7 +56,6 @@ from edge.contract.ids import NAME_RE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceRef, Event, EventBody, new_event_id
 from edge.kinds.base import (
-    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -305,17 +304,10 @@ class Terminal(Device):
 
     def committed(self, outcomes: Sequence[tuple[Decision, Sequence[bool]]],
                   ctx: Context) -> None:
-        for decision, stored in outcomes:
+        ctx.lost_on_device(self.cfg, outcomes)
+        for decision, _ in outcomes:
             assert isinstance(decision.token, int)  # noqa: S101 - set by decide()
             self.worker.ack(decision.token)  # stored now, or stored before
-            for a, ok in zip(decision.appends, stored, strict=True):
-                body = a.event.body if a.event is not None else None
-                if ok and isinstance(body, events.DeviceLost):
-                    # Counted and alarmed once on record (not again after a failed commit).
-                    ctx.count("device_overflow", body.lost)
-                    ctx.alarm("device_lost", f"terminal {self.cfg.id} at {self.cfg.desk} lost "
-                              f"{body.lost} records: its flash was full", subject=self.cfg.id,
-                              for_s=LOSS_ALARM_S)
         if outcomes:
             # A record got past whatever was refused: the terminal moves again.
             ctx.clear_alarm("device_stuck", self.cfg.id)
