@@ -249,7 +249,7 @@ class Daemon:
             self.conditions.check(
                 now, self.clock.wall_ns(), self.devices.values(), self.clock.synced(),
                 collector_online=self.publisher.delivery_status()["collector_online"],
-                oldest_pending_s=reporting.health(self)["oldest_pending_age_s"])
+                oldest_pending_s=reporting.oldest_pending_s(self))
         if now >= self._next_health:
             self._next_health = now + self.config.health_interval_s
             if self.link.connected:

@@ -20,7 +20,7 @@ from edge.events import Event
 if TYPE_CHECKING:
     from edge.daemon import Daemon
 
-__all__ = ["Recent", "device_list", "health", "status", "status_line"]
+__all__ = ["Recent", "device_list", "health", "oldest_pending_s", "status", "status_line"]
 
 
 class Recent:
@@ -73,10 +73,20 @@ def _drops(d: Daemon) -> dict[str, int]:
     return drops
 
 
+def _age_s(d: Daemon, created_ms: int | None) -> float | None:
+    return None if created_ms is None else \
+        max(0.0, (d.clock.wall_ns() // 1_000_000 - created_ms) / 1000)
+
+
+def oldest_pending_s(d: Daemon) -> float | None:
+    """How long the oldest event still on the Pi has waited (s), or None: one small
+    query, for the once-a-second condition checks (health builds far more)."""
+    return _age_s(d, d.store.stats(d.publisher.delivered).oldest_created_ms)
+
+
 def health(d: Daemon) -> dict[str, Any]:
     st = d.store.stats(delivered=d.publisher.delivered)
-    oldest = None if st.oldest_created_ms is None else \
-        max(0.0, (d.clock.wall_ns() // 1_000_000 - st.oldest_created_ms) / 1000)
+    oldest = _age_s(d, st.oldest_created_ms)
     return {
         "queue_depth": st.depth,
         "oldest_pending_age_s": oldest,
