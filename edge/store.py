@@ -119,6 +119,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._opened: OpenedOutbox | None = None
         self._retry_at = 0.0
+        # Why the store is closed, raised by commits until retry() reopens it.
+        self._closed_because = StoreError("the event store is not open yet")
         self._tail: dict[int, Pending] = {}
         # A write fault met by a commit is over only when a commit succeeds (a
         # reopen can succeed while the path that failed is still failing).
@@ -148,6 +150,7 @@ class Store:
                            subject="store")
         if isinstance(err, StoreReadOnlyError | StoreIOError | StoreCorruptError):
             self._close_db()
+        self._closed_because = err
         return err
 
     def _close_db(self) -> None:
@@ -272,9 +275,10 @@ class Store:
         alarm is raised, and cleared by the next commit that succeeds.
         """
         if self._db is None or self._opened is None:
-            self._open()
-            if self._db is None or self._opened is None:
-                raise StoreError("the event store is not available")
+            # Reopening is retry()'s (every REOPEN_S): not a full open and
+            # integrity check per press while the disk is failing.
+            why = self._closed_because  # a fresh instance: no traceback piles up
+            raise type(why)(str(why))
         remove = [*self._unremoved, *remove]
         try:
             result = self._commit(self._db, self._opened, appends, forget, remove)

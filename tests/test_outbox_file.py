@@ -258,6 +258,7 @@ def test_an_unwritable_reservation_refuses_the_commit_and_recovers(tmp_path: Pat
     assert s.depth == 1
     assert _codes(s) != []
     sp.rmdir()
+    s.retry(time.monotonic() + 10)  # the daemon's loop reopens a closed store
     assert s.commit(big).seqs[-1] == SEQ_BLOCK + 1
     assert SeqReservation(sp).on_file == 2 * SEQ_BLOCK
     assert _codes(s) == []
