@@ -23,6 +23,7 @@ from collector import __version__, queries, reports, store
 from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from edge.contract import topics
+from edge.contract.ids import DOCTOR_ID_RE, OPERATOR_RULE, valid_operator
 from edge.contract.timefmt import check_zone
 from edge.contract.toml import ConfigError
 
@@ -30,6 +31,9 @@ __all__ = ["broker_acl", "main", "send_command"]
 
 DEFAULT_CONFIG = Path("/etc/feedback-collector/collector.toml")
 EXIT_USAGE = 2
+# Patients one doctor served in one imported period: a bound a real count never reaches,
+# well inside the database's 64-bit integers (and a double's exact range) when summed.
+MAX_VISITS = 10_000_000
 EXIT_TIMEOUT = 3
 
 
@@ -248,6 +252,10 @@ def _cmd_callback(args: argparse.Namespace) -> int:
         print("feedback-collector: the id is SITE/EDGE/EVENT_ID as `callbacks` lists it",
               file=sys.stderr)
         return EXIT_USAGE
+    if not valid_operator(args.by):
+        # `by` lands in reports and CSV exports: the same grammar as an operator id.
+        print(f"feedback-collector: --by must be {OPERATOR_RULE}", file=sys.stderr)
+        return EXIT_USAGE
     if not queries.set_callback(_db(_cfg(args)), site, edge, event_id, status=args.status,
                                 who=args.by, now_ms=int(time.time() * 1000)):
         print(f"feedback-collector: no callback request {args.id}", file=sys.stderr)
@@ -264,12 +272,13 @@ def _cmd_visits(args: argparse.Namespace) -> int:
                 try:
                     start, end = date.fromisoformat(rec["from"]), date.fromisoformat(rec["to"])
                     patients = int(rec["patients"])
-                    if not rec["doctor"] or end < start or patients < 0:
+                    if (not DOCTOR_ID_RE.match(rec["doctor"] or "") or end < start
+                            or not 0 <= patients <= MAX_VISITS):
                         raise ValueError
                 except (KeyError, ValueError, TypeError):
-                    print(f"feedback-collector: {args.file} line {n}: need doctor, from, to "
-                          "(dates like 2026-11-01, to not before from) and patients >= 0",
-                          file=sys.stderr)
+                    print(f"feedback-collector: {args.file} line {n}: need doctor (a doctor id: "
+                          "1 to 64 of A-Z a-z 0-9 _ . -), from, to (dates like 2026-11-01, to "
+                          f"not before from) and patients (0 to {MAX_VISITS})", file=sys.stderr)
                     return EXIT_USAGE
                 rows.append((rec["doctor"], start.isoformat(), end.isoformat(), patients))
     except OSError as e:

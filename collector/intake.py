@@ -61,7 +61,7 @@ from collector.db import Database, DatabaseError, EdgeKey
 from collector.store import IngestResult, Item, field_path, wall_ms
 from edge.contract import topics
 from edge.contract.broker import set_credentials
-from edge.contract.ids import NAME_RE
+from edge.contract.ids import NAME_RE, event_id_fault
 from edge.contract.payloads import EVENT_SCHEMA, load_schema
 from edge.contract.timefmt import format_wall
 
@@ -164,6 +164,8 @@ def _check(kind: str, site: str, edge: str, body: Any) -> str | None:
     if kind == "event":
         if (body["site"], body["edge"]) != (site, edge):
             return "topic: site/edge differ from the payload's"
+        if (where := event_id_fault(body)) is not None:
+            return f"invalid: {where} fails its grammar"
         wall, where = body["time"]["wall"], "time/wall"
     elif kind == "timesync":
         wall, where = body["wall"], "wall"

@@ -195,6 +195,51 @@ def test_times_that_are_not_rfc3339_utc_or_not_real_are_quarantined(wall: str,
     assert (item.kind, item.reason) == ("quarantine", reason)
 
 
+ANSWER = {"record_id": 1, "doctor": "dr-a", "q1": "no", "q2": "yes", "phone": None,
+          "comment": None, "lang": "en"}
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    ({"operator": {"id": "anna\nFAKE log line", "source": "command"}}, "operator/id"),
+    ({"operator": {"id": " anna", "source": "command"}}, "operator/id"),  # space at an end
+    ({"operator": {"id": "anna\u202eevil", "source": "command"}}, "operator/id"),  # bidi
+    ({"operator": {"id": "=cmd|' /C calc'!A0", "source": "badge"}}, "operator/id"),
+    ({"operator": {"id": "anna;drop", "source": "badge"}}, "operator/id"),  # only the code says
+    ({"desk": "front desk"}, "desk"),
+    ({"desk": "desk\n"}, "desk"),
+    ({"device": {"id": "dev-1", "kind": "console", "serial": "AB\u0007"}}, "device/serial"),
+    ({"time_boot_id": "boot\nid"}, "time/boot_id"),
+    ({"kind": "answer", "answer": dict(ANSWER, doctor="dr a")}, "answer/doctor"),
+    ({"kind": "answer", "answer": dict(ANSWER, lang="english!")}, "answer/lang"),
+    ({"kind": "abandoned", "abandoned": {"record_id": 2, "doctor": "=1+1", "step": "q1"}},
+     "abandoned/doctor")])
+def test_identifiers_that_break_their_grammar_are_quarantined_naming_the_field(
+        change: dict[str, object], where: str) -> None:
+    """Issue 14: one grammar per identifier (edge/contract/ids.py), enforced by the
+    collector as by the edge's config and commands; the value is never in the reason."""
+    topic, payload = press_event(1)
+    body = json.loads(payload)
+    if "time_boot_id" in change:
+        body["time"]["boot_id"] = change.pop("time_boot_id")
+    if change.get("kind") in ("answer", "abandoned"):
+        body.pop("press")
+    body.update(change)
+    item = _item(topic, json.dumps(body).encode())
+    assert item.kind == "quarantine"
+    assert item.reason is not None
+    assert item.reason.startswith(f"invalid: {where} fails")
+    assert "anna" not in item.reason
+    assert "FAKE" not in item.reason
+
+
+@pytest.mark.parametrize("op", ["Анна Петрова", "O'Brien", "José María", "op-17", None])
+def test_operator_ids_of_any_script_pass(op: str | None) -> None:
+    topic, payload = press_event(1)
+    body = json.loads(payload)
+    body["operator"] = {"id": op, "source": "none" if op is None else "command"}
+    assert _item(topic, json.dumps(body).encode()).kind == "event"
+
+
 def test_what_the_database_refuses_is_quarantined_and_the_rest_of_the_batch_is_stored(
         backend: Backend) -> None:
     """The store's own line, behind the schema: items that skipped `classify`."""
@@ -582,3 +627,39 @@ def test_a_poison_event_is_quarantined_and_intake_goes_on(
         db.close()
     assert proc.proc is not None
     assert proc.proc.poll() is None, proc.log()
+
+
+@pytest.mark.parametrize(("line", "accepted"), [
+    ("dr-a,2026-11-01,2026-11-30,120", True),
+    ("dr a,2026-11-01,2026-11-30,120", False),  # not a doctor id
+    ("=HYPERLINK(1),2026-11-01,2026-11-30,1", False),
+    ("dr-a,2026-11-01,2026-11-30,9223372036854775808", False),  # 2^63: no database holds it
+    ("dr-a,2026-11-01,2026-11-30,-1", False),
+    ("dr-a,2026-11-30,2026-11-01,1", False)])
+def test_visits_import_checks_doctor_ids_and_counts(tmp_path: Path, line: str,
+                                                     accepted: bool) -> None:
+    """Issue 14: imported visit counts follow the doctor-id grammar and a documented range."""
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'id = "cli"\n\n[broker]\nhost = "127.0.0.1"\n\n'
+                   f'{Backend("sqlite", tmp_path, None).toml()}')
+    csv_file = tmp_path / "visits.csv"
+    csv_file.write_text(f"doctor,from,to,patients\n{line}\n", encoding="utf-8")
+    r = _cli(cfg, "visits", str(csv_file))
+    assert (r.returncode == 0) == accepted, r.stderr
+    if not accepted:
+        assert "line 2" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_who_handled_a_callback_follows_the_operator_grammar(tmp_path: Path) -> None:
+    """`--by` lands in reports and CSV exports: a line break or formula is refused."""
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'id = "cli"\n\n[broker]\nhost = "127.0.0.1"\n\n'
+                   f'{Backend("sqlite", tmp_path, None).toml()}')
+    for by in ("anna\nFAKE", "=1+1", " anna"):
+        r = _cli(cfg, "callback", "clinic-3/reception-1/x", "--status", "called", "--by", by)
+        assert r.returncode == 2, r.stderr
+        assert "--by must be an operator id" in r.stderr
+    r = _cli(cfg, "callback", "clinic-3/reception-1/x", "--status", "called", "--by", "Анна")
+    assert r.returncode == 1
+    assert "no callback request" in r.stderr

@@ -55,8 +55,21 @@ def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
+# The operator id's exact grammar (letters of any script) is enforced in code
+# (edge.contract.ids.OPERATOR_RE); the schema's pattern only excludes hostile
+# characters, so valid ids come from names and staff numbers like a clinic's.
+operator_ids = st.one_of(
+    st.sampled_from(["op-17", "4711", "Анна Петрова", "O'Brien", "José María", "o\u2019neil"]),
+    st.from_regex(r"[A-Za-z\u0410-\u044f0-9][A-Za-z\u0410-\u044f0-9 ._'-]{0,40}"
+                  r"[A-Za-z\u0410-\u044f0-9]", fullmatch=True))
+
+
 def valid(node: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Values that satisfy `node` (the keywords these schemas use)."""
+    if node.get("$ref") == "#/$defs/operator_id":
+        return operator_ids
+    if "anyOf" in node:
+        return st.one_of(*(valid(n, root) for n in node["anyOf"]))
     node = _resolve(node, root)
     if "const" in node:
         return st.just(node["const"])

@@ -17,8 +17,9 @@ from typing import Final
 # A press's score, as the event schema bounds it (edge/contract/schemas/event.schema.json).
 SCORE_RANGE: Final = (-1000, 1000)
 
-__all__ = ["DESK_RE", "DEVICE_SERIAL_RE", "DOCTOR_ID_RE", "LANG_RE", "NAME_RE", "OPERATOR_RE",
-           "OPERATOR_RULE", "SCORE_RANGE", "SERIAL_RE", "valid_operator"]
+__all__ = ["BOOT_ID_RE", "DESK_RE", "DEVICE_SERIAL_RE", "DOCTOR_ID_RE", "LANG_RE", "NAME_RE",
+           "OPERATOR_RE", "OPERATOR_RULE", "SCORE_RANGE", "SERIAL_RE", "USB_SERIAL_RE",
+           "event_id_fault", "valid_operator"]
 
 # site, edge and device ids: they are topic levels, so no '/', '+', '#'.
 NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}\Z")
@@ -27,6 +28,11 @@ SERIAL_RE: Final = re.compile(r"^[0-9A-F]{12}\Z")
 # A serial number a device states about itself (a terminal's HELLO): it
 # names the device in status, events and dedup keys.
 DEVICE_SERIAL_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
+# What an event's device.serial may hold: a USB iSerialNumber as udev shows it
+# (keyboards, badge readers), which includes SERIAL_RE and DEVICE_SERIAL_RE.
+USB_SERIAL_RE: Final = re.compile(r"^[ -~]{1,64}\Z")
+# The kernel's boot_id is a UUID; other producers may name a boot otherwise.
+BOOT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 # Doctor ids: the doctor list's ids, and what terminals report.
 DOCTOR_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
@@ -50,3 +56,38 @@ OPERATOR_RULE: Final = ("an operator id: 1 to 64 letters or digits (any script),
 def valid_operator(value: object) -> bool:
     """Whether `value` is an operator id (a str matching OPERATOR_RE)."""
     return isinstance(value, str) and OPERATOR_RE.match(value) is not None
+
+
+def _match(pattern: re.Pattern[str], value: object) -> bool:
+    return isinstance(value, str) and pattern.match(value) is not None
+
+
+def event_id_fault(event: dict[str, object]) -> str | None:
+    """The path of the first identifier in a schema-valid event (event.schema.json)
+    that breaks its grammar here, or None.
+
+    The schema's patterns say the same for the ASCII grammars; the operator id's
+    (letters of any script) needs Unicode classes that ECMA-262 patterns without
+    the `u` flag lack, so this is where a consumer enforces it exactly.
+    """
+    checks: list[tuple[str, object, re.Pattern[str]]] = [("desk", event.get("desk"), DESK_RE)]
+    op = event.get("operator")
+    if isinstance(op, dict) and op.get("id") is not None:
+        checks.append(("operator/id", op.get("id"), OPERATOR_RE))
+    dev = event.get("device")
+    if isinstance(dev, dict) and dev.get("serial") is not None:
+        checks.append(("device/serial", dev.get("serial"), USB_SERIAL_RE))
+    t = event.get("time")
+    if isinstance(t, dict):
+        checks.append(("time/boot_id", t.get("boot_id"), BOOT_ID_RE))
+    for kind in ("answer", "abandoned"):
+        body = event.get(kind)
+        if isinstance(body, dict):
+            if body.get("doctor") is not None:
+                checks.append((f"{kind}/doctor", body.get("doctor"), DOCTOR_ID_RE))
+            if "lang" in body:
+                checks.append((f"{kind}/lang", body.get("lang"), LANG_RE))
+    for where, value, pattern in checks:
+        if not _match(pattern, value):
+            return where
+    return None

@@ -22,3 +22,47 @@ def load_schema(name: str) -> dict[str, Any]:
     path = resources.files("edge.contract") / "schemas" / f"{name}.schema.json"
     schema: dict[str, Any] = json.loads(path.read_text("utf-8"))
     return schema
+
+
+def _fields(node: Any, root: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """(field path, its range or grammar) of every bounded number and patterned string."""
+    if not isinstance(node, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        target: Any = root
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+        return _fields(target, root, path)
+    for alt in node.get("anyOf", []):
+        out += _fields(alt, root, path)
+    if "minimum" in node or "maximum" in node:
+        out.append((path, f"{node.get('minimum', '')} to {node.get('maximum', '')}"))
+    if "pattern" in node:
+        shown = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in node["pattern"])
+        out.append((path, f"`{shown}`".replace("|", "\\|")))
+    for key, sub in node.get("properties", {}).items():
+        out += _fields(sub, root, f"{path}/{key}" if path else key)
+    if "items" in node:
+        out += _fields(node["items"], root, f"{path}[]")
+    return out
+
+
+def contract_table(names: tuple[str, ...] = ("event", "status", "health", "devices",
+                                             "timesync", "ack")) -> list[str]:
+    """Markdown rows `| message | field | range or grammar |` of every bounded number
+    and patterned string in the named schemas, as README.md lists them."""
+    rows = ["| message | field | range or grammar |", "|---|---|---|"]
+    for name in names:
+        schema = load_schema(name)
+        seen: set[tuple[str, str]] = set()
+        for field, rule in _fields(schema, schema, ""):
+            if (field, rule) not in seen:
+                seen.add((field, rule))
+                rows.append(f"| {name} | {field} | {rule} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(contract_table()))

@@ -20,7 +20,7 @@ from drivers.hidraw_transport import HidrawKeyboard
 from drivers.keyboard import USB_MATCHER, BootDecoder, ButtonMap, ButtonPress, KeyPress
 from drivers.transport import DeviceGoneError, Transport
 from drivers.usb_discovery import scan
-from edge.contract.ids import NAME_RE, SCORE_RANGE
+from edge.contract.ids import NAME_RE, SCORE_RANGE, USB_SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
@@ -77,7 +77,7 @@ def parse_identity(t: Table) -> tuple[int, int, str | None, str | None]:
     if vid < 0 or pid < 0:
         raise t.error("vid" if vid < 0 else "pid", MISSING,
                       "required for keyboard-class devices (`feedback-edge devices` shows it)")
-    serial = t.string("serial", default=None, pattern=re.compile(r"^[ -~]{1,64}\Z"),
+    serial = t.string("serial", default=None, pattern=USB_SERIAL_RE,
                       allowed="the USB serial number as `feedback-edge devices` shows it")
     usb_port = t.string("usb_port", default=None, pattern=_USB_PORT,
                         allowed="a USB port path like 1-1.4 (`feedback-edge devices`)")
