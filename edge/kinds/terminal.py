@@ -11,7 +11,14 @@ record and the terminal drops its oldest records when its flash holds 500
 unacknowledged ones, replaying the rest oldest first; so a record whose id
 jumps past the last one stored means the records in between were lost on
 the terminal.  That becomes a `device_lost` event (reason flash_full, dedup
-key `gap:<last>:<id>`), a `device_overflow` drop count and an alarm.
+key `gap:<last>:<id>`), a `device_overflow` drop count and an alarm.  A jump
+of more than `MAX_PLAUSIBLE_GAP` records is no count of losses: more than a
+terminal makes in two months of its busiest use (about 2,000 records a day),
+it means the flash or firmware was reset or another unit took this serial.
+The record is stored, no `device_lost` is invented (a record of 4 billion
+losses would wreck every figure built on it), the jump is counted as
+`id_jump` under the device's decode errors and raises alarm
+`device_ids_jumped` for a person to look at the terminal.
 
 Identity: the serial the terminal states in HELLO is what `status` and the
 `devices` topic show (`Terminal.serial()`), also for a terminal configured by
@@ -56,6 +63,7 @@ from edge.contract.ids import NAME_RE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceRef, Event, EventBody, new_event_id
 from edge.kinds.base import (
+    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -79,6 +87,8 @@ __all__ = ["KIND", "Terminal", "TerminalConfig", "TerminalInput", "TerminalWorke
 log = logging.getLogger(__name__)
 
 TIME_EVERY_S: Final = 3600.0
+# Records a terminal can lose between two stored ones: 2,000 a day for 60 days.
+MAX_PLAUSIBLE_GAP: Final = 120_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +303,15 @@ class Terminal(Device):
         if not last or rec_id <= last + 1:
             return []
         n = rec_id - last - 1
+        if n > MAX_PLAUSIBLE_GAP:
+            self.count_decode_error("id_jump")
+            ctx.alarm("device_ids_jumped", f"terminal {self.cfg.id} at desk {self.cfg.desk}: "
+                      f"record ids jumped from {last} to {rec_id}, more than it can have made; "
+                      "was its memory reset or the unit replaced?", subject=self.cfg.id,
+                      for_s=LOSS_ALARM_S)
+            log.warning("terminal %s: record ids jumped from %d to %d: not counted as losses",
+                        self.cfg.id, last, rec_id)
+            return []
         log.warning("terminal %s: record ids jumped from %d to %d: %d lost on the terminal",
                     self.cfg.id, last, rec_id, n)
         event = Event(event_id=new_event_id(), desk=self.cfg.desk,
