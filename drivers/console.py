@@ -1,8 +1,8 @@
 """Feedback console FC-3 (USB HID, vendor page 0xFF00): protocol core.
 
 Pure code, no I/O: reports in, decoded reports and host decisions out.  The
-transports are `drivers.hid_transport` (hidapi) and `drivers.hidraw_transport`
-(stdlib only); the simulator has its own.  Spec: shared/devices/console-hid.md.
+transport is `drivers.hidraw_transport` (the kernel's hidraw interface,
+stdlib only); the simulator has its own.  Spec: shared/devices/console-hid.md.
 USB identity: `VID`:`PID` (`USB_MATCHER`).  The sheet's `seq` is called
 `dev_seq` here (the console's own 8-bit number, not the edge's publish seq).
 

@@ -1,5 +1,4 @@
-"""Raw /dev/hidraw transports: keyboard-class devices, and consoles where
-hidapi has no wheel.
+"""Raw /dev/hidraw transports: consoles and keyboard-class devices.
 
 Keyboard-class devices are read as raw HID boot reports, with their keys kept
 away from everything else.
@@ -15,8 +14,8 @@ file only, which nobody reads.  The grab ends when the daemon closes the file
 `HidrawConsole` speaks to a feedback console through the kernel's hidraw
 interface directly (read/write of reports, HIDIOCGFEATURE for feature
 reports): the same bytes hidapi's hidraw backend moves, with nothing but the
-standard library.  The daemon uses it where the `hidapi` package cannot be
-installed: PyPI has no armv7 (32-bit Raspberry Pi OS) wheel for it.
+standard library, on every Pi (edge.kinds.console.open_console says why not
+hidapi).
 
 Both implement `drivers.transport.Transport` (`HidrawConsole` its
 `HidTransport`).

@@ -4,7 +4,6 @@ A transport moves raw bytes between the daemon and one device and knows
 nothing of what they mean (the protocol cores `drivers.console`,
 `drivers.terminal` and `drivers.keyboard` do).  The real ones:
 
-- `drivers.hid_transport.HidapiTransport`: a console through hidapi;
 - `drivers.hidraw_transport.HidrawConsole`: a console on /dev/hidrawN, stdlib only;
 - `drivers.hidraw_transport.HidrawKeyboard`: a keyboard-class device on
   /dev/hidrawN, its keys grabbed away from the local console (EVIOCGRAB);

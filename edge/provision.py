@@ -91,20 +91,19 @@ class Target:
     name: str
     python: str
     platforms: tuple[str, ...]
-    hid: bool  # hidapi has wheels here
 
     @property
     def requirement(self) -> str:
-        return "feedback-edge[hid]" if self.hid else "feedback-edge"
+        return "feedback-edge"
 
 
 _AARCH64 = ("manylinux_2_28_aarch64", "manylinux2014_aarch64", "linux_aarch64")
 _ARMV7 = ("linux_armv7l",)
 PI_TARGETS = (
-    Target("bookworm-arm64", "3.11", _AARCH64, hid=True),
-    Target("trixie-arm64", "3.13", _AARCH64, hid=True),
-    Target("bookworm-armhf", "3.11", _ARMV7, hid=False),
-    Target("trixie-armhf", "3.13", _ARMV7, hid=False),
+    Target("bookworm-arm64", "3.11", _AARCH64),
+    Target("trixie-arm64", "3.13", _AARCH64),
+    Target("bookworm-armhf", "3.11", _ARMV7),
+    Target("trixie-armhf", "3.13", _ARMV7),
 )
 
 
@@ -113,7 +112,7 @@ def host_target() -> Target:
     machine = os.uname().machine
     return Target(f"host-{machine}", f"{sys.version_info.major}.{sys.version_info.minor}",
                   (f"manylinux_2_28_{machine}", f"manylinux2014_{machine}",
-                   f"manylinux_2_17_{machine}", f"linux_{machine}"), hid=True)
+                   f"manylinux_2_17_{machine}", f"linux_{machine}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +224,7 @@ def build_wheelhouse(dest: Path, targets: Iterable[Target] = PI_TARGETS,
         _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(src)])
     own = sorted(dest.glob("feedback_edge-*.whl"))[-1]
     for t in targets:
-        extra = "[hid]" if t.hid else ""
-        _pip(["download", "--quiet", "--dest", str(dest), *_platform_args(t),
-              f"{own}{extra}", "pip"])
+        _pip(["download", "--quiet", "--dest", str(dest), *_platform_args(t), str(own), "pip"])
     check_wheelhouse(dest, targets)
 
 

@@ -1,4 +1,4 @@
-"""The stdlib hidraw console transport (used where hidapi has no wheel: armv7)."""
+"""The stdlib hidraw console transport (every Pi reads consoles through it)."""
 
 from __future__ import annotations
 

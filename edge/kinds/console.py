@@ -30,7 +30,6 @@ match), never before it, and a warning is logged.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -58,7 +57,6 @@ from drivers.console import (
     encode_resend,
     encode_show,
 )
-from drivers.hid_transport import HidapiTransport
 from drivers.hidraw_transport import HidrawConsole
 from drivers.transport import HidTransport
 from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
@@ -88,8 +86,6 @@ __all__ = ["KIND", "Console", "ConsoleConfig", "ConsoleInput", "ConsoleWorker"]
 log = logging.getLogger(__name__)
 
 _LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}\Z")
-# hidapi has no armv7 wheel; there the console is read through hidraw directly.
-_HAVE_HIDAPI: Final = importlib.util.find_spec("hid") is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +146,13 @@ def parse(t: Table, index: int, desk: str) -> ConsoleConfig:
 
 
 def open_console(cfg: ConsoleConfig) -> HidTransport:
-    """The console's transport: the simulator's socket, hidapi, or stdlib hidraw."""
+    """The console's transport: the simulator's socket, or its /dev/hidrawN node.
+
+    Always the kernel's hidraw interface through the standard library, never
+    hidapi: PyPI's hidapi wheel's `import hid` is its libusb backend, which
+    detaches usbhid (the hidraw node the udev rule gives the service user
+    disappears) and then cannot open the device as that user; and armv7 has
+    no hidapi wheel at all.  One path on every Pi."""
     if cfg.transport == "socket":
         # The simulator link is for demos and black-box tests; it stays out of
         # the daemon's import graph unless a config asks for it.
@@ -158,8 +160,6 @@ def open_console(cfg: ConsoleConfig) -> HidTransport:
 
         assert cfg.socket is not None  # noqa: S101 - config validation guarantees it
         return SocketTransport(cfg.socket)
-    if _HAVE_HIDAPI:
-        return HidapiTransport(cfg.vid, cfg.pid, cfg.serial)
     return HidrawConsole.find(cfg.vid, cfg.pid, cfg.serial)
 
 

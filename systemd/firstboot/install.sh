@@ -31,15 +31,8 @@ python3 -m venv --without-pip --clear "$VENV" || fail "python3 -m venv"
 "$VENV/bin/python" "$PIP_WHEEL/pip" install --quiet --no-index --find-links "$WHEELS" pip \
     || fail "pip bootstrap"
 PIP="$VENV/bin/python -m pip install --quiet --no-index --find-links $WHEELS"
-# hidapi has wheels for 64-bit interpreters only; 32-bit systems read
-# consoles through /dev/hidraw directly.
-BITS=$("$VENV/bin/python" -c 'import struct; print(struct.calcsize("P") * 8)')
-if [ "$BITS" = 64 ] && $PIP "feedback-edge[hid]"; then
-    say "installed with hidapi ($BITS-bit)"
-else
-    $PIP feedback-edge || fail "pip install feedback-edge from $WHEELS"
-    say "installed without hidapi ($BITS-bit): consoles are read through /dev/hidraw"
-fi
+$PIP feedback-edge || fail "pip install feedback-edge from $WHEELS"
+say "installed $("$VENV/bin/feedback-edge" --version 2>/dev/null || echo feedback-edge)"
 
 # 2. The site's config and the files it names (secrets: root and the
 #    service group only).
