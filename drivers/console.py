@@ -80,6 +80,7 @@ __all__ = [
     "ConsoleHost",
     "ConsoleInfo",
     "ConsoleReport",
+    "DeviceClock",
     "Duplicate",
     "Layout",
     "NewSession",
@@ -380,3 +381,78 @@ def _uptime_of(key: str) -> int:
         return int(key.split(":")[1])
     except (IndexError, ValueError):
         return 0
+
+
+class DeviceClock:
+    """Which input reports waited in the console's endpoint, and for how long.
+
+    The console sheet (../shared/devices/console-hid.md, "What the host must
+    do"): time every event by the device's clock, never by when its report was
+    read.  A report waits in the interrupt IN endpoint until the host polls, so
+    the first reports read after the daemon opens the console can be seconds or
+    hours old, their `now_uptime` from when the firmware queued them.  The
+    offset between device uptime and the host's monotonic clock (host ms -
+    `now_uptime`) is estimated as the minimum over recent fresh samples, as NTP
+    keeps its lowest-delay sample; a report whose offset exceeds that minimum
+    by more than `LATE_MS` (plus the drift two crystals can build up since the
+    reference sample, `DRIFT_PPM`) waited, by that excess.
+
+    Choices where the sheet is silent, a firmware engineer's:
+    - Samples reset at every open (`reset`): a console power-up is a USB
+      re-enumeration, so one open never spans two device sessions, and the
+      info feature report read at open (a control transfer, answered live)
+      seeds the estimate before the first input report is read.
+    - A console that cannot answer the info report has no seed: the first
+      report read becomes the reference, so a report that waited from before
+      the open is timed as read (nothing better is known).
+    - Offsets are compared modulo 2^32 ms, so `now_uptime` wrapping after
+      49.7 days is not a 49-day delay.
+    - Only fresh samples (not late) feed the estimate, over `WINDOW_MS`; the
+      newest fresh one is kept even when older, its allowance growing with age.
+    """
+
+    LATE_MS: Final = 100
+    DRIFT_PPM: Final = 200  # two clocks of +-100 ppm each
+    WINDOW_MS: Final = 600_000
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[int, int]] = []  # (host ms, host ms - device uptime)
+
+    def reset(self) -> None:
+        """A new open of the device: what was known of its clock no longer holds."""
+        self._samples.clear()
+
+    def seed(self, host_ms: int, now_uptime: int) -> None:
+        """A sample known to be fresh (the info feature report at open)."""
+        self._add(host_ms, self._normal(host_ms - now_uptime))
+
+    def waited_ms(self, host_ms: int, now_uptime: int) -> int:
+        """How long a report read at `host_ms` (host monotonic ms) carrying
+        `now_uptime` (device ms) waited in the endpoint: 0 when fresh."""
+        offset = self._normal(host_ms - now_uptime)
+        ref = self._reference()
+        if ref is not None:
+            at, best = ref
+            excess = offset - best
+            if excess > self.LATE_MS + (host_ms - at) * self.DRIFT_PPM // 1_000_000:
+                return excess
+        self._add(host_ms, offset)
+        return 0
+
+    def _normal(self, offset: int) -> int:
+        """`offset` in the frame of the samples so far (modulo 2^32 ms, signed)."""
+        if not self._samples:
+            return offset
+        base = self._samples[-1][1]
+        return base + ((offset - base + (UPTIME_MOD >> 1)) % UPTIME_MOD) - (UPTIME_MOD >> 1)
+
+    def _reference(self) -> tuple[int, int] | None:
+        return min(self._samples, key=lambda s: s[1]) if self._samples else None
+
+    def _add(self, host_ms: int, offset: int) -> None:
+        self._samples.append((host_ms, offset))
+        horizon = host_ms - self.WINDOW_MS
+        keep = [s for s in self._samples if s[0] >= horizon]
+        self._samples = keep or self._samples[-1:]
+        if len(self._samples) > 64:  # a window of steady presses needs no more
+            self._samples = self._samples[-64:]

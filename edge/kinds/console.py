@@ -19,13 +19,27 @@ overwrote.  Each increase becomes a `device_lost` event (reason
 ring_overflow, dedup key `lost:<total>` so a daemon restart does not record
 it twice), a `device_overflow` drop count and a `device_lost` alarm.
 
-Event time (the sheet is silent): a press happened `age_ms` = now_uptime -
-event_uptime (mod 2^32, so at most ~49.7 days) before the report was read.
-The console lives on this Pi's USB power and keeps its events in RAM, so a
-press from before this boot is implausible (a console clock fault, or a Pi
-reboot that kept the hub powered).  Such an age is clamped to the time since
-boot: the event is timed at the boot (`mono_ns` 0, `wall` and `age_ms` to
-match), never before it, and a warning is logged.
+Event time, by the device's clock (the sheet's "What the host must do"): a
+press happened `age_ms` = now_uptime - event_uptime (mod 2^32, so at most
+~49.7 days) before the report was sent, and a report that waited in the
+console's endpoint (the daemon was stopped, or not yet reading) was sent
+earlier than it was read: `drivers.console.DeviceClock` finds by how much,
+from the offset between device uptime and the host clock seeded by the info
+report at open.  Such an event is timed that much earlier, flagged
+`replayed`, and counted under `late_delivery`.  The console lives on this
+Pi's USB power and keeps its events in RAM, so a press from before this boot
+is implausible (a console clock fault, or a Pi reboot that kept the hub
+powered).  Such an age is clamped to the time since boot: the event is timed
+at the boot (`mono_ns` 0, `wall` and `age_ms` to match), never before it, and
+a warning is logged.
+
+A console whose firmware cannot answer the info feature report (a stall, an
+error, or zeros, as the kernel's own gadget HID function answers GET_REPORT)
+is served anyway, once per open: as its config's labels say, or as the
+three-level layout (buttons 0-2) when the config names none.  The failure is
+counted (`info_unreadable`) and shown in its status; without the report the
+ring's lost counter is unknown (an OVERFLOW flag still marks the next event
+`device_overflow`) and the device clock has no seed.
 """
 
 from __future__ import annotations
@@ -46,7 +60,9 @@ from drivers.console import (
     ConsoleInfo,
     ConsoleReport,
     DecodeError,
+    DeviceClock,
     Duplicate,
+    Layout,
     NewSession,
     Record,
     ReportType,
@@ -58,7 +74,7 @@ from drivers.console import (
     encode_show,
 )
 from drivers.hidraw_transport import HidrawConsole
-from drivers.transport import HidTransport
+from drivers.transport import DeviceGoneError, HidTransport
 from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
@@ -73,7 +89,7 @@ from edge.kinds.base import (
     Kind,
     Reading,
 )
-from edge.kinds.worker import READ_TIMEOUT_MS, RETRY_S, Worker
+from edge.kinds.worker import READ_TIMEOUT_MS, Worker
 from edge.store import Append
 
 if TYPE_CHECKING:
@@ -168,10 +184,11 @@ def open_console(cfg: ConsoleConfig) -> HidTransport:
 
 @dataclass(frozen=True, slots=True)
 class ConsoleInput:
-    """One decoded input report (`lost_total` is unused and kept None)."""
+    """One decoded input report, and how long it waited in the console's
+    endpoint before it was read (ms, `DeviceClock`; 0 when read fresh)."""
 
     report: ConsoleReport
-    lost_total: int | None = None
+    waited_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,18 +208,30 @@ class ConsoleWorker(Worker[HidTransport]):
         return self._write(report)
 
     def _read_info(self, transport: HidTransport) -> ConsoleInfo | DecodeError:
-        return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
+        try:
+            return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
+        except DeviceGoneError as e:
+            # The device stalls GET_REPORT, or the node refuses the ioctl: if the
+            # device is really gone, the next read says so.
+            return DecodeError("info_failed", str(e))
 
     def _serve(self, transport: HidTransport) -> None:
+        clock = DeviceClock()
         info = self._read_info(transport)
+        seeded_ms = self._clock.mono_ns() // 1_000_000
+        note = None
         if isinstance(info, DecodeError):
-            self._post(DecodeFailed(self.cfg.id, info.name))
-            self._post(DeviceState(self.cfg.id, "error", f"unreadable info report: {info.detail}"))
-            self._stop.wait(RETRY_S * 5)
-            return
+            self._post(DecodeFailed(self.cfg.id, "info_unreadable"))
+            log.warning("device %s: no info feature report (%s): served as configured, "
+                        "device losses not counted", self.cfg.id, info.name)
+            note = f"no info report ({info.name}): losses not counted"
+            assert isinstance(self.cfg, ConsoleConfig)  # noqa: S101 - built by Console
+            info = fallback_info(self.cfg)
+        else:
+            clock.seed(seeded_ms, info.now_uptime)
         with self._lock:
             self._transport = transport
-        self._post(DeviceState(self.cfg.id, "connected", None, info))
+        self._post(DeviceState(self.cfg.id, "connected", note, info))
         if info.lost:
             # Lost while nobody read it (the OVERFLOW flag went with a report
             # sent into the void): the counter says so.
@@ -221,7 +250,8 @@ class ConsoleWorker(Worker[HidTransport]):
             if isinstance(decoded, DecodeError):
                 self._post(DecodeFailed(self.cfg.id, decoded.name))
                 continue
-            self._post(Reading(self.cfg.id, ConsoleInput(decoded), mono, wall))
+            waited = clock.waited_ms(mono // 1_000_000, decoded.now_uptime)
+            self._post(Reading(self.cfg.id, ConsoleInput(decoded, waited), mono, wall))
             if decoded.overflow:
                 fresh = self._read_info(transport)
                 if not isinstance(fresh, DecodeError):
@@ -287,11 +317,14 @@ class Console(Device):
             forget = (self.scope,)
         # A dropped press still records its key, so its replays are
         # recognised instead of being judged (and counted) again.
-        return Decision([*gone, Append(self._event(r, inp.report, ctx),
+        return Decision([*gone, Append(self._event(r, inp, ctx),
                                        (self.scope, action.key))], forget, token=inp.report)
 
-    def _event(self, r: Reading, rep: ConsoleReport, ctx: Context) -> Event | None:
-        age_ms = rep.age_ms
+    def _event(self, r: Reading, inp: ConsoleInput, ctx: Context) -> Event | None:
+        rep = inp.report
+        age_ms = rep.age_ms + inp.waited_ms
+        if inp.waited_ms:
+            ctx.count("late_delivery")
         if age_ms * 1_000_000 > r.host_mono_ns:
             # Not before this boot (module docstring): timed at the boot.
             log.warning("device %s: a press %d ms old, from before this boot %d ms ago: "
@@ -305,7 +338,7 @@ class Console(Device):
         flags = ctx.guard(self.cfg.desk, mono, wall, hold)
         if flags is None:
             return None
-        if rep.replay:
+        if rep.replay or inp.waited_ms:
             flags += ("replayed",)
         if rep.overflow:
             flags += ("device_overflow",)
@@ -396,6 +429,14 @@ class Console(Device):
 
     def details(self) -> dict[str, Any]:
         return {"buttons": self.info.buttons if self.info else None}
+
+
+def fallback_info(cfg: ConsoleConfig) -> ConsoleInfo:
+    """What the daemon assumes of a console whose info report is unreadable:
+    the config's labels, or the three-level layout; protocol 0 marks it assumed."""
+    if cfg.labels:
+        return ConsoleInfo(0, 0, 0, len(cfg.labels), Layout.CUSTOM, 32, 0, 0, 0)
+    return ConsoleInfo(0, 0, 0, 3, Layout.THREE_LEVEL, 32, 0, 0, 0)
 
 
 def _snippet(usb: UsbDevice) -> list[str]:

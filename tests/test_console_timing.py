@@ -1,0 +1,136 @@
+"""Console events timed by the device's clock, and a console without an info
+report (issue 15, faults 2 and 3; ../shared/devices/console-hid.md, "What the
+host must do").  The worker runs on its thread against the in-memory transport
+(reports queued in it wait exactly as in a USB endpoint) and an injected clock;
+tests/vm/ does the same against a real kernel USB stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drivers.console import UPTIME_MOD, ConsoleReport, DeviceClock, ReportType, encode_report
+from edge.clock import ManualClock
+from edge.kinds.base import DecodeFailed, DeviceState, Reading
+from edge.kinds.console import ConsoleConfig, ConsoleInput, ConsoleWorker
+from firmware_sim.console import ConsoleFirmware
+from firmware_sim.link import MemoryTransport
+from tests.conftest import wait_for
+from tests.test_console_kind import Rig
+
+SERIAL = "00A1B2C3D4E5"
+HOUR_MS = 3_600_000
+
+
+# -- the estimator ---------------------------------------------------------------------
+
+def test_fresh_reports_did_not_wait_and_a_stale_one_waited_its_age() -> None:
+    c = DeviceClock()
+    c.seed(100_000, 40_000)  # offset 60 s
+    assert c.waited_ms(100_008, 40_000) == 0  # USB polling jitter: fresh
+    assert c.waited_ms(120_000, 40_000) == 20_000  # queued 20 s ago, read now
+    assert c.waited_ms(120_001, 59_990) == 0
+    assert c.waited_ms(120_000 + 99, 60_000) == 0  # within LATE_MS of the minimum
+    assert c.waited_ms(121_000, 60_500) == 500
+
+
+def test_uptime_wrapping_after_49_days_is_no_delay() -> None:
+    c = DeviceClock()
+    c.seed(10_000_000, UPTIME_MOD - 1_000)
+    assert c.waited_ms(10_002_000, 1_000) == 0  # uptime wrapped past 2^32 ms
+    assert c.waited_ms(10_010_000, 4_000) == 5_000
+
+
+def test_drift_of_two_crystals_is_not_taken_for_waiting() -> None:
+    """A device clock 150 ppm slow: after an idle hour its offset grew 540 ms."""
+    c = DeviceClock()
+    c.seed(0, 0)
+    assert c.waited_ms(HOUR_MS, HOUR_MS - 540) == 0
+    assert c.waited_ms(HOUR_MS + 1000, HOUR_MS - 540 + 1000 - 5000) == 5_000
+
+
+def test_without_a_seed_the_first_report_is_the_reference() -> None:
+    c = DeviceClock()
+    assert c.waited_ms(50_000, 1_000) == 0
+    assert c.waited_ms(51_000, 2_000) == 0
+
+
+# -- the worker and the kind ---------------------------------------------------------
+
+class Bench:
+    """A console firmware on the in-memory transport; its uptime runs with `clock`."""
+
+    def __init__(self, *, info: bool = True) -> None:
+        self.clock = ManualClock()
+        self.offset_ms = 7_000
+        self.fw = ConsoleFirmware(SERIAL, uptime_ms=self.uptime)
+        self.booted_ms = self.uptime()
+        self.clock.advance(60.0)  # the console has been up a minute
+        self.transport = MemoryTransport(self.fw)
+        if not info:
+            # The kernel's f_hid gadget answers GET_REPORT with report_length zeros.
+            self.transport.get_feature = lambda report_id, length: bytes(length)  # type: ignore[method-assign]
+        self.posts: list[object] = []
+        cfg = ConsoleConfig("fc3-a", "console", "desk-1", SERIAL)
+        self.worker = ConsoleWorker(cfg, lambda: self.transport, self.posts.append, self.clock)
+
+    def uptime(self) -> int:
+        return self.clock.mono_ns() // 1_000_000 - self.offset_ms
+
+    def queue_report(self, dev_seq: int, sent_ago_ms: int, age_ms: int = 5) -> None:
+        """A report the firmware queued `sent_ago_ms` ago, unread since (in the endpoint)."""
+        now_up = self.uptime() - self.booted_ms - sent_ago_ms
+        self.transport._in.put(encode_report(ConsoleReport(
+            dev_seq, ReportType.PRESS, 0, False, False, now_up - age_ms, now_up)))
+
+    def readings(self) -> list[ConsoleInput]:
+        return [p.data for p in self.posts if isinstance(p, Reading)
+                and isinstance(p.data, ConsoleInput) and p.data.report.type is ReportType.PRESS]
+
+
+def test_a_press_that_waited_in_the_endpoint_is_found_by_the_worker() -> None:
+    bench = Bench()
+    bench.queue_report(1, sent_ago_ms=20_000)  # pressed while the daemon was stopped
+    bench.queue_report(2, sent_ago_ms=0)
+    bench.worker.start()
+    try:
+        got = wait_for(lambda: bench.readings() if len(bench.readings()) == 2 else None, 10,
+                       "both reports read")
+    finally:
+        bench.worker.stop()
+    assert [(i.report.dev_seq, i.waited_ms) for i in got] == [(1, 20_000), (2, 0)]
+
+
+def test_a_press_that_waited_is_timed_by_the_device_clock_and_flagged(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.clock.advance(60.0)  # the Pi has been up a minute, the console since 1 s ago
+    rig.clock_offset_ms = rig.clock.mono_ns() // 1_000_000 - 1000
+    report = rig.press(1).report
+    d = rig.decide(ConsoleInput(report, waited_ms=20_000))
+    event = d.appends[0].event
+    assert event is not None
+    read_ns = rig.clock.mono_ns()
+    assert event.time.age_ms == report.age_ms + 20_000
+    assert event.time.mono_ns == read_ns - (report.age_ms + 20_000) * 1_000_000
+    assert event.time.wall_ns == rig.clock.wall_ns() - (report.age_ms + 20_000) * 1_000_000
+    assert "replayed" in event.flags
+    assert rig.ctx.discarded == {"late_delivery": 1}
+    fresh = rig.decide(rig.press(2)).appends[0].event
+    assert fresh is not None
+    assert "replayed" not in fresh.flags
+
+
+def test_a_console_without_an_info_report_is_served_once_not_retried_in_a_loop() -> None:
+    bench = Bench(info=False)
+    bench.queue_report(1, sent_ago_ms=0)
+    bench.worker.start()
+    try:
+        wait_for(bench.readings, 10, "the press read despite no info report")
+    finally:
+        bench.worker.stop()
+    states = [p for p in bench.posts if isinstance(p, DeviceState)]
+    assert [s.state for s in states] == ["connected"]
+    assert states[0].error is not None
+    assert "no info report" in states[0].error
+    assert [p.name for p in bench.posts if isinstance(p, DecodeFailed)] == ["info_unreadable"]
+    info = states[0].details
+    assert getattr(info, "buttons", None) == 3  # the three-level layout, as no labels are set
