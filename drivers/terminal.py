@@ -76,7 +76,9 @@ Where the sheet is silent, our choices:
   (DOCTOR_ID_RE), `lang` a language tag (LANG_RE), the HELLO `serial` a
   device serial (DEVICE_SERIAL_RE); HELLO `model` and `fw` hold no control
   characters.  Free text (the patient's comment) is kept as it is: it may
-  span lines, and whoever prints it escapes it.
+  span lines, and whoever prints it escapes it; but no string may hold a NUL
+  or an unpaired surrogate (`\\ud800` in the JSON), which no database holds,
+  the collector refuses and UTF-8 cannot encode: NAKed `schema`.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ _MAX_COBS: Final = MAX_WIRE - 1  # bytes of one frame held before its 0x00
 _HEAD = struct.Struct("<BBHH")
 _PHONE = re.compile(r"^\+?[0-9]{5,16}\Z")
 _PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f-\x9f]*\Z")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, unpaired surrogates
 MAX_AGE_MS: Final = 90 * 24 * 3600 * 1000  # see "Absurd values" above
 MAX_RECORD_ID: Final = 2**32 - 1
 MAX_APPROACHES: Final = 100_000
@@ -348,8 +351,8 @@ def _str(d: dict[str, Any], key: str, *, null: bool = False, max_len: int = 256,
     v = d.get(key)
     if v is None and null and key in d:
         return None
-    if not isinstance(v, str) or len(v) > max_len or (pattern is not None
-                                                      and not pattern.match(v)):
+    if not isinstance(v, str) or len(v) > max_len or _UNSTORABLE.search(v) or (
+            pattern is not None and not pattern.match(v)):
         raise _InvalidError(key)
     return v
 
@@ -378,7 +381,7 @@ def _answer(d: dict[str, Any]) -> Answer:
     if phone is not None and not _PHONE.match(phone):
         raise _InvalidError("phone")
     return Answer(_id(d), _str(d, "doctor", max_len=64, pattern=DOCTOR_ID_RE), q1, q2, phone,
-                  comment, _str(d, "lang", max_len=16, pattern=LANG_RE), _age(d))
+                  comment, _str(d, "lang", max_len=35, pattern=LANG_RE), _age(d))  # LANG_RE: <= 35
 
 
 def _presence(d: dict[str, Any]) -> Presence:
@@ -423,7 +426,7 @@ def parse_message(frame: Frame) -> Message | FrameError:
         return FrameError("unknown_type", "unknown_type", frame.seq)
     try:
         body = json.loads(frame.payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # [[[[... nested too deep
         return FrameError("json", "json", frame.seq)
     if not isinstance(body, dict):
         return FrameError("json", "json", frame.seq)

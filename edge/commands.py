@@ -14,7 +14,10 @@ object; `{"cmd": "operator", "desk", "operator"}` logs in and `{"cmd":
 "operator", "desk", "logout": true}` ends the desk's login.
 
 What came from outside is checked against its grammar before it is used, and
-logged only through `edge.logsafe.printable`.
+logged only through `edge.logsafe.printable`.  Every refusal is counted in
+`Commands.refused` (shown in `status`): by the command's name (`unknown` for
+any other name), `control` for the control socket, and what the daemon refuses
+before it gets here: `retained` commands and malformed collector `ack`s.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from edge.kinds.base import Device, Doctors
 from edge.logsafe import printable
 from edge.operators import Operators
 
-__all__ = ["MAX_COMMAND_BYTES", "Commands", "ControlRequest"]
+__all__ = ["COMMANDS", "MAX_COMMAND_BYTES", "Commands", "ControlRequest", "json_field",
+           "watermark"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,27 @@ log = logging.getLogger(__name__)
 # edge.mqtt.MAX_PACKET_BYTES (256 KiB, room for a 64 KiB command and its
 # topic), so the broker drops bigger messages for us instead of sending them.
 MAX_COMMAND_BYTES: Final = 65536
+COMMANDS: Final = ("doctors", "operator", "ping")
+# ack.schema.json's range of a watermark; beyond it SQLite cannot compare.
+MAX_WATERMARK: Final = 2**53 - 1
+
+
+def json_field(payload: bytes, name: str) -> object:
+    """Field `name` of a JSON object payload; None for anything else (not JSON,
+    not an object, nested too deep)."""
+    try:
+        return json.loads(payload).get(name)
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: [[[[...
+        return None
+
+
+def watermark(payload: bytes) -> int | None:
+    """The collector's `{root}/ack` watermark (ack.schema.json: `seq`, 0 to
+    2^53 - 1), or None when the payload is not one."""
+    seq = json_field(payload, "seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_WATERMARK:
+        return None
+    return seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +91,10 @@ class Commands:
         self._devices = devices
         self._status = status
         self.doctors_now: Doctors | None = doctors.current()
+        self.refused: dict[str, int] = {}  # see the module docstring
+
+    def count_refused(self, what: str) -> None:
+        self.refused[what] = self.refused.get(what, 0) + 1
 
     def mqtt(self, name: str, payload: bytes) -> dict[str, Any]:
         """Carry out command `name`; the result object to publish."""
@@ -73,7 +102,7 @@ class Commands:
         error: str | None = None
         try:
             body = json.loads(payload) if len(payload) <= MAX_COMMAND_BYTES else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
             body = None
         if not isinstance(body, dict):
             error = "payload must be a JSON object of at most 64 KiB"
@@ -88,6 +117,8 @@ class Commands:
                 error = self._login(body)
             elif name != "ping":
                 error = f"unknown command {name!r}; known: doctors, operator, ping"
+        if error is not None:
+            self.count_refused(name if name in COMMANDS else "unknown")
         return {"request_id": request_id, "ok": error is None, "error": error}
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +130,8 @@ class Commands:
         else:
             error = self._login(request)
         reply: dict[str, Any] = {"ok": error is None, "error": error}
+        if error is not None:
+            self.count_refused("control")
         if error is None and self._operators.unsaved:
             reply["warning"] = ("applied, but logins.json could not be written (is the disk "
                                 "full or read-only?); it holds until the daemon restarts")

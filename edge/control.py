@@ -64,7 +64,10 @@ class ControlServer:
                 conn.settimeout(2.0)
                 try:
                     line = conn.makefile("rb").readline(4096)
-                    request = json.loads(line) if line else {}
+                    try:
+                        request = json.loads(line) if line else {}
+                    except (ValueError, RecursionError):  # not JSON, or [[[[... too deep
+                        request = None
                     if not isinstance(request, dict) or \
                             request.get("cmd") not in ("status", "operator"):
                         reply: dict[str, Any] = {"error": "unknown request; known: status, "

@@ -32,7 +32,7 @@ from typing import Any
 from edge import __version__, reporting
 from edge.alarms import Alarms
 from edge.clock import Clock, SystemClock
-from edge.commands import Commands, ControlRequest
+from edge.commands import Commands, ControlRequest, json_field, watermark
 from edge.conditions import Conditions
 from edge.config import Config
 from edge.contract import topics
@@ -54,6 +54,7 @@ from edge.kinds.base import (
 )
 from edge.link_alarms import LinkAlarms
 from edge.link_messages import Connected, Disconnected, Inbound, PubAck, Stable
+from edge.logsafe import printable
 from edge.mqtt import MqttLink
 from edge.operators import Operators
 from edge.publisher import Publisher
@@ -346,18 +347,20 @@ class Daemon:
     def _on_inbound(self, msg: Inbound) -> None:
         now = self._now()
         if self.publisher.collector_mode and msg.topic == topics.COLLECTOR_STATE_TOPIC:
-            self.publisher.on_collector_state(_json_field(msg.payload, "state") == "online", now)
+            self.publisher.on_collector_state(json_field(msg.payload, "state") == "online", now)
             return
         if self.publisher.collector_mode and msg.topic == topics.ack_topic(self.root):
-            seq = _json_field(msg.payload, "seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            seq = watermark(msg.payload)
+            if seq is None:
                 log.warning("ignored a malformed ack watermark on %s", msg.topic)
+                self.commands.count_refused("ack")
             elif self.publisher.on_watermark(seq, now):
                 self.store.remove_through(seq)
             return
         if msg.retain:
             # A retained command would be replayed at every reconnect.
-            log.warning("ignored retained command on %s", msg.topic)
+            log.warning("ignored retained command on %s", printable(msg.topic))
+            self.commands.count_refused("retained")
             return
         name = topics.cmd_name(self.root, msg.topic)
         if name is not None:
@@ -390,10 +393,3 @@ class Daemon:
         self.store.close()
         self._doctors.close()
         self.operators.close()
-
-
-def _json_field(payload: bytes, name: str) -> object:
-    try:
-        return json.loads(payload).get(name)
-    except (ValueError, AttributeError):
-        return None

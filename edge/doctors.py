@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}\Z")
 # Names and specialties are shown on the terminals' screen and the status page:
-# any text, but no control or line-breaking characters.
-_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# any text, but no control or line-breaking characters, and no unpaired
+# surrogate (UTF-8 cannot encode one for the terminals' DOCTORS frame).
+_UNPRINTABLE: Final = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 MAX_DOCTORS: Final = 200
 
 

@@ -130,6 +130,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "delivered": pub.acked,
         "delivery": h["delivery"],
         "rejected": dict(pub.rejected),
+        "commands_refused": dict(d.commands.refused),
         "drops": h["drops"],
         "devices": devices,
         "desks": _desks(d),

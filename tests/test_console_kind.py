@@ -109,3 +109,18 @@ def test_a_power_cut_with_unstored_presses_is_a_device_lost_record(tmp_path: Pat
                                                  "reason": "power_loss"}]
     rig.commit([d])
     assert rig.ctx.discarded == {"device_power_loss": 3}
+
+
+def test_an_implausible_lost_counter_invents_no_losses(tmp_path: Path) -> None:
+    """A lost counter of 2^32 - 1 a minute after power-up is a firmware fault, not
+    4 billion lost presses (issue 14: absurd device values are refused and counted)."""
+    rig = Rig(tmp_path)
+    absurd = rig.decide(ConsoleLoss(total=2**32 - 1, unacked=0, uptime_ms=60_000))
+    assert absurd.appends == []
+    assert rig.console.decode_errors == {"lost_implausible": 1}
+    assert rig.alarms.has("device_implausible")
+    assert not rig.alarms.has("device_lost")
+    # The most a console can have lost in that minute is still a count.
+    real = rig.decide(ConsoleLoss(total=60_000 // 100 + 32, unacked=32, uptime_ms=60_000))
+    rig.commit([real])
+    assert rig.ctx.discarded == {"device_overflow": 632}

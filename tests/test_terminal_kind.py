@@ -62,7 +62,7 @@ def test_an_implausible_jump_stores_the_record_but_invents_no_losses(tmp_path: P
         MAX_RECORD_ID]
     assert "device_overflow" not in rig.ctx.discarded
     assert rig.terminal.decode_errors.get("id_jump") == 1
-    assert rig.alarms.has("device_ids_jumped")
+    assert rig.alarms.has("device_implausible")
     assert not rig.alarms.has("device_lost")
     # The largest plausible gap is still a count of losses.
     rig2 = Rig(tmp_path)

@@ -17,7 +17,13 @@ Device-side loss: the console's lost counter (info feature report, read at
 connect and after a report flagged OVERFLOW) counts presses its 32-event ring
 overwrote.  Each increase becomes a `device_lost` event (reason
 ring_overflow, dedup key `lost:<total>` so a daemon restart does not record
-it twice), a `device_overflow` drop count and a `device_lost` alarm.
+it twice), a `device_overflow` drop count and a `device_lost` alarm.  A
+counter above what the console can have lost (a press every 100 ms since its
+power-up plus its ring of 32: faster than any hand, beyond a 30 ms debounce)
+is a firmware fault, not a count: no `device_lost` is invented from it; it is
+counted as `lost_implausible` and raises alarm `device_implausible`.  (After
+its uptime wraps at 49.7 days a console's bound restarts low; a console that
+has lost more than a press per 100 ms of that is still far from any clinic.)
 
 Event time, by the device's clock (the sheet's "What the host must do"): a
 press happened `age_ms` = now_uptime - event_uptime (mod 2^32, so at most
@@ -79,6 +85,7 @@ from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
 from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
+    LOSS_ALARM_S,
     Context,
     Decision,
     DecodeFailed,
@@ -198,6 +205,7 @@ class ConsoleLoss:
 
     total: int
     unacked: int | None = None
+    uptime_ms: int | None = None  # the console's now_uptime when it was read
 
 
 class ConsoleWorker(Worker[HidTransport]):
@@ -235,7 +243,8 @@ class ConsoleWorker(Worker[HidTransport]):
         if info.lost:
             # Lost while nobody read it (the OVERFLOW flag went with a report
             # sent into the void): the counter says so.
-            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost, info.unacked),
+            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost, info.unacked,
+                                                                   info.now_uptime),
                                self._clock.mono_ns(), self._clock.wall_ns()))
         # Presses made while nobody was reading (daemon down, up to the ring's
         # 32) arrive at once instead of at the next back-off step.
@@ -255,7 +264,8 @@ class ConsoleWorker(Worker[HidTransport]):
             if decoded.overflow:
                 fresh = self._read_info(transport)
                 if not isinstance(fresh, DecodeError):
-                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost, fresh.unacked),
+                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost, fresh.unacked,
+                                                                       fresh.now_uptime),
                                        mono, wall))
 
 
@@ -299,6 +309,13 @@ class Console(Device):
         inp = r.data
         if isinstance(inp, ConsoleLoss):
             self._forget_overwritten(inp.unacked)
+            if inp.uptime_ms is not None and inp.total > inp.uptime_ms // 100 + 32:
+                self.count_decode_error("lost_implausible")
+                ctx.alarm("device_implausible", f"console {self.cfg.id} at desk {self.cfg.desk}: "
+                          f"lost counter {inp.total} after {inp.uptime_ms // 1000} s of power, "
+                          "more than it can have lost: faulty firmware?", subject=self.cfg.id,
+                          for_s=LOSS_ALARM_S)
+                return Decision()
             return self._loss(r, inp.total, ctx)
         assert isinstance(inp, ConsoleInput)  # noqa: S101 - posted by ConsoleWorker only
         action = self.host.on_report(inp.report, r.host_mono_ns)

@@ -45,6 +45,9 @@ __all__ = ["KIND", "BootKeyboardWorker", "Keyboard", "KeyboardConfig", "UsbKeybo
 
 _USB_PORT: Final = re.compile(r"^\d+-[\d.]+\Z")
 _USAGE: Final = re.compile(r"^0x[0-9a-fA-F]{2}\Z")
+# Usages a key can send in a boot report: 00-03 are no key or error codes, FF is
+# reserved; the event schema's press button (the usage) is 0 to 254.
+_KEY_USAGES: Final = range(0x04, 0xFF)
 _LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}\Z")
 
 
@@ -102,8 +105,9 @@ def parse(t: Table, index: int, desk: str) -> KeyboardConfig:
     keys: list[tuple[int, str, int | None]] = []
     for usage, spec in raw_keys.data.items():
         raw_keys.used.add(usage)
-        if not _USAGE.match(usage):
-            raise raw_keys.error(usage, spec, "keys are HID usages like \"0x1e\"")
+        if not _USAGE.match(usage) or int(usage, 16) not in _KEY_USAGES:
+            raise raw_keys.error(usage, spec, "keys are HID usages of keys, 0x04 to 0xfe, "
+                                 "like \"0x1e\"")
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
                 and _LABEL.match(spec[0])
                 and (spec[1] is None or (isinstance(spec[1], int)

@@ -18,7 +18,7 @@ it means the flash or firmware was reset or another unit took this serial.
 The record is stored, no `device_lost` is invented (a record of 4 billion
 losses would wreck every figure built on it), the jump is counted as
 `id_jump` under the device's decode errors and raises alarm
-`device_ids_jumped` for a person to look at the terminal.
+`device_implausible` for a person to look at the terminal.
 
 Identity: the serial the terminal states in HELLO is what `status` and the
 `devices` topic show (`Terminal.serial()`), also for a terminal configured by
@@ -305,7 +305,7 @@ class Terminal(Device):
         n = rec_id - last - 1
         if n > MAX_PLAUSIBLE_GAP:
             self.count_decode_error("id_jump")
-            ctx.alarm("device_ids_jumped", f"terminal {self.cfg.id} at desk {self.cfg.desk}: "
+            ctx.alarm("device_implausible", f"terminal {self.cfg.id} at desk {self.cfg.desk}: "
                       f"record ids jumped from {last} to {rec_id}, more than it can have made; "
                       "was its memory reset or the unit replaced?", subject=self.cfg.id,
                       for_s=LOSS_ALARM_S)
