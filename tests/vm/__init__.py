@@ -1,0 +1,1 @@
+"""The VM tier: Debian's kernel under QEMU with USB gadgets on dummy_hcd."""

@@ -1,0 +1,68 @@
+"""Fixtures of the VM tier: `vm_assets` (built once per run, cached across runs)
+and `vm`, which boots guests for a test and leaves nothing running after it.
+
+A test's files (console log, QEMU's output, the share, disks) are under the
+cache's runs/ directory, not /tmp: kept when the test failed, removed when it
+passed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.assets import Assets, UnavailableError, prepare
+from tests.vm.machine import Machines
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None],
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.fixture(scope="session")
+def vm_assets() -> Assets:
+    t = time.monotonic()
+    try:
+        assets = prepare()
+    except UnavailableError as e:
+        pytest.skip(f"VM tier: {e}")
+    if assets.built:
+        print(f"\nVM assets built in {time.monotonic() - t:.1f} s: {assets.built}")
+    _prune(assets.runs)
+    return assets
+
+
+def _prune(runs: Path) -> None:
+    # Kept failures of earlier runs: the newest few stay for a look, and none
+    # young enough to belong to a run still going on this machine.
+    old = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for p in old[:-10]:
+        if time.time() - p.stat().st_mtime > 6 * 3600:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def vm(vm_assets: Assets, request: pytest.FixtureRequest) -> Iterator[Machines]:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
+    rundir = vm_assets.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}"
+    rundir.mkdir(parents=True)
+    machines = Machines(vm_assets, rundir)
+    yield machines
+    machines.close()
+    reports = request.node.stash.get(_REPORTS, {})
+    if any(r.failed for r in reports.values()):
+        print(f"\nVM run kept: {rundir} (console.log, qemu.log, share/ per boot)")
+    else:
+        shutil.rmtree(rundir, ignore_errors=True)
