@@ -15,20 +15,41 @@ value out of a column's range, a constraint, a string the database cannot
 hold) is the data's fault: intake quarantines the message at fault and goes
 on.  Anything not known to be a refusal is an outage, so a fault of the
 database never turns into messages quarantined instead of stored.
+
+A connection the outage closed (PostgreSQL restarted or the backend
+terminated, a network cut; an SQLite connection closed) is dropped, and the
+next transaction opens a new one.  Until that succeeds every transaction
+raises DatabaseError at once; attempts to reconnect are at least
+`RECONNECT_MIN_S` apart, doubling to `RECONNECT_MAX_S` while they fail, so a
+caller retrying in a loop does not hammer a server that is down.  Callers
+back off themselves (intake: 0.5 s doubling to 30 s).
+
+`savepoint` runs a part of a transaction that fails alone: intake stores a
+refused batch's messages one by one inside one transaction, so an outage
+half-way leaves nothing done twice when the batch is tried again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-__all__ = ["EVENT_COLS", "Cursor", "Database", "DatabaseError", "EdgeKey", "RefusedError",
-           "open_database"]
+__all__ = ["EVENT_COLS", "RECONNECT_MAX_S", "RECONNECT_MIN_S", "Cursor", "Database",
+           "DatabaseError", "EdgeKey", "RefusedError", "open_database"]
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S: Final = 0.2
+RECONNECT_MAX_S: Final = 5.0
+# libpq waits for ever by default for a server that does not answer.
+_PG_CONNECT_TIMEOUT_S: Final = 10
 
 EdgeKey = tuple[str, str]  # (site, edge)
 
@@ -60,7 +81,7 @@ CREATE TABLE IF NOT EXISTS anchors (
     PRIMARY KEY (site, edge, boot_id));
 CREATE TABLE IF NOT EXISTS quarantine (
     id {serial} PRIMARY KEY, topic TEXT NOT NULL, payload {blob} NOT NULL,
-    reason TEXT NOT NULL, received_ms BIGINT NOT NULL);
+    reason TEXT NOT NULL, received_ms BIGINT NOT NULL, digest TEXT);
 CREATE TABLE IF NOT EXISTS callbacks (
     site TEXT NOT NULL, edge TEXT NOT NULL, event_id TEXT NOT NULL,
     status TEXT NOT NULL, handled_by TEXT, handled_ms BIGINT,
@@ -85,6 +106,13 @@ EVENT_COLS: Final = (
 # opening a database adds any of these it lacks (`Database._migrate`).
 _ADDED_COLUMNS: Final = (
     ("events", "lost", "BIGINT"),  # device_lost events (event schema 1, minor revision)
+    ("quarantine", "digest", "TEXT"),  # a message quarantined once (`collector.store`)
+)
+# Indexes on added columns, created (after them) when missing: (name, statement).
+# Rows from before have a NULL digest, which a unique index lets repeat.
+_ADDED_INDEXES: Final = (
+    ("quarantine_by_digest", "CREATE UNIQUE INDEX IF NOT EXISTS quarantine_by_digest "
+                             "ON quarantine (digest)"),
 )
 
 
@@ -119,10 +147,19 @@ class Cursor(Protocol):
 
 
 class Database:
-    """One connection, its dialect, and transactions on it."""
+    """One connection, its dialect, and transactions on it.
 
-    def __init__(self, conn: Any, dialect: str) -> None:
-        self._conn = conn
+    `connect` opens a new connection (raising DatabaseError) when an outage
+    has closed this one; without it a closed connection stays closed.
+    """
+
+    def __init__(self, conn: Any, dialect: str,
+                 connect: Callable[[], Any] | None = None) -> None:
+        self._conn: Any = conn
+        self._connect = connect
+        self._reconnect_at = 0.0  # time.monotonic()
+        self._reconnect_delay = 0.0
+        self._lost_at: float | None = None
         self.dialect = dialect
         # The larger of two values (PostgreSQL's MAX is only an aggregate).
         self.greatest = "GREATEST" if dialect == "postgres" else "MAX"
@@ -165,6 +202,15 @@ class Database:
             if column not in have:
                 exists = " IF NOT EXISTS" if self.dialect == "postgres" else ""
                 cur.execute(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {sqltype}")
+        for name, create in _ADDED_INDEXES:
+            if self.dialect == "sqlite":
+                cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
+                            (name,))
+            else:
+                cur.execute("SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "
+                            "AND indexname = ?", (name,))
+            if cur.fetchone() is None:
+                cur.execute(create)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgres" else sql
@@ -172,27 +218,87 @@ class Database:
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Cursor]:
         """One transaction; DatabaseError (rolled back) if the database refuses."""
-        cur = self._conn.cursor()
+        conn = self._connection()
+        cur = None
         try:
+            cur = conn.cursor()
             if self.dialect == "sqlite":
                 # IMMEDIATE: take the write lock up front, so two instances
                 # wait for each other instead of failing at their first write.
                 cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield _Adapted(cur, self._sql)
-            self._conn.commit()
+            conn.commit()
         except Exception as e:
             # The connection may be gone; `e` says why, the rollback adds nothing.
             with contextlib.suppress(Exception):
-                self._conn.rollback()
-            if isinstance(e, DatabaseError):
+                conn.rollback()
+            error = _classified(e)
+            if _is_outage(error) and _closed(conn):
+                self._drop(conn)
+            if error is e:
                 raise
-            if _is_refusal(e):
-                raise RefusedError(type(e).__name__) from e
-            if _is_db_error(e):
-                raise DatabaseError(f"{type(e).__name__}: {e}") from e
-            raise
+            raise error from e
         finally:
-            cur.close()
+            if cur is not None:
+                # On a closed connection this raises too, and would hide `e`.
+                with contextlib.suppress(Exception):
+                    cur.close()
+
+    @contextmanager
+    def savepoint(self, cur: Cursor) -> Iterator[None]:
+        """A part of the transaction of `cur` that fails alone.
+
+        If the part raises anything but an outage, what it did is undone and the
+        transaction goes on: the error is raised as RefusedError (the driver
+        refused its data) or as it is (a ValueError, say).  An outage raises
+        DatabaseError, and the transaction is lost.
+        """
+        cur.execute("SAVEPOINT part")
+        try:
+            yield
+        except Exception as e:
+            error = _classified(e)
+            if not _is_outage(error):
+                # If these fail, the connection is at fault: `transaction` sees an outage.
+                cur.execute("ROLLBACK TO SAVEPOINT part")
+                cur.execute("RELEASE SAVEPOINT part")
+            if error is e:
+                raise
+            raise error from e
+        cur.execute("RELEASE SAVEPOINT part")
+
+    def _connection(self) -> Any:
+        """The open connection; a new one if an outage closed it (DatabaseError if
+        that fails, or if the last attempt was too recent to try again)."""
+        if self._conn is not None:
+            return self._conn
+        if self._connect is None:
+            raise DatabaseError("the connection is closed")
+        now = time.monotonic()
+        if now < self._reconnect_at:
+            raise DatabaseError("the connection was lost; reconnecting in "
+                                f"{self._reconnect_at - now:.1f} s")
+        try:
+            self._conn = self._connect()
+        except Exception as e:  # an sqlite3.DatabaseError too: an outage, never raised raw
+            self._reconnect_delay = min(RECONNECT_MAX_S,
+                                        max(RECONNECT_MIN_S, self._reconnect_delay * 2))
+            self._reconnect_at = now + self._reconnect_delay
+            why = e if isinstance(e, DatabaseError) else f"{type(e).__name__}: {e}"
+            raise DatabaseError(f"cannot reconnect: {why}") from e
+        lost = 0.0 if self._lost_at is None else now - self._lost_at
+        log.warning("database: reconnected (the connection was lost %.1f s ago)", lost)
+        self._reconnect_delay, self._reconnect_at, self._lost_at = 0.0, 0.0, None
+        return self._conn
+
+    def _drop(self, conn: Any) -> None:
+        """Forget a connection an outage closed; the next transaction opens another."""
+        with contextlib.suppress(Exception):
+            conn.close()
+        if self._conn is conn:
+            self._conn = None
+            self._lost_at = time.monotonic()
+            self._reconnect_at = time.monotonic() + RECONNECT_MIN_S
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self.transaction(write=False) as cur:
@@ -200,7 +306,9 @@ class Database:
             return list(cur.fetchall())
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._connect = None, None
 
 
 class _Adapted:
@@ -248,6 +356,30 @@ def _is_refusal(e: Exception) -> bool:
     return isinstance(e, (psycopg.DataError, psycopg.IntegrityError))
 
 
+def _classified(e: Exception) -> Exception:
+    """`e` as this module tells errors apart: a driver's error becomes RefusedError
+    or DatabaseError (an outage); anything else (DatabaseError included) is kept."""
+    if isinstance(e, DatabaseError):
+        return e
+    if _is_refusal(e):
+        return RefusedError(type(e).__name__)
+    if _is_db_error(e):
+        return DatabaseError(f"{type(e).__name__}: {e}")
+    return e
+
+
+def _is_outage(e: Exception) -> bool:
+    return isinstance(e, DatabaseError) and not isinstance(e, RefusedError)
+
+
+def _closed(conn: Any) -> bool:
+    """Whether `conn` can no longer be used (psycopg: closed or broken; SQLite: closed)."""
+    try:
+        return bool(conn.closed)
+    except Exception:  # noqa: BLE001 - a connection that cannot say is not known closed
+        return False
+
+
 def _is_db_error(e: Exception) -> bool:
     if isinstance(e, sqlite3.Error):
         return True
@@ -259,18 +391,40 @@ def _is_db_error(e: Exception) -> bool:
 
 
 def open_database(path: Path | None = None, dsn: str | None = None) -> Database:
+    """The database at `dsn` (PostgreSQL) or `path` (SQLite), tables created; it
+    reconnects by itself after an outage closed its connection."""
     if dsn is not None:
-        try:
-            import psycopg  # noqa: PLC0415 - only PostgreSQL sites need it
-        except ImportError as e:
-            raise DatabaseError("a dsn needs psycopg 3: pip install 'feedback-edge[postgres]'"
-                                ) from e
-        try:
-            return Database(psycopg.connect(dsn), "postgres")
-        except psycopg.Error as e:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
+        def connect_pg() -> Any:
+            return _connect_pg(dsn)
+
+        return Database(connect_pg(), "postgres", connect_pg)
     assert path is not None  # noqa: S101 - config guarantees one of them
     path.parent.mkdir(parents=True, exist_ok=True)
+
+    def connect_sqlite() -> Any:
+        return _connect_sqlite(path)
+
+    return Database(connect_sqlite(), "sqlite", connect_sqlite)
+
+
+def _connect_pg(dsn: str) -> Any:
+    try:
+        import psycopg  # noqa: PLC0415 - only PostgreSQL sites need it
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+    except ImportError as e:
+        raise DatabaseError("a dsn needs psycopg 3: pip install 'feedback-edge[postgres]'"
+                            ) from e
+    try:
+        extra: dict[str, Any] = {}
+        if "connect_timeout" not in conninfo_to_dict(dsn) \
+                and "PGCONNECT_TIMEOUT" not in os.environ:
+            extra["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
+        return psycopg.connect(dsn, **extra)
+    except psycopg.Error as e:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
+
+
+def _connect_sqlite(path: Path) -> _SqliteConn:
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -285,7 +439,7 @@ def open_database(path: Path | None = None, dsn: str | None = None) -> Database:
                 raise DatabaseError(f"cannot open {path}: {e}") from e
             time.sleep(0.05)
     # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT).
-    return Database(_SqliteConn(conn), "sqlite")
+    return _SqliteConn(conn)
 
 
 class _SqliteConn:
@@ -304,6 +458,14 @@ class _SqliteConn:
     def rollback(self) -> None:
         if self._c.in_transaction:
             self._c.execute("ROLLBACK")
+
+    @property
+    def closed(self) -> bool:
+        try:
+            self._c.total_changes  # noqa: B018 - raises once the connection is closed
+        except sqlite3.ProgrammingError:
+            return True
+        return False
 
     def close(self) -> None:
         self._c.close()

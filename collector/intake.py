@@ -12,6 +12,13 @@ in arrival order.  A collector killed before its commit never acknowledged
 the batch, and the broker delivers it again to the persistent session
 (clean_start false, a week's session expiry) or to another instance.
 
+A PUBACK names a message by its id, which means something only on the broker
+connection the message came on.  A message still held (the database was down)
+when the collector reconnects to the broker is stored but not acknowledged:
+the broker sends it again under the same id if it kept the session (that copy
+is acknowledged, the first would be a second PUBACK for it), and if it lost
+the session, the id may by then name another message, not yet stored.
+
 Payloads that are not JSON, carry an unknown schema version or fail the
 schema are stored in `quarantine` with the reason and counted; they are
 acknowledged too (delivering them again would not make them valid).  Reasons
@@ -58,7 +65,8 @@ from paho.mqtt.properties import Properties
 from collector import store
 from collector.config import CollectorConfig
 from collector.db import Database, DatabaseError, EdgeKey
-from collector.store import IngestResult, Item, field_path, wall_ms
+from collector.poison import field_path
+from collector.store import IngestResult, Item, wall_ms
 from edge.contract import topics
 from edge.contract.broker import set_credentials
 from edge.contract.ids import NAME_RE, event_id_fault
@@ -215,6 +223,14 @@ class _Connected:
     pass
 
 
+@dataclass(slots=True)
+class _Delivery:
+    """A message, and the broker connection (counted from 1) it came on."""
+
+    msg: mqtt.MQTTMessage
+    connection: int
+
+
 class Intake:
     def __init__(self, cfg: CollectorConfig, db: Database) -> None:
         self.cfg = cfg
@@ -224,6 +240,9 @@ class Intake:
         # Duplicates and quarantined payloads are counted in the database;
         # failures to reach the database can only be counted here.
         self.db_errors = 0
+        # Broker connections so far (the paho thread counts them, before it
+        # delivers any message on the new one).
+        self._connection = 0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.broker.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
         set_credentials(c, cfg.broker)
@@ -245,6 +264,7 @@ class Intake:
         if rc.is_failure:
             log.warning("broker refused the connection: %s", rc)
             return
+        self._connection += 1
         every = topics.ANY_ROOT
         c.subscribe([(topics.shared_events_filter(self.cfg.group), 1),
                      (topics.status_topic(every), 1), (topics.devices_topic(every), 1),
@@ -258,7 +278,7 @@ class Intake:
             log.warning("broker connection lost: %s", rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(msg)
+        self.inbox.put(_Delivery(msg, self._connection))
 
     # -- main loop ------------------------------------------------------------------
 
@@ -297,7 +317,8 @@ class Intake:
         return batch
 
     def _process(self, batch: list[object]) -> None:
-        msgs = [m for m in batch if isinstance(m, mqtt.MQTTMessage)]
+        deliveries = [d for d in batch if isinstance(d, _Delivery)]
+        msgs = [d.msg for d in deliveries]
         if any(isinstance(m, _Connected) for m in batch):
             self._publish_watermarks(self._all_watermarks())
         items: list[Item] = []
@@ -305,8 +326,10 @@ class Intake:
             try:
                 topic = m.topic
             except UnicodeDecodeError:  # the broker checks topics are UTF-8; still
-                items.append(Item("quarantine", topic="(not UTF-8)", raw=bytes(m.payload),
-                                  reason="topic: not UTF-8"))
+                # Escaped, not a constant: the topic is part of the quarantine's digest.
+                escaped = m._topic.decode("utf-8", "backslashreplace")
+                items.append(Item("quarantine", topic=f"(not UTF-8) {escaped}",
+                                  raw=bytes(m.payload), reason="topic: not UTF-8"))
                 continue
             if topic == topics.COLLECTOR_STATE_TOPIC:
                 self._on_collector_state(bytes(m.payload))
@@ -317,9 +340,7 @@ class Intake:
         res = self._commit(items) if items else IngestResult()
         if res is None:
             return  # stopping before the commit: unacknowledged, so delivered again
-        for m in msgs:
-            if m.qos > 0:
-                self._client.ack(m.mid, m.qos)
+        self._ack(deliveries)
         if res.quarantined:
             log.warning("%d message(s) quarantined (see `feedback-collector quarantine`)",
                         res.quarantined)
@@ -329,6 +350,22 @@ class Intake:
             log.warning("edge %s/%s: device %s lost %d event(s) (%s)", site, edge, device, lost,
                         reason)
         self._publish_watermarks(res.watermarks)
+
+    def _ack(self, deliveries: list[_Delivery]) -> None:
+        """Acknowledge what came on the current broker connection (see the module's
+        docstring for the rest)."""
+        earlier = 0
+        for d in deliveries:
+            if d.msg.qos == 0:
+                continue
+            if d.connection != self._connection:
+                earlier += 1
+                continue
+            self._client.ack(d.msg.mid, d.msg.qos)
+        if earlier:
+            log.info("%d message(s) from an earlier broker connection stored but not "
+                     "acknowledged: the broker sends them again or has forgotten them",
+                     earlier)
 
     def _commit(self, items: list[Item]) -> IngestResult | None:
         delay = 0.5

@@ -24,11 +24,13 @@ Poison: a message the database refuses (a value out of a column's range, a
 string it cannot hold; schema validation in `collector.intake` keeps these
 out, this is the second line) must not hold up everyone else's.  When a
 batch fails with anything but an outage, its messages are stored again one
-by one, each in its own transaction, and the ones that still fail are
-quarantined with the error's class and the field at fault if it can be told
-(never the value), counted under `quarantined:store`.  An outage
-(`DatabaseError`, see `collector.db`) is raised: the batch is not
-acknowledged and is tried again.
+by one, each in a savepoint of one transaction, and the ones that still fail
+are quarantined with the error's class and the field at fault if it can be
+told (never the value; `collector.poison`), counted under
+`quarantined:store`.  An outage (`DatabaseError`, see `collector.db`) is
+raised: the batch is not acknowledged and is tried again.  Either way
+nothing is done twice: the one-by-one pass commits all or nothing, and a
+quarantined message is kept once, by its digest, however often it comes.
 
 Timesync: an event recorded while the edge's clock was not synchronised
 (`time.synced` false) gets `corrected_ms` = anchor wall + (event mono_ns -
@@ -48,6 +50,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from collector.db import EVENT_COLS, Cursor, Database, DatabaseError, EdgeKey, RefusedError
+from collector.poison import (
+    INT64,
+    digest,
+    field_path,
+    printable,
+    refusal_reason,
+    stored_payload,
+)
 
 __all__ = ["IngestResult", "Item", "advance_watermark", "counters", "device_losses",
            "field_path", "gaps", "ingest", "missing_ranges", "quarantined", "sweep", "wall_ms",
@@ -68,11 +78,6 @@ _WALL: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?Z\Z")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
-# What a column can hold: BIGINT everywhere; INTEGER is 32 bits on PostgreSQL.
-_INT64: Final = (-(2**63), 2**63 - 1)
-_INT32: Final = (-(2**31), 2**31 - 1)
-_INT32_FIELDS: Final = frozenset({("press", "button"), ("press", "score"),
-                                  ("presence", "approaches"), ("presence", "engaged")})
 
 
 def wall_ms(text: str) -> int:
@@ -168,29 +173,44 @@ def ingest(db: Database, items: Sequence[Item], now_ms: int | None = None) -> In
     """Store a batch in one transaction.  Re-running it changes nothing.
 
     If the database refuses the batch's data (or storing raises anything
-    but an outage), each message is stored on its own and those refused
-    are quarantined: one bad message never holds up the rest.  An outage
-    raises DatabaseError.
+    but an outage), each message is stored on its own, in a savepoint of one
+    transaction, and those refused are quarantined: one bad message never
+    holds up the rest.  An outage raises DatabaseError, with nothing of the
+    batch committed.
     """
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
-        return _ingest(db, items, now)
+        with db.transaction() as cur:
+            return _store(db, cur, items, now)
     except Exception as e:
         if not _poison(e):
             raise
         first = e
-    if len(items) == 1:
-        return _quarantine_failed(db, items[0], first, now)
     res = IngestResult()
-    for it in items:
-        try:
-            one = _ingest(db, [it], now)
-        except Exception as e:
-            if not _poison(e):
-                raise
-            one = _quarantine_failed(db, it, e, now)
-        _merge(res, one)
+    with db.transaction() as cur:
+        if len(items) == 1:
+            _quarantine_failed(db, cur, items[0], first, now=now, res=res)
+        else:
+            # In `_store`'s order, so rows are locked in the same order.
+            for it in sorted(items, key=_order):
+                part = IngestResult()
+                try:
+                    with db.savepoint(cur):
+                        part = _store(db, cur, [it], now)
+                except Exception as e:
+                    if not _poison(e):
+                        raise
+                    _quarantine_failed(db, cur, it, e, now=now, res=part)
+                _merge(res, part)
     return res
+
+
+def _order(it: Item) -> tuple[str, str, int, int]:
+    """Side messages before events, by edge; events by seq (any seq: this never raises)."""
+    if it.kind != "event":
+        return (it.site, it.edge, 0, 0)
+    seq = it.body.get("seq") if isinstance(it.body, dict) else None
+    return (it.site, it.edge, 1, seq if type(seq) is int else 0)
 
 
 def _poison(e: Exception) -> bool:
@@ -208,81 +228,39 @@ def _merge(into: IngestResult, part: IngestResult) -> None:
     into.device_losses.extend(part.device_losses)
 
 
-def _quarantine_failed(db: Database, it: Item, e: Exception, now: int) -> IngestResult:
+def _quarantine_failed(db: Database, cur: Cursor, it: Item, e: Exception, *, now: int,
+                       res: IngestResult) -> None:
     """Quarantine a message the database refused, naming the error and the field."""
-    error = e.error if isinstance(e, RefusedError) else type(e).__name__
-    where = _suspect(it.body) if it.kind != "quarantine" else None
-    reason = f"store: {error}" + (f" at {where}" if where else "")
+    reason = refusal_reason(it.kind, it.body, e)
     log.error("%s message on %s refused by the database (%s): quarantined", it.kind,
-              _printable(it.topic), reason)
-    raw = it.raw
-    if not raw and it.kind != "quarantine":
-        try:
-            raw = json.dumps(it.body, default=repr).encode("utf-8", "backslashreplace")
-        except (ValueError, TypeError, RecursionError):
-            raw = b""
-    topic = _printable(it.topic or f"feedback/v1/{it.site}/{it.edge}/{it.kind}")
+              printable(it.topic), reason)
+    raw = stored_payload(it.kind, it.body, it.raw)
+    topic = it.topic or f"feedback/v1/{it.site}/{it.edge}/{it.kind}"
     try:
-        return _ingest(db, [Item("quarantine", topic=topic, raw=raw, reason=reason)], now)
+        with db.savepoint(cur):
+            _quarantine(cur, res, topic=printable(topic), raw=raw, reason=reason,
+                        key=digest(topic, raw), now=now)
     except RefusedError as again:
         # Printable ASCII and bytes refused: the database is at fault, not the message.
         raise DatabaseError(f"the quarantine refused a message: {again.error}") from again
 
 
-def _printable(text: str) -> str:
-    """`text` as printable ASCII (escapes), at most 300 characters: storable anywhere."""
-    out = text.encode("ascii", "backslashreplace").decode("ascii")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in out)[:300]
-
-
-_NAME: Final = re.compile(r"[a-z_]{1,32}\Z")
-
-
-def field_path(parts: Iterable[object]) -> str:
-    """A field's path for a reason ("answer/phone", "devices/0/id"): a key that is not
-    a plain field name (a key of the sender's choice may be personal data) is '*'."""
-    out = [str(p) if isinstance(p, int) or (isinstance(p, str) and _NAME.match(p)) else "*"
-           for p in parts]
-    return "/".join(out) or "(top)"
-
-
-def _suspect(body: Any, path: tuple[object, ...] = ()) -> str | None:
-    """The path of the first value no column can hold: an integer outside 64 bits
-    (32 for the INTEGER columns), a string with NUL or an unpaired surrogate."""
-    if isinstance(body, dict):
-        items: Iterable[tuple[Any, Any]] = body.items()
-    elif isinstance(body, list):
-        items = enumerate(body)
+def _quarantine(cur: Cursor, res: IngestResult, *, topic: str, raw: bytes, reason: str,
+                key: str, now: int) -> None:
+    """Keep a message aside, once: the same message again counts as a duplicate."""
+    cur.execute("INSERT INTO quarantine (topic, payload, reason, received_ms, digest) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                (topic, raw, reason, now, key))
+    if cur.rowcount == 1:
+        _count(cur, f"quarantined:{reason.partition(':')[0]}", 1)
+        res.quarantined += 1
     else:
-        return None
-    for k, v in items:
-        here = (*path, k)
-        if isinstance(k, str) and not _storable_text(k):
-            return field_path(here)
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int):
-            lo, hi = _INT32 if here in _INT32_FIELDS else _INT64
-            if not lo <= v <= hi:
-                return field_path(here)
-        elif isinstance(v, str):
-            if not _storable_text(v):
-                return field_path(here)
-        elif (found := _suspect(v, here)) is not None:
-            return found
-    return None
+        _count(cur, "duplicates", 1)
+        res.duplicates += 1
 
 
-def _storable_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in s
-
-
-def _ingest(db: Database, items: Sequence[Item], now: int) -> IngestResult:
-    """`ingest`'s one transaction."""
+def _store(db: Database, cur: Cursor, items: Sequence[Item], now: int) -> IngestResult:
+    """Store `items` in the transaction of `cur`."""
     res = IngestResult()
     top_seq: dict[EdgeKey, int] = {}
     events = sorted((i for i in items if i.kind == "event"),
@@ -290,57 +268,56 @@ def _ingest(db: Database, items: Sequence[Item], now: int) -> IngestResult:
     # By edge (a stable sort keeps each edge's own order): every transaction
     # locks edges rows in the same order.
     others = sorted((i for i in items if i.kind != "event"), key=lambda i: (i.site, i.edge))
-    with db.transaction() as cur:
-        anchors: dict[tuple[str, str, str], tuple[int, int] | None] = {}
-        for key in sorted({(i.site, i.edge) for i in items if i.site}):
-            cur.execute("INSERT INTO edges (site, edge) VALUES (?, ?) "
-                        "ON CONFLICT (site, edge) DO NOTHING", key)
-        for it in others:
-            _side(cur, it, now, res)
-        for it in events:
-            row = _event_row(it.body, now)
-            if not row["synced"]:
-                akey = (it.site, it.edge, row["boot_id"])
-                if akey not in anchors:
-                    cur.execute("SELECT mono_ns, wall_ms FROM anchors WHERE site = ? AND "
-                                "edge = ? AND boot_id = ?", akey)
-                    found = cur.fetchone()
-                    anchors[akey] = None if found is None else (int(found[0]), int(found[1]))
-                anchor = anchors[akey]
-                if anchor is not None:
-                    row["corrected_ms"] = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
-            cur.execute(_INSERT_EVENT, [row[c] for c in EVENT_COLS])
-            if cur.rowcount == 1:
-                res.stored += 1
-                if row["kind"] == "dropped":
-                    res.dropped_ranges.append((it.site, it.edge, row["from_seq"],
-                                               row["to_seq"], row["reason"]))
-                elif row["kind"] == "device_lost":
-                    res.device_losses.append((it.site, it.edge, row["device_id"],
-                                              row["lost"], row["reason"]))
-            else:
-                res.duplicates += 1
-            key = (it.site, it.edge)
-            top_seq[key] = max(top_seq.get(key, 0), row["seq"])
-        for key in sorted(top_seq):
-            cur.execute(f"UPDATE edges SET max_seq = {db.greatest}(max_seq, ?), "
-                        "last_seen_ms = ? WHERE site = ? AND edge = ?",
-                        (top_seq[key], now, *key))
-            moved = _advance(db, cur, key)
-            if moved is not None:
-                res.watermarks[key] = moved
-        if res.duplicates:
-            _count(cur, "duplicates", res.duplicates)
+    duplicates = 0
+    anchors: dict[tuple[str, str, str], tuple[int, int] | None] = {}
+    for key in sorted({(i.site, i.edge) for i in items if i.site}):
+        cur.execute("INSERT INTO edges (site, edge) VALUES (?, ?) "
+                    "ON CONFLICT (site, edge) DO NOTHING", key)
+    for it in others:
+        _side(cur, it, now, res)
+    for it in events:
+        row = _event_row(it.body, now)
+        if not row["synced"]:
+            akey = (it.site, it.edge, row["boot_id"])
+            if akey not in anchors:
+                cur.execute("SELECT mono_ns, wall_ms FROM anchors WHERE site = ? AND "
+                            "edge = ? AND boot_id = ?", akey)
+                found = cur.fetchone()
+                anchors[akey] = None if found is None else (int(found[0]), int(found[1]))
+            anchor = anchors[akey]
+            if anchor is not None:
+                row["corrected_ms"] = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
+        cur.execute(_INSERT_EVENT, [row[c] for c in EVENT_COLS])
+        if cur.rowcount == 1:
+            res.stored += 1
+            if row["kind"] == "dropped":
+                res.dropped_ranges.append((it.site, it.edge, row["from_seq"],
+                                           row["to_seq"], row["reason"]))
+            elif row["kind"] == "device_lost":
+                res.device_losses.append((it.site, it.edge, row["device_id"],
+                                          row["lost"], row["reason"]))
+        else:
+            res.duplicates += 1
+            duplicates += 1
+        key = (it.site, it.edge)
+        top_seq[key] = max(top_seq.get(key, 0), row["seq"])
+    for key in sorted(top_seq):
+        cur.execute(f"UPDATE edges SET max_seq = {db.greatest}(max_seq, ?), "
+                    "last_seen_ms = ? WHERE site = ? AND edge = ?",
+                    (top_seq[key], now, *key))
+        moved = _advance(db, cur, key)
+        if moved is not None:
+            res.watermarks[key] = moved
+    if duplicates:
+        _count(cur, "duplicates", duplicates)
     return res
 
 
 def _side(cur: Cursor, it: Item, now: int, res: IngestResult) -> None:
     key = (it.site, it.edge)
     if it.kind == "quarantine":
-        cur.execute("INSERT INTO quarantine (topic, payload, reason, received_ms) "
-                    "VALUES (?, ?, ?, ?)", (it.topic, it.raw, it.reason, now))
-        _count(cur, f"quarantined:{it.reason.split(':')[0]}", 1)
-        res.quarantined += 1
+        _quarantine(cur, res, topic=it.topic, raw=it.raw, reason=it.reason,
+                    key=digest(it.topic, it.raw), now=now)
     elif it.kind == "status":
         b = it.body
         cur.execute("UPDATE edges SET state = ?, state_since = ?, version = ?, boot_id = ?, "
@@ -359,10 +336,15 @@ def _side(cur: Cursor, it: Item, now: int, res: IngestResult) -> None:
                     "(?, ?, ?, ?, ?) ON CONFLICT (site, edge, boot_id) DO NOTHING",
                     (*key, b["boot_id"], b["mono_ns"], anchor_wall))
         if cur.rowcount == 1:
-            cur.execute("UPDATE events SET corrected_ms = ? + (mono_ns - ?) / 1000000 "
+            # Floor division, as `_ingest` does in Python: SQL's `/` truncates, so
+            # an event 0.5 ms before the anchor would land 1 ms later than when
+            # the anchor arrives first.
+            m = b["mono_ns"]
+            cur.execute("UPDATE events SET corrected_ms = ? + CASE WHEN mono_ns >= ? THEN "
+                        "(mono_ns - ?) / 1000000 ELSE -((? - mono_ns + 999999) / 1000000) END "
                         "WHERE site = ? AND edge = ? AND boot_id = ? AND synced = 0 "
                         "AND corrected_ms IS NULL",
-                        (anchor_wall, b["mono_ns"], *key, b["boot_id"]))
+                        (anchor_wall, m, m, m, *key, b["boot_id"]))
 
 
 def _count(cur: Cursor, name: str, n: int) -> None:
@@ -415,10 +397,15 @@ def device_losses(db: Database, since_ms: int | None = None) -> list[dict[str, A
 
     Each: site, edge, device, kind (the device's), reason, lost, last_ms (the
     latest such event's corrected time); only events from `since_ms` on if given.
+
+    `lost` is exact at any size.  Each event's is at most 2^53 - 1, but 1,025
+    of them pass 2^63, where SQLite's SUM stops with "integer overflow"
+    (PostgreSQL's is numeric).  So the database sums each value's high and
+    low 32 bits apart (`_sum_sql`), and Python adds the two sums.
     """
     t = "COALESCE(corrected_ms, wall_ms)"
-    sql = (f"SELECT site, edge, device_id, device_kind, reason, SUM(lost), MAX({t}) "
-           "FROM events WHERE kind = 'device_lost'")
+    sql = (f"SELECT site, edge, device_id, device_kind, reason, {_sum_sql('lost')}, "
+           f"MAX({t}) FROM events WHERE kind = 'device_lost'")
     params: list[Any] = []
     if since_ms is not None:
         sql += f" AND {t} >= ?"
@@ -426,8 +413,29 @@ def device_losses(db: Database, since_ms: int | None = None) -> list[dict[str, A
     sql += (" GROUP BY site, edge, device_id, device_kind, reason "
             "ORDER BY site, edge, device_id, reason")
     return [{"site": str(s), "edge": str(e), "device": str(d), "kind": str(k),
-             "reason": str(r), "lost": int(n), "last_ms": int(last)}
-            for s, e, d, k, r, n, last in db.query(sql, params)]
+             "reason": str(r), "lost": _sum_value(hi, lo), "last_ms": int(last)}
+            for s, e, d, k, r, hi, lo, last in db.query(sql, params)]
+
+
+_HALF: Final = 2**32
+
+
+def _sum_sql(col: str) -> str:
+    """Two columns that `_sum_value` adds into SUM(col), exactly, on both databases.
+
+    Integer division truncates alike in SQLite and PostgreSQL, so with
+    hi = col / 2^32, col = hi * 2^32 + (col - hi * 2^32) for any 64-bit value
+    (`%` would be a placeholder to psycopg).  Each part is below 2^32 in
+    magnitude: neither sum overflows 64 bits before 2^31 rows, far more than a
+    group can have.
+    """
+    hi = f"({col} / {_HALF})"
+    return f"SUM({hi}), SUM({col} - {hi} * {_HALF})"
+
+
+def _sum_value(hi: Any, lo: Any) -> int:
+    """SUM(col) from `_sum_sql`'s two sums (ints; Decimal on PostgreSQL), exact."""
+    return int(hi) * _HALF + int(lo)
 
 
 def gaps(db: Database) -> list[dict[str, Any]]:
@@ -497,6 +505,6 @@ def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
         # The schema has already said so for classified messages; a value that
         # got here otherwise must not land in the table as a float or a bigint.
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not _INT64[0] <= value <= _INT64[1]):
+                                  or not INT64[0] <= value <= INT64[1]):
             raise ValueError(f"{col} is not a 64-bit integer")
     return row

@@ -59,9 +59,18 @@ class Postgres:
             self._as = ["runuser", "-u", "postgres", "--"]
         self._run([initdb, "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
                    "--no-sync", "-E", "UTF8"])
-        self._run([pg_ctl, "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
-                   "-o", f"-p {self.port} -k {self.dir} -c listen_addresses='' "
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again: same port and data directory); return once it accepts."""
+        self._run([self.pg_ctl, "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
+                   "-w", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses='' "
                    "-c fsync=off -c max_connections=50", "start"])
+
+    def halt(self, mode: str = "immediate") -> None:
+        """Stop the server, keeping its data: `immediate` is a crash (every connection
+        cut, recovery on the next start), `fast` a clean shutdown."""
+        self._run([self.pg_ctl, "-D", str(self.dir / "data"), "-m", mode, "-w", "stop"])
 
     def _run(self, cmd: list[str]) -> None:
         r = subprocess.run([*self._as, *cmd], capture_output=True, text=True, check=False)
@@ -80,7 +89,9 @@ class Postgres:
         return self.dsn(name)
 
     def stop(self) -> None:
-        self._run([self.pg_ctl, "-D", str(self.dir / "data"), "-m", "immediate", "stop"])
+        """Stop the server (if a test left it running) and remove the cluster."""
+        if (self.dir / "data" / "postmaster.pid").exists():
+            self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -117,14 +117,20 @@ def test_timesync_corrects_unsynced_events_whichever_arrives_first(
     # Recorded 5 s after boot with the clock still at 1970-ish; synchronised at 20 s.
     ev = _item(*press_event(1, synced=False, wall_ns=5_000_000_000, mono_ns=5_000_000_000,
                             boot_id="boot-x"))
+    # 0.5 ms later: 14,999.5 ms before the anchor, so in its millisecond 09:00:05.000
+    # (times are cut to the millisecond, like wall_ms): SQL's division truncated
+    # to 05.001 when the anchor came second, Python's floor said 05.000.
+    later = _item(*press_event(2, synced=False, wall_ns=5_000_500_000, mono_ns=5_000_500_000,
+                               boot_id="boot-x"))
     anchor = _item("feedback/v1/clinic-3/reception-1/timesync", json.dumps(
         {"boot_id": "boot-x", "mono_ns": 20_000_000_000, "wall": "2026-11-23T09:00:20.000Z",
          "reason": "synchronised"}).encode())
-    for batch in ([anchor], [ev]) if anchor_first else ([ev], [anchor]):
+    for batch in ([anchor], [ev, later]) if anchor_first else ([ev, later], [anchor]):
         store.ingest(db, batch)
-    (row,) = queries.events(db, ["press"])
-    assert row["corrected_ms"] == 1_795_424_405_000  # 2026-11-23T09:00:05Z
-    assert row["wall_ms"] == 5_000
+    rows = queries.events(db, ["press"])
+    # 2026-11-23T09:00:05Z
+    assert [row["corrected_ms"] for row in rows] == [1_795_424_405_000] * 2
+    assert [row["wall_ms"] for row in rows] == [5_000, 5_000]
     db.close()
 
 
@@ -379,6 +385,43 @@ def test_device_losses_are_stored_once_and_summed_per_device(backend: Backend,
          "13:06:40"]]
 
 
+MAX_LOST = 2**53 - 1  # the schema's largest `lost`
+
+
+def test_device_losses_are_summed_exactly_past_64_bits(backend: Backend,
+                                                       tmp_path: Path) -> None:
+    """Each `lost` is at most 2^53 - 1, but 1,025 of them pass 2^63: SQLite's SUM
+    raised "integer overflow" and `gaps` and `fleet` died (PostgreSQL's SUM is
+    numeric).  The sums are exact integers at any size, on both databases."""
+    db = backend.open()
+    n = 1100
+    t0 = T0_NS // 10**6
+    msgs = [device_lost_event(i, lost=MAX_LOST, total=MAX_LOST, wall_ns=T0_NS + i * 10**6)
+            for i in range(1, n + 1)]
+    # A second device whose figures stay small: exact too, next to the huge one.
+    msgs += [device_lost_event(n + 1, device="st-1", device_kind="terminal", lost=2**53 - 2,
+                               total=2**53 - 2, reason="flash_full", wall_ns=T0_NS),
+             device_lost_event(n + 2, device="st-1", device_kind="terminal", lost=1, total=1,
+                               reason="flash_full", wall_ns=T0_NS)]
+    items = [_item(t, p) for t, p in msgs]
+    assert {i.kind for i in items} == {"event"}
+    assert store.ingest(db, items).stored == n + 2
+    assert n * MAX_LOST > 2**63
+    (gap,) = store.gaps(db)
+    assert [(d["device"], d["lost"], d["last_ms"]) for d in gap["device_losses"]] == [
+        ("fc3-a", n * MAX_LOST, t0 + n), ("st-1", MAX_LOST, t0)]
+    assert [d["lost"] for d in store.device_losses(db, since_ms=t0 + n - 9)] == [10 * MAX_LOST]
+    (row,) = cli.fleet_rows(db, now_ms=t0 + HOUR_MS)
+    assert row["device_lost_24h"] == {"fc3-a": n * MAX_LOST, "st-1": MAX_LOST}
+    db.close()
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'id = "cli"\n\n[broker]\nhost = "127.0.0.1"\n\n{backend.toml()}')
+    r = _cli(cfg, "gaps")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[4] for line in r.stdout.splitlines() if "reception-1" in line] == [
+        str(n * MAX_LOST), str(MAX_LOST)]
+
+
 def test_device_lost_with_no_loss_or_an_unknown_reason_is_quarantined_naming_the_field(
         backend: Backend) -> None:
     db = backend.open()
@@ -447,6 +490,44 @@ def test_a_database_from_before_device_lost_gains_the_column_on_open_and_keeps_i
         (1, "press", None), (2, "device_lost", 4)]
     assert [d["lost"] for d in store.gaps(db)[0]["device_losses"]] == [4]
     db.close()
+
+
+def test_a_quarantine_from_before_digests_gains_them_on_open_and_keeps_its_rows(
+        backend: Backend) -> None:
+    """Quarantined messages are kept once by their digest; an older database's
+    quarantine table gains the column and its unique index, its rows untouched."""
+    old = ("CREATE TABLE quarantine (id {serial} PRIMARY KEY, topic TEXT NOT NULL, "
+           "payload {blob} NOT NULL, reason TEXT NOT NULL, received_ms BIGINT NOT NULL)")
+    insert = ("INSERT INTO quarantine (topic, payload, reason, received_ms) "
+              "VALUES ('t', ?, 'json: JSONDecodeError', 1)")
+    if backend.path is not None:
+        with sqlite3.connect(backend.path) as lite:
+            lite.execute(old.format(serial="INTEGER", blob="BLOB"))
+            for _ in range(2):  # the same message twice, as before digests
+                lite.execute(insert, (b"{",))
+        lite.close()
+    else:
+        import psycopg
+
+        assert backend.dsn is not None
+        with psycopg.connect(backend.dsn) as pg:
+            pg.execute(old.format(serial="BIGSERIAL", blob="BYTEA"))
+            for _ in range(2):
+                pg.execute(insert.replace("?", "%s"), (b"{",))
+    db = backend.open()
+    try:
+        assert db.query("SELECT topic, digest FROM quarantine") == [("t", None)] * 2
+        bad = _item("feedback/v1/clinic-3/reception-1/event/fc3-a", b"{")
+        first, again = store.ingest(db, [bad]), store.ingest(db, [bad])
+        assert (first.quarantined, again.quarantined, again.duplicates) == (1, 0, 1)
+        assert len(store.quarantined(db)) == 3
+    finally:
+        db.close()
+    db = backend.open()  # again: nothing to add
+    try:
+        assert len(store.quarantined(db)) == 3
+    finally:
+        db.close()
 
 
 # -- the collector process -----------------------------------------------------------
