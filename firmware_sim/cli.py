@@ -7,6 +7,7 @@
     feedback-sim console state --socket /tmp/fc3.sock
     feedback-sim terminal run --link /tmp/st3.tty --flash /tmp/st3.flash [--day] [--control S]
     feedback-sim terminal answer --control S --doctor dr-petrov --q1 no --q2 yes --phone ...
+    feedback-sim usb console --control S ...    # as a real USB device (firmware_sim.usb.cli)
 """
 
 from __future__ import annotations
@@ -158,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     tstate = terminal.add_parser("state", help="what a running terminal holds")
     tstate.add_argument("--control", type=Path, required=True)
     tstate.set_defaults(func=_terminal_control)
+    sub.add_parser("usb", add_help=False, help="a device as a real USB gadget (root; see "
+                   "python3 -m firmware_sim.usb --help)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["usb"]:
+        from firmware_sim.usb.cli import main as usb_main  # noqa: PLC0415
+
+        return usb_main(argv[1:])
     args = p.parse_args(argv)
     try:
         result: int = args.func(args)

@@ -170,6 +170,10 @@ class TerminalWorker(Worker[SerialTransport]):
         opened_ms = self._clock.mono_ns() // 1_000_000
         host = TerminalHost(self.cfg.serial, self._doctors(),
                             clock_synced=self._clock.synced(), opened_ms=opened_ms)
+        # Bytes that waited in the terminal reach the port before it is raw and
+        # the tty echoes them back (found on a real CDC-ACM port): a lone frame
+        # delimiter ends that garbage, so the terminal reads our first frame whole.
+        transport.write(b"\x00")
         with self._lock:
             self._transport = transport
             self._host = host
