@@ -118,6 +118,10 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _pairs(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
 def _render(st: dict[str, Any]) -> str:
     lines: list[str] = []
     if not st.get("running"):
@@ -134,16 +138,16 @@ def _render(st: dict[str, Any]) -> str:
     q = st["queue"]
     lines.append(f"queue:    {q['depth']} pending, oldest {_age(q['oldest_pending_age_s'])}, "
                  f"store {q['store_bytes'] / 1e6:.1f} MB, last seq {q['last_seq']}")
-    drops = st.get("drops") or {}
-    lines.append("drops:    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items()))
-                                 if drops else "none"))
+    refused = st.get("commands_refused") or {}
+    lines.append("drops:    " + (_pairs(st.get("drops") or {}) or "none")
+                 + (f"; commands refused {_pairs(refused)}" if refused else ""))
     devices = st.get("devices") or []
     lines.append(f"devices:  {len(devices)}")
     for d in devices:
         extra = f", {d['presses']} presses" if "presses" in d else ""
         errs = d.get("decode_errors") or {}
         if errs:
-            extra += ", decode errors " + ", ".join(f"{k} {v}" for k, v in errs.items())
+            extra += f", decode errors {_pairs(errs)}"
         why = f" ({d['error']})" if d.get("error") else ""
         lines.append(f"  {d['id']:<20} {d['kind']:<8} desk {d['desk']:<10} "
                      f"{d['state'].upper()}{why}{extra}")
@@ -189,10 +193,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         st = _offline_status(cfg, f"no answer on {cfg.control_socket}: "
                              f"{getattr(e, 'strerror', None) or e}")
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        print(_render(st))
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else _render(st))
     if not st.get("running"):
         return 1
     return EXIT_ALARMS if st.get("alarms") else 0

@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,8 @@ class ControlServer:
             except OSError:
                 return
             with conn:
-                conn.settimeout(2.0)
                 try:
-                    line = conn.makefile("rb").readline(4096)
+                    line = _read_line(conn, 4096, deadline_s=2.0)
                     try:
                         request = json.loads(line) if line else {}
                     except (ValueError, RecursionError):  # not JSON, or [[[[... too deep
@@ -82,6 +82,24 @@ class ControlServer:
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except (OSError, ValueError) as e:
                     log.debug("control client: %s", e)
+
+
+def _read_line(conn: socket.socket, limit: int, *, deadline_s: float) -> bytes:
+    """One request line, read within `deadline_s` in all: a client trickling a
+    byte a second must not hold the (single-threaded) socket for everyone.
+    Raises TimeoutError when the deadline passes first."""
+    end = time.monotonic() + deadline_s
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request line took too long")
+        conn.settimeout(left)
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
 
 
 def query(path: Path, timeout: float = 6.0,

@@ -106,7 +106,8 @@ class Daemon:
         self.desks = sorted({*config.desks, *(d.desk for d in config.devices)})
         self.operators = Operators(config.store.path.parent,
                                    {n: d.operator for n, d in config.desks.items()},
-                                   max_login_s=config.max_login_s, on_fault=self._state_fault)
+                                   max_login_s=config.max_login_s, on_fault=self._state_fault,
+                                   clock=self.clock)
         self._roster_checked = 0.0
         self.ctx = Context(self.clock, self.operators, Guards(config.guards), self.alarms,
                            led_ms=config.led_ms,
@@ -121,7 +122,8 @@ class Daemon:
                       lambda: self.commands.doctors_now, (openers or {}).get(d.kind))
             self.devices[d.id] = KINDS[d.kind].device(d, env)
         self._doctors = doctors
-        self.timesync = TimeSync(self.clock, redo=self.ctx.rejudge)
+        self.timesync = TimeSync(self.clock, redo=self.ctx.rejudge, provisional=lambda: bool(
+            config.guards.hours_days is not None or self.operators.shifts))
         self.publisher = Publisher(config.broker.window,
                                    collector_mode=config.delivery.mode == "collector",
                                    max_unacked=config.delivery.max_unacked,
@@ -301,6 +303,8 @@ class Daemon:
             return
         self._publish_anchor(reason)
         if reason == "synchronised":
+            assert self.timesync.anchor is not None  # noqa: S101 - set by observe()
+            self.operators.retime(self.clock.boot_id, *self.timesync.anchor)
             n = self.store.rewrite_pending(self.timesync.correct,
                                            skip=frozenset(self.publisher.inflight_seqs))
             self.timesync.corrected += n
@@ -335,8 +339,8 @@ class Daemon:
             return
         now = self._now()
         while (want := self.publisher.wants(now)) is not None:
-            batch = [p for p in self.store.pending(want.after, want.room + len(want.skip))
-                     if p.seq not in want.skip][:want.room]
+            batch = self.timesync.hold([p for p in self.store.pending(
+                want.after, want.room + len(want.skip)) if p.seq not in want.skip][:want.room])
             if not batch:
                 break
             for p in batch:

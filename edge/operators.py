@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from edge.clock import Clock
 from edge.contract.ids import DESK_RE, OPERATOR_RULE, valid_operator
 from edge.contract.timefmt import DAYS, parse_hhmm
 from edge.events import OperatorTag
@@ -108,6 +109,10 @@ class Login:
     source: str  # badge | command
     since_ns: int
     until_ns: int | None  # logout time or expiry; None while open with no expiry known
+    # Made on an unsynchronised clock: that boot and the monotonic time of
+    # `since_ns`, so the clock's sync can re-time it (`Operators.retime`).
+    boot_id: str | None = None
+    mono_ns: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.desk, str) or not DESK_RE.match(self.desk):
@@ -124,7 +129,7 @@ class Operators:
 
     def __init__(self, state_dir: Path, fixed: dict[str, str | None],
                  max_login_s: float = 10 * 3600,
-                 on_fault: FaultReport = ignore_faults) -> None:
+                 on_fault: FaultReport = ignore_faults, clock: Clock | None = None) -> None:
         self._roster_path = state_dir / "roster.json"
         self._on_fault = on_fault
         self._unsaved: set[str] = set()
@@ -137,6 +142,7 @@ class Operators:
                 on_fault("state_unreadable", f.path.name, f"{f.path.name} was unreadable "
                          f"({f.damaged}); {lost} start empty")
         self.fixed = fixed
+        self._clock = clock
         self.max_login_ns = int(max_login_s * _NS)
         self._roster_sig: tuple[int, int, int] | None = None
         self.shifts: list[tuple[int, Shift]] = []
@@ -256,21 +262,56 @@ class Operators:
         cur = self._current(desk, at_ns)
         if cur is not None:
             hist[hist.index(cur)] = Login(cur.desk, cur.operator, cur.source, cur.since_ns,
-                                          at_ns)
-        shift = self.shift_of(desk, operator, at_ns) if operator is not None else None
-        until = shift[1] if shift is not None else at_ns + self.max_login_ns
-        hist.append(Login(desk, operator, source, at_ns, until))
+                                          at_ns, cur.boot_id, cur.mono_ns)
+        boot_id = mono = None
+        c = self._clock
+        if c is not None and not c.synced():
+            boot_id, mono = c.boot_id, c.mono_ns() - (c.wall_ns() - at_ns)
+        hist.append(Login(desk, operator, source, at_ns, self._expiry(desk, operator, at_ns),
+                          boot_id, mono))
         # Logins that ended before any event a device may still deliver go.
         horizon = at_ns - HISTORY_S * _NS
         hist[:] = [x for x in hist if x.until_ns is None or x.until_ns >= horizon][-HISTORY_MAX:]
         self._save(desk)
+
+    def _expiry(self, desk: str, operator: str | None, at_ns: int) -> int:
+        shift = self.shift_of(desk, operator, at_ns) if operator is not None else None
+        return shift[1] if shift is not None else at_ns + self.max_login_ns
+
+    def retime(self, boot_id: str, anchor_mono_ns: int, anchor_wall_ns: int) -> int:
+        """The clock is synchronised: logins made earlier in this boot on the
+        unsynchronised clock move to their true time (wall = anchor wall - (anchor
+        mono - login mono)), their expiry or shift end decided again.  Returns how
+        many moved."""
+        moved = 0
+        for desk, hist in self.history.items():
+            for i, x in enumerate(hist):
+                if x.boot_id != boot_id or x.mono_ns is None:
+                    continue
+                since = anchor_wall_ns - (anchor_mono_ns - x.mono_ns)
+                until = x.until_ns
+                if until is not None:
+                    ended = until != self._expiry(desk, x.operator, x.since_ns)
+                    # Ended by a logout or the next login on the same clock: shift
+                    # it with the start; else its expiry is decided at the true time.
+                    until = until + (since - x.since_ns) if ended else \
+                        self._expiry(desk, x.operator, since)
+                hist[i] = Login(x.desk, x.operator, x.source, since, until)
+                moved += 1
+            if moved:
+                self._unsaved.add(desk)
+        if moved:
+            log.info("clock synchronised: %d login(s) re-timed", moved)
+            self.retry()
+        return moved
 
     def logout(self, desk: str, at_ns: int) -> Login | None:
         cur = self._current(desk, at_ns)
         if cur is None:
             return None
         hist = self.history[desk]
-        hist[hist.index(cur)] = Login(cur.desk, cur.operator, cur.source, cur.since_ns, at_ns)
+        hist[hist.index(cur)] = Login(cur.desk, cur.operator, cur.source, cur.since_ns, at_ns,
+                                      cur.boot_id, cur.mono_ns)
         self._save(desk)
         return cur
 

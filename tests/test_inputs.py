@@ -288,3 +288,38 @@ def test_a_console_press_within_the_boot_keeps_its_age(tmp_path: Path) -> None:
     assert event is not None
     assert event.time.age_ms == 60_000
     assert event.time.mono_ns == reading.host_mono_ns - 60_000_000_000
+
+
+def test_a_client_trickling_bytes_cannot_hold_the_control_socket() -> None:
+    """One request line must arrive within 2 s in all; a local client sending a byte
+    every second would otherwise keep `feedback-edge status` from ever answering."""
+    import socket
+    import tempfile
+    import threading
+
+    from edge.control import ControlServer, query
+
+    path = Path(tempfile.mkdtemp(prefix="ctl")) / "c.sock"
+    server = ControlServer(path, lambda box, _request: box.put({"ok": True}))
+    server.start()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            for _ in range(30):  # 30 s of one byte a second, never a whole line
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    return  # the server gave up on us: what the test wants
+                if stop.wait(1.0):
+                    return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        assert query(path, timeout=6.0) == {"ok": True}
+    finally:
+        stop.set()
+        t.join()
+        server.stop()

@@ -159,3 +159,33 @@ def test_the_operator_of_any_past_moment_survives_many_changes_and_a_restart(
     o = Operators(tmp_path, {"desk-1": "op-fixed"})  # persisted
     assert o.who("desk-1", during_4th).id == "op-3"
     o.close()
+
+
+def test_a_login_made_on_an_unsynchronised_clock_moves_to_its_true_time(
+        tmp_path: Path) -> None:
+    """Issue 14: a Pi without RTC reads 1970 until NTP answers; an operator who
+    logged in then is still on duty after the sync, and after a restart."""
+    from edge.clock import ManualClock
+
+    clock = ManualClock(wall_ns=0, mono_ns=50 * 10**9, synced=False)
+    o = Operators(tmp_path, {"desk-1": "op-fixed"}, clock=clock)
+    o.add_shift(Shift("desk-1", "op-anna", parse_days("mon-fri"), "08:00", "16:00",
+                      "Europe/Berlin"))
+    o.login("desk-1", "op-cmd", "command", clock.wall_ns())
+    clock.advance(60)
+    assert o.who("desk-1", clock.wall_ns()) == OperatorTag("op-cmd", "command")
+    # NTP: Friday 2026-11-27 10:01 UTC (11:01 in Berlin, op-anna's shift by the roster).
+    clock.step_wall((utc("2026-11-27T10:01:00") - clock.wall_ns()) / 1e9)
+    clock.set_synced(True)
+    assert o.who("desk-1", clock.wall_ns()) == OperatorTag("op-anna", "schedule")  # the fault
+    assert o.retime(clock.boot_id, clock.mono_ns(), clock.wall_ns()) == 1
+    assert o.who("desk-1", clock.wall_ns()) == OperatorTag("op-cmd", "command")
+    assert o.since("desk-1", clock.wall_ns()) == utc("2026-11-27T10:00:00")
+    # Its expiry is decided at the true time: 10 h after 10:00.
+    assert o.who("desk-1", utc("2026-11-27T19:59:00")) == OperatorTag("op-cmd", "command")
+    assert o.who("desk-1", utc("2026-11-27T20:01:00")).source != "command"
+    o.close()
+    again = Operators(tmp_path, {"desk-1": "op-fixed"}, clock=clock)
+    assert again.who("desk-1", clock.wall_ns()) == OperatorTag("op-cmd", "command")
+    assert again.retime(clock.boot_id, clock.mono_ns(), clock.wall_ns()) == 0  # once only
+    again.close()

@@ -31,8 +31,13 @@ class Rig:
                            devices=[{"kind": "console", "serial": "00A1B2C3D4E5",
                                      "desk": "desk-1"}])
         cfg.write_text(cfg.read_text() + config_tail)
-        self.fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=_uptime)
         self.clock = clock
+        # The console's uptime runs with real time and with every advance of the
+        # injected clock, so the device clock agrees with the host's (a report
+        # read 120 s of injected time after it was sent would have waited 120 s).
+        mono0 = clock.mono_ns()
+        self.fw = ConsoleFirmware("00A1B2C3D4E5", uptime_ms=lambda: _uptime() + (
+            clock.mono_ns() - mono0) // 1_000_000)
         self.daemon = Daemon(load_config(cfg), clock=clock,
                              openers={"console": lambda c: MemoryTransport(self.fw)},
                              sysfs=tmp / "nosys")
@@ -180,3 +185,41 @@ def test_presses_on_a_clock_that_reads_1970_are_not_dropped_as_after_hours(
         assert "after_hours" not in e["flags"], e["flags"]
         assert "time_corrected" in e["flags"]
         assert e["time"]["synced"] is True
+
+
+def test_presses_and_logins_on_a_1970_clock_are_decided_at_their_true_time_before_leaving(
+        tmp_path: Path, broker: Broker, events_and_anchors: Subscriber) -> None:
+    """Issue 14, with the broker reachable all along (the presses would otherwise leave
+    before the sync): events whose opening-hours and operator decisions were taken on
+    an unsynchronised clock are held in the store until the clock syncs, then re-timed
+    and decided again; a login made before the sync holds at its true time."""
+    clock = ManualClock(wall_ns=0, mono_ns=50 * S, synced=False)
+    hours = ('[guards.opening_hours]\ndays = "mon-fri"\nfrom = "08:00"\nto = "18:00"\n'
+             'tz = "Europe/Berlin"\n')
+    true_start = utc("2026-11-27T10:00:00")  # a Friday, 11:00 in Berlin: open
+    sub = events_and_anchors
+    with Rig(tmp_path, broker, clock, '[guards]\nafter_hours = "drop"\n' + hours) as rig:
+        wait_for(lambda: rig.status()["broker"]["state"] == "connected", 10, "the broker")
+        reply: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        rig.daemon.inbox.put(ControlRequest(reply, {"cmd": "operator", "desk": "desk-1",
+                                                    "operator": "op-cmd"}))
+        assert reply.get(timeout=5)["ok"] is True
+        clock.advance(1)  # the presses come after the login
+        for b in range(3):
+            rig.press(b)
+            clock.advance(10)
+        held = rig.status()
+        assert held["queue"]["depth"] == 3
+        assert held["queue"]["in_flight"] == 0  # the pump ran on every turn since
+        assert sub.events() == []
+        clock.step_wall((true_start + 30 * S - clock.wall_ns()) / 1e9)
+        clock.set_synced(True)
+        wait_for(lambda: len(sub.events()) == 3, 20, "the three presses, after the sync")
+        rig.press(0)  # on the synced clock: the login made at 1970 still holds
+        wait_for(lambda: len(sub.events()) == 4, 20, "the fourth press")
+    events = sub.events()
+    for e in events:
+        assert "after_hours" not in e["flags"], e["flags"]
+        assert e["time"]["synced"] is True
+        assert e["operator"] == {"id": "op-cmd", "source": "command"}, e["operator"]
+    assert all("time_corrected" in e["flags"] for e in events[:3])
