@@ -119,6 +119,32 @@ def test_a_press_that_waited_is_timed_by_the_device_clock_and_flagged(tmp_path: 
     assert "replayed" not in fresh.flags
 
 
+def test_resends_that_waited_are_duplicates_not_a_device_restart(tmp_path: Path) -> None:
+    """Found on a real USB stack (tests/vm/test_devices.py): a press made while
+    the daemon was stopped is resent 1, 3 and 7 s later into the endpoint; the
+    daemon reads those reports ~100 ms apart, their uptimes seconds apart.
+    Judged by read time the device's uptime jumped by 4 s in 0.1 s: taken for
+    a restart, the press was stored a second time."""
+    rig = Rig(tmp_path)
+    rig.clock.advance(60.0)
+    rig.clock_offset_ms = rig.clock.mono_ns() // 1_000_000 - 1000  # console up 1 s
+    pressed = 1000
+    rig.clock.advance(9.0)  # the daemon opens the console 9 s after the press
+    decisions = []
+    for sent in (pressed + 1000, pressed + 3000, pressed + 7000, None):
+        rig.clock.advance(0.1)
+        host_ms = rig.clock.mono_ns() // 1_000_000
+        now = host_ms - rig.clock_offset_ms if sent is None else sent  # RESEND's is fresh
+        report = ConsoleReport(1, ReportType.PRESS, 0, True, False, pressed, now)
+        decisions.append(rig.decide(ConsoleInput(report, waited_ms=host_ms - rig.clock_offset_ms
+                                                 - now)))
+    events = [a.event for d in decisions for a in d.appends if a.event is not None]
+    assert len(events) == 1
+    assert [d.duplicate for d in decisions] == [False, True, True, True]
+    assert rig.console.resets == 0
+    assert events[0].time.mono_ns == (rig.clock_offset_ms + pressed) * 1_000_000
+
+
 def test_a_console_without_an_info_report_is_served_once_not_retried_in_a_loop() -> None:
     bench = Bench(info=False)
     bench.queue_report(1, sent_ago_ms=0)

@@ -318,7 +318,11 @@ class Console(Device):
                 return Decision()
             return self._loss(r, inp.total, ctx)
         assert isinstance(inp, ConsoleInput)  # noqa: S101 - posted by ConsoleWorker only
-        action = self.host.on_report(inp.report, r.host_mono_ns)
+        # When the report was sent, not read: reports that waited in the endpoint
+        # come in a burst, their uptimes seconds apart, and judged by when they
+        # were read the device's uptime would seem to jump: a restart, and the
+        # same press stored again.
+        action = self.host.on_report(inp.report, r.host_mono_ns - inp.waited_ms * 1_000_000)
         if isinstance(action, Duplicate):
             return Decision(duplicate=True, token=inp.report)
         self._batch.append(inp.report)
