@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from edge.contract import topics
 from edge.contract.ids import DOCTOR_ID_RE, OPERATOR_RULE, valid_operator
-from edge.contract.timefmt import check_zone
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, WALL_RANGE, check_zone
 from edge.contract.toml import ConfigError
 
 __all__ = ["broker_acl", "main", "send_command"]
@@ -117,6 +117,8 @@ def _age(ms: int | None, now_ms: int) -> str:
 
 
 def _utc(ms: int) -> str:
+    if not WALL_MIN_MS <= ms <= WALL_MAX_MS:  # a row from before times had a range
+        return "?"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
 
 
@@ -207,7 +209,33 @@ def _dates(args: argparse.Namespace) -> tuple[date | None, date | None]:
         print("feedback-collector: give --from and --to together, --to not before --from",
               file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    lo, hi = WALL_RANGE
+    if start is not None and end is not None and (start < lo or end > hi):
+        print(f"feedback-collector: --from and --to must be within {lo}..{hi}, the range of "
+              "times the collector stores", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     return start, end
+
+
+def _events(db: Database, kinds: list[str], start: date | None,
+            end: date | None) -> list[dict[str, Any]]:
+    """The events a report of `start`..`end` (local days) may count: the database
+    filters by UTC time with a day's margin either side (no zone is 24 h off UTC),
+    the report by the local day.  The rows whose time is outside the contract's
+    range, which every report leaves out, are counted on standard error."""
+    bounds: tuple[int | None, int | None] = (None, None)
+    if start is not None and end is not None:
+        def utc_ms(day: date) -> int:
+            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
+
+        bounds = (utc_ms(start - timedelta(days=1)), utc_ms(end + timedelta(days=2)))
+    rows = queries.events(db, kinds, *bounds)
+    skipped = reports.out_of_range(rows)
+    if skipped:
+        lo, hi = WALL_RANGE
+        print(f"feedback-collector: {skipped} event(s) left out: their time is outside "
+              f"{lo}..{hi} (stored before the collector checked the range)", file=sys.stderr)
+    return rows
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -216,18 +244,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     start, end = _dates(args)
     tz = args.tz or cfg.tz
     if args.what == "loyalty":
-        rows = reports.loyalty_index(queries.events(db, ["press"]), by=args.by,
+        rows = reports.loyalty_index(_events(db, ["press"], start, end), by=args.by,
                                      period=args.period, tz=tz, start=start, end=end,
                                      include_burst=args.include_burst)
         _emit(args, [args.by, args.period, "good", "neutral", "bad", "presses", "index"],
               [r.as_list() for r in rows])
     elif args.what == "doctors":
-        rows = reports.doctor_index(queries.events(db, ["answer"]), period=args.period, tz=tz,
+        rows = reports.doctor_index(_events(db, ["answer"], start, end), period=args.period,
+                                    tz=tz,
                                     start=start, end=end, visits=queries.visits(db))
         _emit(args, ["doctor", args.period, "yes", "unsure", "no", "base", "index"],
               [r.as_list() for r in rows])
     else:
-        rates = reports.answer_rate(queries.events(db, ["answer", "presence"]),
+        rates = reports.answer_rate(_events(db, ["answer", "presence"], start, end),
                                     period=args.period, tz=tz, start=start, end=end)
         _emit(args, ["terminal", args.period, "answers", "approaches", "rate %"],
               [r.as_list() for r in rates])
@@ -237,7 +266,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_callbacks(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     db = _db(cfg)
-    rows = reports.callback_list(queries.events(db, ["answer"]), queries.callbacks_state(db),
+    rows = reports.callback_list(_events(db, ["answer"], None, None),
+                                 queries.callbacks_state(db),
                                  now_ms=int(time.time() * 1000),
                                  stale_after_s=cfg.stale_after_s, tz=args.tz or cfg.tz)
     _emit(args, ["time", "doctor", "phone", "comment", "status", "handled by", "handled at",

@@ -19,20 +19,31 @@ the broker sends it again under the same id if it kept the session (that copy
 is acknowledged, the first would be a second PUBACK for it), and if it lost
 the session, the id may by then name another message, not yet stored.
 
-Payloads that are not JSON, carry an unknown schema version or fail the
-schema are stored in `quarantine` with the reason and counted; they are
-acknowledged too (delivering them again would not make them valid).  Reasons
-name the failing field and rule, never its value: a value may be a phone
-number.  Every number in the schemas has a range within 64 bits, so what
-passes them fits the database's columns.  Beyond the schema, `classify`
-refuses what the JSON Schema text cannot say or Python's validator reads
-loosely: NaN and Infinity (not JSON), a string the databases cannot hold (NUL,
-an unpaired surrogate), a time that is not a real date ("2026-02-30"), a
-trailing newline where a pattern ends in `$` (ECMA-262's `$`, the schemas'
-dialect, does not match before one; Python's does), a side message's topic
-whose site or edge is not a name.  `classify` never raises: whatever it
+Payloads that are larger than `MAX_PAYLOAD_BYTES`, are not JSON, carry an
+unknown schema version or fail the schema are stored in `quarantine` with the
+reason and counted; they are acknowledged too (delivering them again would not
+make them valid).  Reasons name the failing field and rule, never its value: a
+value may be a phone number (an unknown schema version is named only when it
+is a version, `feedback.event/N`).  Every number in the schemas has a range
+within 64 bits, so what passes them fits the database's columns; every string
+of a side message has a grammar or a length, every list and object a size.
+Beyond the schema, `classify` refuses what the JSON Schema text cannot say or
+Python's validator reads loosely: NaN and Infinity (not JSON), a string the
+databases cannot hold (NUL, an unpaired surrogate), a time that is not a real
+date ("2026-02-30") or outside the contract's range (`WALL_MIN_MS` ..
+`WALL_MAX_MS`: the patterns bound the year, this the instant), a `dropped`
+range whose end is below its start, a `device_lost` count above the device's
+total, a trailing newline where a pattern ends in `$` (ECMA-262's `$`, the
+schemas' dialect, does not match before one; Python's does), a side message's
+topic whose site or edge is not a name.  `classify` never raises: whatever it
 cannot read is quarantined.  A message the database still refuses is
-quarantined by `store.ingest`; only a database outage holds up intake.
+quarantined by `store.ingest`; only a database outage holds up intake.  A
+quarantined message creates no edge: its topic's site and edge may be
+anything.
+
+Every value from a message that the collector logs goes through
+`collector.poison.printable` (escaped, one line, cut): no message can forge a
+log line or drive a terminal, whatever a future schema lets through.
 
 After each commit the instance publishes, retained, every watermark that
 moved (`{root}/ack`: `{"collector", "seq"}`); a sweep every 2 s moves
@@ -65,20 +76,26 @@ from paho.mqtt.properties import Properties
 from collector import store
 from collector.config import CollectorConfig
 from collector.db import Database, DatabaseError, EdgeKey
-from collector.poison import field_path
+from collector.poison import field_path, printable
 from collector.store import IngestResult, Item, wall_ms
 from edge.contract import topics
 from edge.contract.broker import set_credentials
 from edge.contract.ids import NAME_RE, event_id_fault
 from edge.contract.payloads import EVENT_SCHEMA, load_schema
-from edge.contract.timefmt import format_wall
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, format_wall
 
-__all__ = ["Intake", "classify"]
+__all__ = ["MAX_PAYLOAD_BYTES", "Intake", "classify", "log_result"]
 
 log = logging.getLogger(__name__)
 
 _SIDE = frozenset(topics.SIDE_MESSAGES)
 SESSION_EXPIRY_S = 7 * 24 * 3600
+# The largest payload intake reads (any kind): an event is a few hundred bytes
+# (a 500-character comment at most), a side message a few KiB; the inventory
+# and health are stored whole.  Larger ones are quarantined before parsing.
+MAX_PAYLOAD_BYTES = 256 * 1024
+# An unknown schema version is named in the reason only if it is a version.
+_VERSION = re.compile(r"feedback\.event/[0-9]{1,4}\Z")
 
 @functools.lru_cache(maxsize=256)
 def _regex(pattern: str) -> re.Pattern[str]:
@@ -162,7 +179,9 @@ def _check(kind: str, site: str, edge: str, body: Any) -> str | None:
     if kind == "event":
         version = body.get("schema") if isinstance(body, dict) else None
         if version != EVENT_SCHEMA:
-            return f"schema: unknown version {str(version)[:40]!r}"
+            # Never the value itself: it may be anything, a phone number too.
+            shown = isinstance(version, str) and _VERSION.match(version)
+            return "schema: unknown version" + (f" {version!r}" if shown else "")
     why = _why(kind, body)
     if why is not None:
         return why
@@ -174,18 +193,43 @@ def _check(kind: str, site: str, edge: str, body: Any) -> str | None:
             return "topic: site/edge differ from the payload's"
         if (where := event_id_fault(body)) is not None:
             return f"invalid: {where} fails its grammar"
-        wall, where = body["time"]["wall"], "time/wall"
-    elif kind == "timesync":
-        wall, where = body["wall"], "wall"
-    else:
-        wall = None
-    if wall is not None:
+        if (why := _contradiction(body)) is not None:
+            return why
+    for where, wall in _times(kind, body):
         try:
-            wall_ms(wall)
+            ms = wall_ms(wall)
         except ValueError:
             return f"invalid: {where} fails date-time"
+        if not WALL_MIN_MS <= ms <= WALL_MAX_MS:
+            return f"invalid: {where} fails range"
     if not (NAME_RE.match(site) and NAME_RE.match(edge)):
         return "topic: site/edge are not names"
+    return None
+
+
+def _times(kind: str, body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, value) of every wall time in a schema-valid message."""
+    if kind == "event":
+        return [("time/wall", body["time"]["wall"])]
+    if kind == "timesync":
+        return [("wall", body["wall"])]
+    if kind == "status":
+        return [("since", body["since"])]
+    if kind == "devices":
+        return [(f"devices/{i}/last_seen", d["last_seen"])
+                for i, d in enumerate(body["devices"]) if d["last_seen"] is not None]
+    return []
+
+
+def _contradiction(event: dict[str, Any]) -> str | None:
+    """Why a schema-valid event contradicts itself, or None: a dropped range ending
+    before it starts, a device's loss above its own total count."""
+    kind = event["kind"]
+    body = event[kind]
+    if kind == "dropped" and body["to_seq"] < body["from_seq"]:
+        return "invalid: dropped/to_seq fails >= from_seq"
+    if kind == "device_lost" and body["lost"] > body["total"]:
+        return "invalid: device_lost/lost fails <= total"
     return None
 
 
@@ -204,6 +248,9 @@ def classify(topic: str, payload: bytes) -> Item | None:
         kind = rest[0]
     else:
         return None  # commands, results, acks: not intake's business
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Item("quarantine", site, edge, topic=topic, raw=payload,
+                    reason=f"size: payload over {MAX_PAYLOAD_BYTES} bytes")
     try:
         body = _loads(payload)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -216,6 +263,20 @@ def classify(topic: str, payload: bytes) -> Item | None:
     if why is not None:
         return Item("quarantine", site, edge, topic=topic, raw=payload, reason=why)
     return Item(kind, site, edge, body=body, topic=topic, raw=payload)
+
+
+def log_result(res: IngestResult) -> None:
+    """Log what a commit did that people should know of; every value from a
+    message escaped (`printable`)."""
+    if res.quarantined:
+        log.warning("%d message(s) quarantined (see `feedback-collector quarantine`)",
+                    res.quarantined)
+    for site, edge, lo, hi, reason in res.dropped_ranges:
+        log.warning("edge %s/%s dropped seq %d..%d (%s)", printable(site), printable(edge),
+                    lo, hi, printable(reason))
+    for site, edge, device, lost, reason in res.device_losses:
+        log.warning("edge %s/%s: device %s lost %d event(s) (%s)", printable(site),
+                    printable(edge), printable(device), lost, printable(reason))
 
 
 @dataclass(slots=True)
@@ -341,14 +402,7 @@ class Intake:
         if res is None:
             return  # stopping before the commit: unacknowledged, so delivered again
         self._ack(deliveries)
-        if res.quarantined:
-            log.warning("%d message(s) quarantined (see `feedback-collector quarantine`)",
-                        res.quarantined)
-        for site, edge, lo, hi, reason in res.dropped_ranges:
-            log.warning("edge %s/%s dropped seq %d..%d (%s)", site, edge, lo, hi, reason)
-        for site, edge, device, lost, reason in res.device_losses:
-            log.warning("edge %s/%s: device %s lost %d event(s) (%s)", site, edge, device, lost,
-                        reason)
+        log_result(res)
         self._publish_watermarks(res.watermarks)
 
     def _ack(self, deliveries: list[_Delivery]) -> None:
@@ -375,7 +429,8 @@ class Intake:
             except DatabaseError as e:
                 self.db_errors += 1
                 log.error("database: %s; the batch is not acknowledged, retrying in %.1f s "
-                          "(%d database errors so far)", e, delay, self.db_errors)
+                          "(%d database errors so far)", printable(str(e)), delay,
+                          self.db_errors)
                 if self.stop_event.wait(delay):
                     return None
                 delay = min(delay * 2, 30.0)
@@ -385,17 +440,20 @@ class Intake:
             self._publish_watermarks(store.sweep(self.db))
         except DatabaseError as e:
             self.db_errors += 1
-            log.error("database: %s (%d database errors so far)", e, self.db_errors)
+            log.error("database: %s (%d database errors so far)", printable(str(e)),
+                      self.db_errors)
 
     def _all_watermarks(self) -> dict[EdgeKey, int]:
         try:
             return store.watermarks(self.db)
         except DatabaseError as e:
-            log.error("database: %s", e)
+            log.error("database: %s", printable(str(e)))
             return {}
 
     def _publish_watermarks(self, marks: dict[EdgeKey, int]) -> None:
         for (site, edge), seq in marks.items():
+            if not (NAME_RE.match(site) and NAME_RE.match(edge)):
+                continue  # a row from before quarantines stopped creating edges
             body = json.dumps({"collector": self.cfg.id, "seq": seq}).encode()
             self._client.publish(topics.ack_topic(topics.topic_root(site, edge)), body, qos=1,
                                  retain=True)

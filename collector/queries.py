@@ -16,11 +16,15 @@ __all__ = ["callbacks_state", "edges", "events", "import_visits", "set_callback"
 
 
 def edges(db: Database) -> list[dict[str, Any]]:
-    """Every edge: watermark, max seq, its status, last health and device inventory."""
+    """Every edge: watermark, max seq, its status, last health and device inventory.
+
+    Not rows that were never seen: an earlier version made those for quarantined
+    messages, whose topic's site and edge may be anything (`collector.store`)."""
     cols = ("site", "edge", "watermark", "max_seq", "state", "state_since", "version",
             "boot_id", "last_seen_ms", "health", "health_ms", "devices")
     out = []
-    for row in db.query(f"SELECT {', '.join(cols)} FROM edges ORDER BY site, edge"):
+    for row in db.query(f"SELECT {', '.join(cols)} FROM edges WHERE last_seen_ms IS NOT NULL "
+                        "ORDER BY site, edge"):
         d = dict(zip(cols, row, strict=True))
         d["health"] = json.loads(d["health"]) if d["health"] else None
         d["devices"] = json.loads(d["devices"]) if d["devices"] else None

@@ -22,17 +22,37 @@ ISO weeks (Monday first) and months are those of the report's time zone.
 A period with no counted data is listed with zero counts and no index, never
 with an index of 0, which would read as a neutral result.
 
+Times: every report leaves out a row whose time is outside the contract's
+range (1960-01-01 to 2099-12-31 UTC, `WALL_MIN_MS`..`WALL_MAX_MS` in
+edge.contract.timefmt), which intake no longer stores but a database from
+before may hold (a wall time in year 10000 or year 1, a correction into year
+10146): no date conversion can fail on what is left, in any zone.
+`out_of_range` counts them, so the CLI says how many were left out.
+
 Output: every CSV the collector writes goes through `write_csv`, and every
 table printed to a terminal shows its cells through `text_cell`.  Cells come
 from patients (comments), devices and edges, so:
 
-- CSV (OWASP "CSV injection"): a text cell whose first character, leading
-  whitespace aside, is `=`, `+`, `-`, `@`, a tab or a carriage return would
-  run as a formula in a spreadsheet; it is written with a `'` in front.  A
-  phone number (`+7999...`) is such a cell too, so it stays text instead of
-  becoming a number.  The figures (integers, and decimals like `-12.5` for an
-  index) are written as they are.  The csv module quotes a cell holding line
-  breaks, commas or quotes, so a multi-line comment stays one cell.
+- CSV, following OWASP's "CSV Injection" guidance
+  (https://owasp.org/www-community/attacks/CSV_Injection; ASVS 5.0 1.2.10):
+  every cell is quoted (RFC 4180, quotes doubled), so a separator inside a
+  cell (',' here, ';' where a locale's list separator is ';', as in German
+  Excel) never starts a new cell in a spreadsheet that reads the file; a text
+  cell whose first character, leading whitespace aside, is `=`, `+`, `-`,
+  `@`, a tab or a carriage return would run as a formula, so it is written
+  with a `'` in front; and because a cell may still be split where the
+  quotes are not honoured (a "text to columns" at ';', a tool that splits
+  lines), a `'` also goes before such a character that follows a separator
+  a locale may use (`,` `;` `|`, a tab, a line break; spaces and quotes
+  between aside): "ok;=1+2;" is written "ok;'=1+2;".  Text that a spreadsheet
+  would turn into a number and so change stays text with the same `'`: every
+  phone number (a `Text` cell: `+4917...`, and `0170...`, which as a number
+  loses its 0), and any digit string with a leading zero or more than 15
+  digits (a staff number "0042").  The `'` is Excel's and LibreOffice's own
+  mark for "this is text", the rule OWASP gives; it shows in the cell, a
+  price paid for a file that cannot run or change anything.  The figures
+  (integers, and decimals like `-12.5` for an index) are written as they
+  are, quoted, and read as numbers.  A multi-line comment stays one cell.
 - Terminal: a line break in a cell shows as `⏎`, a tab as a space, and other
   control and format characters (escape sequences, bidi overrides) are
   dropped, so a cell can neither forge table rows nor drive the terminal.
@@ -40,6 +60,7 @@ from patients (comments), devices and edges, so:
 
 from __future__ import annotations
 
+import calendar
 import csv
 import re
 import unicodedata
@@ -50,9 +71,11 @@ from datetime import UTC, date, datetime, timedelta
 from typing import IO, Any, Final
 from zoneinfo import ZoneInfo
 
-__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "answer_rate", "callback_list",
-           "csv_cell", "doctor_index", "loyalty_index", "mood", "period_key", "period_span",
-           "periods", "text_cell", "write_csv"]
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS
+
+__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "Text", "answer_rate",
+           "callback_list", "csv_cell", "doctor_index", "loyalty_index", "mood",
+           "out_of_range", "period_key", "period_span", "periods", "text_cell", "write_csv"]
 
 PERIODS = ("day", "week", "month")
 _MOODS = {"good": "good", "yes": "good", "neutral": "neutral", "bad": "bad", "no": "bad"}
@@ -63,8 +86,26 @@ def event_ms(row: dict[str, Any]) -> int:
     return int(corrected if corrected is not None else row["wall_ms"])
 
 
+def _representable(row: dict[str, Any]) -> bool:
+    return WALL_MIN_MS <= event_ms(row) <= WALL_MAX_MS
+
+
+def _usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose time is in the contract's range (module docstring)."""
+    return [r for r in rows if _representable(r)]
+
+
+def out_of_range(rows: Iterable[dict[str, Any]]) -> int:
+    """How many rows every report leaves out: their time is outside the range."""
+    return sum(1 for r in rows if not _representable(r))
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _local(ms: int, tz: str) -> date:
-    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(ZoneInfo(tz)).date()
+    # Exact integer ms (a float loses them far from 1970); ms in the range only.
+    return (_EPOCH + timedelta(milliseconds=ms)).astimezone(ZoneInfo(tz)).date()
 
 
 def period_key(day: date, period: str) -> str:
@@ -82,10 +123,9 @@ def period_span(day: date, period: str) -> tuple[date, date]:
         return day, day
     if period == "week":
         first = day - timedelta(days=day.weekday())
-        return first, first + timedelta(days=6)
-    first = day.replace(day=1)
-    nxt = (first + timedelta(days=32)).replace(day=1)
-    return first, nxt - timedelta(days=1)
+        return first, first + timedelta(days=6) if date.max - first >= timedelta(days=6) \
+            else date.max
+    return day.replace(day=1), day.replace(day=calendar.monthrange(day.year, day.month)[1])
 
 
 def _first_day(key: str, period: str) -> date:
@@ -107,6 +147,8 @@ def periods(start: date, end: date, period: str) -> list[str]:
         k = period_key(d, period)
         if not keys or keys[-1] != k:
             keys.append(k)
+        if d == date.max:
+            break
         d += timedelta(days=1)
     return keys
 
@@ -195,8 +237,9 @@ def _keys(rows: list[tuple[dict[str, Any], Any]], by: str, period: str, *, tz: s
 
 def _in_range(rows: Iterable[dict[str, Any]], tz: str, start: date | None,
               end: date | None) -> list[dict[str, Any]]:
+    """The usable rows (`_usable`) whose local day is from `start` to `end`."""
     out = []
-    for r in rows:
+    for r in _usable(rows):
         d = _local(event_ms(r), tz)
         if (start is None or d >= start) and (end is None or d <= end):
             out.append(r)
@@ -294,13 +337,15 @@ class CallbackRow:
     stale: bool
 
     def as_list(self) -> list[Any]:
-        return [self.time, self.doctor or "", self.phone, self.comment or "", self.status,
+        return [self.time, self.doctor or "", Text(self.phone), self.comment or "", self.status,
                 self.handled_by or "", self.handled_at or "", "STALE" if self.stale else "",
                 f"{self.site}/{self.edge}/{self.event_id}"]
 
 
 def _fmt(ms: int, tz: str) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(ZoneInfo(tz)).strftime(
+    if not WALL_MIN_MS <= ms <= WALL_MAX_MS:
+        return "?"
+    return (_EPOCH + timedelta(milliseconds=ms)).astimezone(ZoneInfo(tz)).strftime(
         "%Y-%m-%d %H:%M")
 
 
@@ -309,7 +354,7 @@ def callback_list(rows: Iterable[dict[str, Any]],
                   now_ms: int, stale_after_s: float, tz: str) -> list[CallbackRow]:
     """Patients who said no and left a phone number, newest first."""
     out = []
-    for r in sorted((r for r in rows if r["kind"] == "answer" and r["q1"] == "no"
+    for r in sorted((r for r in _usable(rows) if r["kind"] == "answer" and r["q1"] == "no"
                      and r["phone"]), key=event_ms, reverse=True):
         status, by, at = states.get((r["site"], r["edge"], r["event_id"]), ("new", None, None))
         t = event_ms(r)
@@ -322,25 +367,47 @@ def callback_list(rows: Iterable[dict[str, Any]],
 
 # -- output ---------------------------------------------------------------------------
 
+class Text(str):
+    """A cell that stays text in a spreadsheet whatever it looks like (a phone number)."""
+
+    __slots__ = ()
+
+
 _FORMULA_START: Final = frozenset("=+-@\t\r")
-_FIGURE: Final = re.compile(r"^-?[0-9]+(?:\.[0-9]+)?\Z")
+# A figure the reports write, as a spreadsheet reads it back exactly: no leading
+# zero, at most 15 digits before the point (a double's).
+_FIGURE: Final = re.compile(r"^-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]+)?\Z")
+# Digits a spreadsheet would take for a number, which it is not (not a _FIGURE):
+# as a number it would lose leading zeros or digits.
+_NUMERIC: Final = re.compile(r"^[0-9]+(?:\.[0-9]+)?\Z")
+# A formula start after a separator a locale may use (and spaces or quotes):
+# where a cell split there would start.
+_SEPARATED_FORMULA: Final = re.compile(r"([,;|\t\n\r\v\f][ \"]*)(?=[=+\-@\t\r])")
 _BREAKS: Final = re.compile(r"\r\n|[\n\r\v\f\x85\u2028\u2029]")
 
 
 def csv_cell(value: Any) -> Any:
-    """A value as a CSV cell no spreadsheet runs as a formula (module docstring)."""
+    """A value as a CSV cell no spreadsheet runs as a formula or turns into a
+    number it is not (module docstring)."""
     if value is None or isinstance(value, bool | int | float):
         return "" if value is None else value
     text = str(value)
-    if _FIGURE.match(text):
-        return text
+    if not isinstance(value, Text):
+        if _FIGURE.match(text):
+            return text
+        if _NUMERIC.match(text):
+            return f"'{text}"
+    text = _SEPARATED_FORMULA.sub(r"\1'", text)
     first = text.lstrip(" \n")[:1]
+    if isinstance(value, Text) and text:
+        return f"'{text}"
     return f"'{text}" if first and first in _FORMULA_START else text
 
 
 def write_csv(out: IO[str], header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
-    """The one CSV writer of the collector: neutralised cells, one record per row."""
-    w = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+    """The one CSV writer of the collector: every cell quoted and neutralised, one
+    record per row."""
+    w = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
     w.writerow([csv_cell(c) for c in header])
     w.writerows([csv_cell(c) for c in r] for r in rows)
 

@@ -35,7 +35,16 @@ quarantined message is kept once, by its digest, however often it comes.
 Timesync: an event recorded while the edge's clock was not synchronised
 (`time.synced` false) gets `corrected_ms` = anchor wall + (event mono_ns -
 anchor mono_ns) as soon as an anchor for the same boot is known, whichever
-arrives first.  Reports use corrected_ms when present, else wall_ms.
+arrives first.  A correction that would leave the contract's wall-time range
+(`WALL_MIN_MS`..`WALL_MAX_MS`, edge.contract.timefmt: an anchor read a century
+of uptime after the event, say) is not applied: the event keeps its recorded
+time, itself in the range (classify quarantines the rest, and `_event_row`
+refuses it).  Reports use corrected_ms when present, else wall_ms.
+
+Edges: a row in `edges` is made by a message that was stored (an event, a
+side message), never by a quarantined one, whose topic's site and edge may be
+anything.  Rows an earlier version made that way (nothing but a name, never
+seen) are left out of `watermarks`.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from collector.poison import (
     refusal_reason,
     stored_payload,
 )
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS
 
 __all__ = ["IngestResult", "Item", "advance_watermark", "counters", "device_losses",
            "field_path", "gaps", "ingest", "missing_ranges", "quarantined", "sweep", "wall_ms",
@@ -148,22 +158,27 @@ def advance_watermark(watermark: int, seqs: Iterable[int],
         wm = cover
 
 
-def missing_ranges(watermark: int, max_seq: int, have: set[int],
+def missing_ranges(watermark: int, max_seq: int, have: Iterable[int],
                    dropped: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Seq ranges above `watermark` up to `max_seq` neither committed (`have`) nor dropped."""
+    """Seq ranges above `watermark` up to `max_seq` neither committed (`have`) nor dropped.
+
+    From what is known, not seq by seq: the committed seqs and dropped ranges,
+    sorted, leave the gaps between them, so the time is O(n log n) in their
+    number whatever the size of the gaps (one event at seq 2^53 - 1 leaves a
+    gap of 2^53 - 2).  A range ending before it starts covers nothing.
+    """
+    covered = sorted([(q, q) for q in have if watermark < q <= max_seq]
+                     + [(a, b) for a, b in dropped if a <= b and b > watermark and a <= max_seq])
     missing: list[tuple[int, int]] = []
-    q = watermark + 1
-    while q <= max_seq:
-        covered = next((b for a, b in dropped if a <= q <= b), None)
-        if q in have:
-            q += 1
-        elif covered is not None:
-            q = covered + 1
-        else:
-            lo = q
-            while q <= max_seq and q not in have and not any(a <= q <= b for a, b in dropped):
-                q += 1
-            missing.append((lo, q - 1))
+    q = watermark + 1  # the first seq not known to be covered
+    for a, b in covered:
+        if q > max_seq:
+            break
+        if a > q:
+            missing.append((q, a - 1))
+        q = max(q, b + 1)
+    if q <= max_seq:
+        missing.append((q, max_seq))
     return missing
 
 
@@ -270,7 +285,10 @@ def _store(db: Database, cur: Cursor, items: Sequence[Item], now: int) -> Ingest
     others = sorted((i for i in items if i.kind != "event"), key=lambda i: (i.site, i.edge))
     duplicates = 0
     anchors: dict[tuple[str, str, str], tuple[int, int] | None] = {}
-    for key in sorted({(i.site, i.edge) for i in items if i.site}):
+    # Only what is stored makes an edge: a quarantined message's topic may name
+    # anything ("CLINIC", a bidi override), and an edge would be listed by
+    # `fleet` and sent a retained ack on every reconnect.
+    for key in sorted({(i.site, i.edge) for i in items if i.site and i.kind != "quarantine"}):
         cur.execute("INSERT INTO edges (site, edge) VALUES (?, ?) "
                     "ON CONFLICT (site, edge) DO NOTHING", key)
     for it in others:
@@ -286,7 +304,9 @@ def _store(db: Database, cur: Cursor, items: Sequence[Item], now: int) -> Ingest
                 anchors[akey] = None if found is None else (int(found[0]), int(found[1]))
             anchor = anchors[akey]
             if anchor is not None:
-                row["corrected_ms"] = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
+                corrected = anchor[1] + (row["mono_ns"] - anchor[0]) // 10**6
+                if WALL_MIN_MS <= corrected <= WALL_MAX_MS:  # else not applied
+                    row["corrected_ms"] = corrected
         cur.execute(_INSERT_EVENT, [row[c] for c in EVENT_COLS])
         if cur.rowcount == 1:
             res.stored += 1
@@ -332,19 +352,27 @@ def _side(cur: Cursor, it: Item, now: int, res: IngestResult) -> None:
     elif it.kind == "timesync":
         b = it.body
         anchor_wall = wall_ms(b["wall"])
+        if not WALL_MIN_MS <= anchor_wall <= WALL_MAX_MS:
+            raise ValueError("wall is outside the contract's range")  # classify says so first
+        cur.execute("UPDATE edges SET last_seen_ms = ? WHERE site = ? AND edge = ?",
+                    (now, *key))
         cur.execute("INSERT INTO anchors (site, edge, boot_id, mono_ns, wall_ms) VALUES "
                     "(?, ?, ?, ?, ?) ON CONFLICT (site, edge, boot_id) DO NOTHING",
                     (*key, b["boot_id"], b["mono_ns"], anchor_wall))
         if cur.rowcount == 1:
-            # Floor division, as `_ingest` does in Python: SQL's `/` truncates, so
+            # Floor division, as `_store` does in Python: SQL's `/` truncates, so
             # an event 0.5 ms before the anchor would land 1 ms later than when
-            # the anchor arrives first.
+            # the anchor arrives first.  A correction outside the range is not
+            # applied, as in `_store`.  Every term fits 64 bits: mono_ns
+            # differences stay below 2^63 (the schema's ranges), in ms far below.
             m = b["mono_ns"]
-            cur.execute("UPDATE events SET corrected_ms = ? + CASE WHEN mono_ns >= ? THEN "
-                        "(mono_ns - ?) / 1000000 ELSE -((? - mono_ns + 999999) / 1000000) END "
+            corrected = ("(? + CASE WHEN mono_ns >= ? THEN (mono_ns - ?) / 1000000 "
+                         "ELSE -((? - mono_ns + 999999) / 1000000) END)")
+            terms = (anchor_wall, m, m, m)
+            cur.execute(f"UPDATE events SET corrected_ms = {corrected} "
                         "WHERE site = ? AND edge = ? AND boot_id = ? AND synced = 0 "
-                        "AND corrected_ms IS NULL",
-                        (anchor_wall, m, m, m, *key, b["boot_id"]))
+                        f"AND corrected_ms IS NULL AND {corrected} BETWEEN ? AND ?",
+                        (*terms, *key, b["boot_id"], *terms, WALL_MIN_MS, WALL_MAX_MS))
 
 
 def _count(cur: Cursor, name: str, n: int) -> None:
@@ -389,7 +417,10 @@ def sweep(db: Database) -> dict[EdgeKey, int]:
 # -- what intake recorded -------------------------------------------------------------
 
 def watermarks(db: Database) -> dict[EdgeKey, int]:
-    return {(s, e): int(w) for s, e, w in db.query("SELECT site, edge, watermark FROM edges")}
+    """Every edge's watermark (not rows an earlier version made for quarantined
+    messages: never seen, so never sent an ack)."""
+    return {(s, e): int(w) for s, e, w in db.query(
+        "SELECT site, edge, watermark FROM edges WHERE last_seen_ms IS NOT NULL")}
 
 
 def device_losses(db: Database, since_ms: int | None = None) -> list[dict[str, Any]]:
@@ -449,7 +480,8 @@ def gaps(db: Database) -> list[dict[str, Any]]:
                                         "ORDER BY site, edge"):
         dropped = [(int(a), int(b), str(r)) for a, b, r in db.query(
             "SELECT from_seq, to_seq, reason FROM events WHERE site = ? AND edge = ? "
-            "AND kind = 'dropped' ORDER BY from_seq", (site, edge))]
+            # An inverted range (stored before classify refused them) declares nothing.
+            "AND kind = 'dropped' AND from_seq <= to_seq ORDER BY from_seq", (site, edge))]
         have = {int(r[0]) for r in db.query(
             "SELECT seq FROM events WHERE site = ? AND edge = ? AND seq > ?",
             (site, edge, wm))}
@@ -500,6 +532,8 @@ def _event_row(p: dict[str, Any], now_ms: int) -> dict[str, Any]:
         row.update(from_seq=body["from_seq"], to_seq=body["to_seq"], reason=body["reason"])
     elif kind == "device_lost":
         row.update(lost=body["lost"], reason=body["reason"])
+    if not WALL_MIN_MS <= row["wall_ms"] <= WALL_MAX_MS:
+        raise ValueError("time/wall is outside the contract's range")  # classify says so first
     for col in _INT_COLS:
         value = row[col]
         # The schema has already said so for classified messages; a value that

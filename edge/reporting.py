@@ -14,8 +14,10 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from edge import __version__
+from edge.contract.ids import USB_PORT_RE, USB_SERIAL_RE
 from edge.contract.timefmt import format_wall
 from edge.events import Event
+from edge.logsafe import printable
 
 if TYPE_CHECKING:
     from edge.daemon import Daemon
@@ -54,15 +56,24 @@ def device_list(d: Daemon) -> list[dict[str, Any]]:
     out = [{"id": dev.cfg.id, "kind": dev.cfg.kind, "serial": dev.serial(),
             "desk": dev.cfg.desk, "state": dev.state,
             "last_seen": format_wall(dev.last_seen_ns) if dev.last_seen_ns else None,
-            "error": dev.error} for dev in d.devices.values()]
+            "error": _cap(dev.error)} for dev in d.devices.values()]
     serials = {s for dev in d.devices.values() for s in (dev.cfg.serial, dev.serial()) if s}
     for usb, kind in d.attached.devices:
-        if kind is not None and usb.serial not in serials:
-            # Plugged in but not configured: its identity, for the installer.
-            out.append({"id": f"usb-{usb.port_path}", "kind": kind, "serial": usb.serial,
+        if kind is not None and usb.serial not in serials and USB_PORT_RE.match(usb.port_path):
+            # Plugged in but not configured: its identity, for the installer.  What
+            # the hardware says of itself is fitted to the contract's grammar (a
+            # serial that broke it would get the whole inventory quarantined).
+            serial = usb.serial if usb.serial is None or USB_SERIAL_RE.match(usb.serial) \
+                else printable(usb.serial, 60).encode("ascii", "backslashreplace").decode()[:64]
+            out.append({"id": f"usb-{usb.port_path}", "kind": kind, "serial": serial or None,
                         "desk": None, "state": "unconfigured", "last_seen": None,
                         "error": None, "usb_id": usb.ident, "port_path": usb.port_path})
     return out
+
+
+def _cap(text: str | None, limit: int = 1024) -> str | None:
+    """A free text within the contract's length (health and devices schemas)."""
+    return text if text is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _drops(d: Daemon) -> dict[str, int]:
@@ -97,7 +108,7 @@ def health(d: Daemon) -> dict[str, Any]:
                           if dev.decode_errors},
         "clock_synced": d.clock.synced(),
         "uptime_s": round(d.clock.mono_ns() / 1e9 - d.started_s, 1),
-        "alarms": d.alarms.texts(d.clock.wall_ns()),
+        "alarms": [_cap(t) for t in d.alarms.texts(d.clock.wall_ns())][:256],
         "delivery": d.publisher.delivery_status(),
     }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from collector.db import Database
 from collector.intake import classify
 from collector.store import Item
 from edge.contract.payloads import load_schema
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS
 from tests.collector_fixtures import Backend
 
 SCHEMAS = {name: load_schema(name) for name in ("event", "timesync", "status", "health",
@@ -39,10 +41,12 @@ KINDS = ("press", "answer", "presence", "abandoned", "dropped", "device_lost")
 # -- strategies from the schema -----------------------------------------------------------
 
 
-# RFC 3339 UTC times as other producers may write them: no fraction, or any number of digits.
+# RFC 3339 UTC times as other producers may write them: no fraction, or any number of
+# digits; within the contract's range (1960 to 2099), as every time must be.
 times = st.builds(lambda at, frac: at.isoformat(timespec="seconds") + frac + "Z",
-                  st.datetimes(), st.one_of(st.just(""), st.from_regex(r"\.[0-9]{1,12}",
-                                                                         fullmatch=True)))
+                  st.datetimes(min_value=datetime(1960, 1, 1),
+                               max_value=datetime(2099, 12, 31, 23, 59, 59)),
+                  st.one_of(st.just(""), st.from_regex(r"\.[0-9]{1,12}", fullmatch=True)))
 
 
 def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +111,8 @@ def _typed(t: str, node: dict[str, Any], root: dict[str, Any]) -> st.SearchStrat
     fixed = st.fixed_dictionaries({k: valid(props[k], root) for k in required},
                                   optional=optional)
     if isinstance(extra, dict):
-        return st.tuples(fixed, st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+        names = node.get("propertyNames", {}).get("pattern", r"^[a-z_]{1,8}$")
+        return st.tuples(fixed, st.dictionaries(st.from_regex(names, fullmatch=True),
                                                 valid(extra, root), max_size=2)).map(
             lambda p: {**p[1], **p[0]})
     return fixed
@@ -136,9 +141,10 @@ hostile: st.SearchStrategy[Any] = st.one_of(
     st.sampled_from([5.0, 1e300, -0.0, 0.5, 2.0**63, 1e19]),
     st.text(st.characters(codec=None), max_size=20),  # unpaired surrogates included
     st.sampled_from(["", "\x00", "a\x00b", "\ud800", "clinic-3\n", "x" * 100_000,
-                     "2026-02-30T00:00:00Z", "2026-11-23T17:30:00Z",
+                     "x" * 300_000, "2026-02-30T00:00:00Z", "2026-11-23T17:30:00Z",
                      "2026-11-23T17:30:00.123456789Z", "0000-01-01T00:00:00Z",
-                     "+4915112345678"]),
+                     "9999-12-31T23:59:60Z", "2099-12-31T23:59:60Z", "1959-12-31T23:59:59Z",
+                     "+4915112345678", "x\nERROR forged", "\x1b[2J"]),
     st.none(), st.booleans(),
     st.lists(st.integers(), max_size=2),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
@@ -208,7 +214,7 @@ def message(draw: st.DrawFn) -> tuple[str, bytes]:
 
 RANGES = {  # every integer column of `events` and the range the schema allows into it
     "seq": (1, 2**53 - 1), "mono_ns": (-157_788_000_000 * 10**6, 2**62 - 1),
-    "wall_ms": (-62_135_596_800_000, 253_402_300_800_999),  # years 1 to 9999
+    "wall_ms": (WALL_MIN_MS, WALL_MAX_MS), "corrected_ms": (WALL_MIN_MS, WALL_MAX_MS),
     "score": (-1000, 1000), "button": (0, 254), "hold": (0, 1), "synced": (0, 1),
     "approaches": (0, 2**31 - 1), "engaged": (0, 2**31 - 1), "from_seq": (1, 2**53 - 1),
     "to_seq": (1, 2**53 - 1), "lost": (1, 2**53 - 1),
@@ -216,15 +222,26 @@ RANGES = {  # every integer column of `events` and the range the schema allows i
 
 
 def check_stored(db: Database) -> None:
-    """Everything in `events` is in range and its payload passes the plain schema."""
+    """Everything in `events` is in range, its payload passes the plain schema and
+    contradicts nothing; no edge but one a stored message named."""
     cols = list(RANGES)
-    for row in db.query(f"SELECT {', '.join(cols)}, payload FROM events"):  # noqa: S608  # noqa: S608
+    for row in db.query(f"SELECT {', '.join(cols)}, payload FROM events"):  # noqa: S608
         for col, value in zip(cols, row[:-1], strict=True):
             if value is not None:
                 lo, hi = RANGES[col]
                 assert type(value) is int, (col, value)
                 assert lo <= value <= hi, (col, value)
-        PLAIN["event"].validate(json.loads(row[-1]))
+        body = json.loads(row[-1])
+        PLAIN["event"].validate(body)
+        if body["kind"] == "dropped":
+            assert body["dropped"]["from_seq"] <= body["dropped"]["to_seq"]
+        if body["kind"] == "device_lost":
+            assert body["device_lost"]["lost"] <= body["device_lost"]["total"]
+    for site, edge in db.query("SELECT site, edge FROM edges"):
+        assert re.fullmatch(r"[a-z0-9-]{1,32}", site), site
+        assert re.fullmatch(r"[a-z0-9-]{1,32}", edge), edge
+    for (wall,) in db.query("SELECT wall_ms FROM anchors"):
+        assert WALL_MIN_MS <= wall <= WALL_MAX_MS
 
 
 def check_counted(db: Database) -> None:

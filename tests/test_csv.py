@@ -57,7 +57,10 @@ def test_the_callbacks_csv_runs_no_formula_keeps_phones_text_and_one_row_per_rec
     by_comment = {r[3]: r for r in records}
     for comment in COMMENTS:
         neutral = comment.lstrip(" \n")[:1] in ("=", "+", "-", "@", "\t", "\r")
-        assert (f"'{comment}" if neutral else comment) in by_comment, comment
+        # A tab or CR is a separator too: what follows it is neutralised as well.
+        cell = f"'{comment}".replace("\t=", "\t'=").replace("\r=", "\r'=") if neutral \
+            else comment
+        assert cell in by_comment, comment
     for r in records:
         assert r[2].startswith("'+7999123456")  # text, not the number 7.99e10
         assert r[2][1:].lstrip("+").isdigit()
@@ -109,3 +112,65 @@ def test_the_callbacks_command_writes_through_the_same_writer(
     records = list(csv.reader(io.StringIO(buf.getvalue(), newline="")))
     assert len(records) == 1 + len(COMMENTS)
     assert all(r[2].startswith("'+") for r in records[1:])
+
+
+# -- issue 14, second round: phones without '+', separators of other locales ------------------
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+SEPARATORS = (",", ";", "\t", "|", "\n", "\r")  # what a spreadsheet may split a cell at
+
+
+def _raw(tmp_path: Path, header: list[str], rows: list[list[Any]]) -> str:
+    _emit(tmp_path, header, rows)
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("phone", ["017012345678", "0049170123", "+4917012345678",
+                                   "12345678901234567"])
+def test_every_phone_stays_text_in_a_spreadsheet(tmp_path: Path, phone: str) -> None:
+    """017012345678 was written bare: a spreadsheet read the number 17012345678."""
+    rows = callback_list([answer("2026-11-23 09:00", "no", phone=phone)], {},
+                         now_ms=ms("2026-11-23 10:00"), stale_after_s=3600, tz=TZ)
+    (record,) = _emit(tmp_path, HEADER, [r.as_list() for r in rows])[1:]
+    assert record[2] == f"'{phone}"
+    assert text_cell(rows[0].as_list()[2]) == phone  # the terminal shows it as it is
+
+
+@pytest.mark.parametrize("comment", ["ok;=1+2;", "thanks;=cmd|' /C calc'!A0;",
+                                     "a,+1", "x\t@SUM(1)", "a| -2+3", "line\n=1+1",
+                                     "ok; \"=1+2\"", "a;\t=1", "a,'=1"])
+def test_no_cell_starts_a_formula_in_a_locale_that_splits_at_another_separator(
+        tmp_path: Path, comment: str) -> None:
+    """German Excel splits at ';': "ok;=1+2;" ran =1+2.  Every cell is quoted, and a
+    formula start after any separator a locale may use gets the same quote."""
+    rows = callback_list([answer("2026-11-23 09:00", "no", phone="+4915112345",
+                                 comment=comment)], {}, now_ms=ms("2026-11-23 10:00"),
+                         stale_after_s=3600, tz=TZ)
+    raw = _raw(tmp_path, HEADER, [r.as_list() for r in rows])
+    (record,) = list(csv.reader(io.StringIO(raw, newline="")))[1:]
+    cell = record[3]
+    assert cell == csv_cell(comment)  # read back as written
+    for sep in SEPARATORS:
+        for piece in cell.split(sep)[1:]:
+            assert piece.lstrip(' "')[:1] not in FORMULA_START, (sep, piece)
+    # Read naively at ';' (no quotes honoured), no piece starts a formula either.
+    for piece in raw.replace("\r\n", ";").replace("\n", ";").split(";"):
+        assert piece.lstrip(' "')[:1] not in ("=", "+", "@"), piece
+
+
+def test_every_cell_is_quoted(tmp_path: Path) -> None:
+    raw = _raw(tmp_path, ["a", "b", "c"], [["x", 7, -33.3], ["ok;=1+2;", "", None]])
+    assert raw == '"a","b","c"\r\n"x","7","-33.3"\r\n"ok;\'=1+2;","",""\r\n'
+    assert list(csv.reader(io.StringIO(raw, newline=""))) == [
+        ["a", "b", "c"], ["x", "7", "-33.3"], ["ok;'=1+2;", "", ""]]
+
+
+@pytest.mark.parametrize(("value", "cell"), [
+    ("0042", "'0042"),  # a staff number: the spreadsheet would drop the zeros
+    ("12345678901234567", "'12345678901234567"),  # beyond a double's 15 digits
+    ("0", "0"), ("0.5", "0.5"), ("-0.5", "-0.5"), ("100.0", "100.0"), ("-100.0", "-100.0"),
+    ("123456789012345", "123456789012345"),
+    ("ok;=1+2;", "ok;'=1+2;"), ("a, -b", "a, '-b"), ("a;b", "a;b"), ("a-b", "a-b")])
+def test_csv_cell_keeps_text_text(value: Any, cell: Any) -> None:
+    assert csv_cell(value) == cell

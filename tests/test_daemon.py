@@ -145,16 +145,24 @@ def test_health_is_published_and_matches_the_contract(
 def test_plugged_in_unconfigured_hardware_is_listed_within_seconds(
         running: Running, subscribe: Callable[[str], Subscriber],
         validate: Callable[[str, Any], None]) -> None:
-    from tests.test_discovery import make_sysfs
+    from tests.test_discovery import _usb, make_sysfs
 
     sub = subscribe("feedback/+/+/+/devices")
     make_sysfs(running.sysfs)  # the installer plugs in a terminal and a badge reader
+    # A terminal whose firmware states a serial no grammar allows: it is shown
+    # escaped, and the inventory still passes the contract (it was quarantined whole).
+    _usb(running.sysfs, "1-1.6", "1209", "fb30", "ST\u00e9\n\u202e" + "9" * 80,
+         [("02", "02", "01")], ["tty/ttyACM1"], "Survey Terminal ST-3000")
 
     def unconfigured() -> list[dict[str, Any]]:
         return [d for d in running.status()["devices"] if d["state"] == "unconfigured"]
 
     found = wait_for(unconfigured, 10, "unconfigured devices in status")
-    assert {(d["kind"], d["serial"], d["port_path"]) for d in found} == {
+    found = wait_for(lambda: (f := unconfigured()) and len(f) == 3 and f, 10, "all three")
+    hostile = next(d for d in found if d["port_path"] == "1-1.6")
+    assert hostile["serial"].startswith("ST\\xe9\\n\\u202e")
+    assert len(hostile["serial"]) == 64
+    assert {(d["kind"], d["serial"], d["port_path"]) for d in found if d is not hostile} == {
         ("terminal", "00C0FFEE0001", "1-1.3"), ("keyboard", None, "1-1.4")}
     # The console at 1-1.2 is configured (by serial), the mouse is not ours.
     inventory = wait_for(lambda: [m for m in sub.snapshot()

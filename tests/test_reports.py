@@ -8,6 +8,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from collector.reports import (
     answer_rate,
     callback_list,
@@ -160,3 +162,107 @@ def test_an_unknown_zone_on_the_command_line_is_a_usage_error(tmp_path: Path) ->
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr
         assert "zone" in r.stderr.lower()
+
+
+# -- issue 14: no stored row stops a report -------------------------------------------------
+
+# Times the old schema let in: 9999-12-31T23:59:60Z (year 10000 once the leap second is
+# added), 0001-01-01T00:00:00Z, an answer on 9999-12-15, a correction into year 10146.
+YEAR_10000_MS = 253_402_300_800_000
+YEAR_1_MS = -62_135_596_800_000
+DEC_9999_MS = 253_400_918_400_000
+YEAR_10146_MS = 258_000_000_000_000_000 // 1000
+
+
+def _far(row: dict[str, Any], **times: int) -> dict[str, Any]:
+    return {**row, **times}
+
+
+FAR = [{"wall_ms": YEAR_10000_MS}, {"wall_ms": YEAR_1_MS}, {"wall_ms": DEC_9999_MS},
+       {"wall_ms": ms("2026-11-23 09:00"), "corrected_ms": YEAR_10146_MS},
+       {"wall_ms": 0, "corrected_ms": -(2**62)}]
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Pacific/Kiritimati",
+                                "Etc/GMT+12"])
+def test_every_report_skips_rows_outside_the_time_range_and_counts_them(tz: str) -> None:
+    presses = [press("2026-11-23 09:00", "good"), press("2026-11-23 10:00", "bad")]
+    presses += [_far(press("2026-11-23 09:00", "bad"), **t) for t in FAR]
+    answers = [answer("2026-11-23 09:00", "no", phone="+4915112345")]
+    answers += [_far(answer("2026-11-23 09:00", "no", phone="+4915112346"), **t) for t in FAR]
+    nov = {"start": date(2026, 11, 1), "end": date(2026, 11, 30)}
+    for kw in ({}, nov):
+        got = figures(loyalty_index(presses, by="operator", period="month", tz=tz, **kw))
+        assert got == [("op-1", "2026-11", 1, 0, 1, 2, "0.0")]
+        for period in ("day", "week", "month"):
+            rows = doctor_index(answers, period=period, tz=tz, **kw)
+            assert sum(r.minus for r in rows) == 1
+            assert sum(r.answers for r in answer_rate(answers, period=period, tz=tz,
+                                                      **kw)) == 1
+    got_cb = callback_list(answers, {}, now_ms=ms("2026-11-23 12:00"), stale_after_s=3600,
+                           tz=tz)
+    assert [r.phone for r in got_cb] == ["+4915112345"]
+    from collector.reports import out_of_range
+
+    assert out_of_range(presses) == len(FAR)
+
+
+def test_the_report_commands_run_on_such_rows_and_say_what_they_left_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack's commands, on a database holding what the old schema let in."""
+    from collector import cli, queries, store
+    from collector.intake import classify
+    from collector.store import Item
+    from tests.collector_fixtures import Backend, press_event
+
+    backend = Backend("sqlite", tmp_path, None)
+    db = backend.open()
+    items = [classify(*press_event(i, wall_ns=1_795_424_400_000_000_000 + i * 10**9))
+             for i in range(1, 7)]
+    assert all(isinstance(i, Item) and i.kind == "event" for i in items)
+    store.ingest(db, [i for i in items if i is not None])
+    with db.transaction() as cur:
+        for seq, t in enumerate(FAR, start=2):
+            cur.execute("UPDATE events SET wall_ms = ?, corrected_ms = ? WHERE seq = ?",
+                        (t["wall_ms"], t.get("corrected_ms"), seq))
+    db.close()
+    cfg = tmp_path / "collector.toml"
+    cfg.write_text(f'id = "c1"\n[broker]\nhost = "localhost"\n{backend.toml()}'
+                   '[reports]\ntz = "America/New_York"\n')
+    asked: list[tuple[int | None, int | None]] = []
+    events = queries.events
+
+    def spy(db: Any, kinds: Any, start_ms: int | None = None,
+            end_ms: int | None = None) -> list[dict[str, Any]]:
+        asked.append((start_ms, end_ms))
+        return events(db, kinds, start_ms, end_ms)
+
+    monkeypatch.setattr(queries, "events", spy)
+    for args in (["report", "loyalty"], ["report", "doctors", "--period", "month"],
+                 ["report", "answer-rate"], ["callbacks"]):
+        assert cli.main([*args, "--config", str(cfg)]) == 0
+        err = capsys.readouterr().err
+        if args[-1] == "loyalty":
+            assert "5 event(s) left out: their time is outside 1960-01-01..2099-12-31" in err
+    assert asked == [(None, None)] * 4
+    # Asked for November: the database gives only what can be in it (a day's margin
+    # either side for the zone), so nothing out of range is even read.
+    assert cli.main(["report", "loyalty", "--from", "2026-11-01", "--to", "2026-11-30",
+                     "--by", "desk", "--period", "month", "--csv", "-",
+                     "--config", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert "left out" not in err
+    assert out.splitlines()[1] == '"clinic-3/desk-1","2026-11","1","0","0","1","100.0"'
+    (start_ms, end_ms), = asked[4:]
+    assert start_ms is not None
+    assert end_ms is not None
+    assert ms("2026-10-31 00:00") <= start_ms <= ms("2026-11-01 05:00")
+    assert ms("2026-12-01 05:00") <= end_ms <= ms("2026-12-02 00:00")
+    # Dates outside the range are a usage error, not a traceback.
+    for bad in (["--from", "9999-12-01", "--to", "9999-12-31"],
+                ["--from", "0001-01-01", "--to", "0001-01-31"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["report", "doctors", "--period", "month", *bad, "--config", str(cfg)])
+        assert exit_.value.code == 2
+        assert "1960-01-01" in capsys.readouterr().err

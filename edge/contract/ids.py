@@ -18,8 +18,9 @@ from typing import Final
 SCORE_RANGE: Final = (-1000, 1000)
 
 __all__ = ["BOOT_ID_RE", "DESK_RE", "DEVICE_SERIAL_RE", "DOCTOR_ID_RE", "LANG_RE", "NAME_RE",
-           "OPERATOR_RE", "OPERATOR_RULE", "SCORE_RANGE", "SERIAL_RE", "USB_SERIAL_RE",
-           "event_id_fault", "valid_operator"]
+           "OPERATOR_RE", "OPERATOR_RULE", "REASON_RE", "SCORE_RANGE", "SERIAL_RE",
+           "USB_PORT_ID_RE", "USB_PORT_RE", "USB_SERIAL_RE", "VERSION_RE", "event_id_fault",
+           "valid_operator"]
 
 # site, edge and device ids: they are topic levels, so no '/', '+', '#'.
 NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}\Z")
@@ -31,6 +32,15 @@ DEVICE_SERIAL_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 # What an event's device.serial may hold: a USB iSerialNumber as udev shows it
 # (keyboards, badge readers), which includes SERIAL_RE and DEVICE_SERIAL_RE.
 USB_SERIAL_RE: Final = re.compile(r"^[ -~]{1,64}\Z")
+# A USB port path as sysfs names it: bus, '-', ports joined by '.' ("1-1.2").
+USB_PORT_RE: Final = re.compile(r"^[0-9]{1,3}-[0-9.]{1,27}\Z")
+# The inventory's id of hardware plugged in but not configured: "usb-" and its port path.
+USB_PORT_ID_RE: Final = re.compile(r"^usb-[0-9]{1,3}-[0-9.]{1,27}\Z")
+# A name the daemon gives a reason or a counter (dropped.reason, health's drops
+# and decode error names, event flags): store_full, after_hours, bad_length.
+REASON_RE: Final = re.compile(r"^[a-z_]{1,32}\Z")
+# The daemon's version in its status (PEP 440: 0.1.0, 0.1.0+g1a2b3c).
+VERSION_RE: Final = re.compile(r"^[A-Za-z0-9_.+!-]{1,64}\Z")
 # The kernel's boot_id is a UUID; other producers may name a boot otherwise.
 BOOT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 DESK_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")

@@ -24,8 +24,15 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+def _pattern(pattern: str) -> str:
+    shown = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in pattern)
+    return f"`{shown}`".replace("|", "\\|")
+
+
 def _fields(node: Any, root: dict[str, Any], path: str) -> list[tuple[str, str]]:
-    """(field path, its range or grammar) of every bounded number and patterned string."""
+    """(field path, its range or grammar) of every bounded number, patterned or
+    bounded string, bounded list and object, and the grammar of an object's keys
+    (`path/(key)`); `*` in a path is any key, `[]` any item, `(top)` the message."""
     if not isinstance(node, dict):
         return []
     out: list[tuple[str, str]] = []
@@ -37,13 +44,24 @@ def _fields(node: Any, root: dict[str, Any], path: str) -> list[tuple[str, str]]
         return _fields(target, root, path)
     for alt in node.get("anyOf", []):
         out += _fields(alt, root, path)
+    where = path or "(top)"
     if "minimum" in node or "maximum" in node:
-        out.append((path, f"{node.get('minimum', '')} to {node.get('maximum', '')}"))
+        out.append((where, f"{node.get('minimum', '')} to {node.get('maximum', '')}"))
     if "pattern" in node:
-        shown = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in node["pattern"])
-        out.append((path, f"`{shown}`".replace("|", "\\|")))
+        out.append((where, _pattern(node["pattern"])))
+    elif "maxLength" in node:
+        out.append((where, f"{node.get('minLength', 0)} to {node['maxLength']} characters"))
+    if "maxItems" in node:
+        out.append((where, f"at most {node['maxItems']} items"))
+    if "maxProperties" in node:
+        out.append((where, f"at most {node['maxProperties']} keys"))
+    names = node.get("propertyNames")
+    if isinstance(names, dict) and "pattern" in names:
+        out.append((f"{path}/(key)" if path else "(key)", _pattern(names["pattern"])))
     for key, sub in node.get("properties", {}).items():
         out += _fields(sub, root, f"{path}/{key}" if path else key)
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _fields(node["additionalProperties"], root, f"{path}/*" if path else "*")
     if "items" in node:
         out += _fields(node["items"], root, f"{path}[]")
     return out

@@ -12,9 +12,22 @@ import re
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["DAYS", "check_zone", "format_wall", "parse_days", "parse_hhmm"]
+__all__ = ["DAYS", "WALL_MAX_MS", "WALL_MIN_MS", "WALL_RANGE", "check_zone", "format_wall",
+           "parse_days", "parse_hhmm"]
 
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+# The range of every wall time in the contract's payloads (an event's time,
+# a timesync anchor and what it corrects, status and inventory times), in ms
+# since the epoch: from 1960-01-01T00:00:00Z (an unsynchronised Pi reads 1970,
+# and a device's replay may be up to 5 years older: the schema's age_ms) to
+# 2099-12-31T23:59:59.999Z (nothing real is later than this century).  The
+# schemas' patterns bound the year; consumers check the instant (a leap second
+# at the end of 2099 is in 2100).  Every time in it converts to a date in any
+# zone, so a report never meets a year outside 1..9999.
+WALL_MIN_MS: Final = -315_619_200_000
+WALL_MAX_MS: Final = 4_102_444_799_999
+WALL_RANGE: Final = (dt.date(1960, 1, 1), dt.date(2099, 12, 31))
 
 
 def format_wall(wall_ns: int) -> str:
