@@ -120,6 +120,9 @@ class ConsoleFirmware:
         # Not part of the firmware: what ACKs removed from the ring, oldest first.
         self.acked: deque[AckedEvent] = deque(maxlen=ACKED_LOG)
         self.acked_total = 0
+        # Not part of the firmware either: told of each ACK's newly acknowledged
+        # events, under `lock` (so `powered_up_at_ms` is still their session's).
+        self.on_acked: Callable[[list[AckedEvent]], None] | None = None
         self.powered = False
         self.power_up()
 
@@ -140,6 +143,12 @@ class ConsoleFirmware:
             self._backoff = 0
             self._next_resend: int | None = None
             self._emit(ReportType.HELLO, NO_BUTTON, 0, first=True)
+
+    @property
+    def powered_up_at_ms(self) -> int:
+        """The clock's reading (`uptime_ms()`) at the last power-up: uptime 0."""
+        with self.lock:
+            return self._boot_at
 
     def power_cut(self) -> None:
         """Power loss: the RAM ring is gone; nothing is sent until power_up()."""
@@ -287,14 +296,17 @@ class ConsoleFirmware:
                 # Cumulative: everything up to and including `ack`, in the
                 # half of the seq space behind it.
                 keep: list[_Entry] = []
+                newly: list[AckedEvent] = []
                 for e in self._ring:
                     if (ack - e.dev_seq) % 256 >= 128:
                         keep.append(e)
                     else:
-                        self.acked.append(AckedEvent(e.dev_seq, e.type, e.button,
-                                                     e.event_uptime))
-                        self.acked_total += 1
+                        newly.append(AckedEvent(e.dev_seq, e.type, e.button, e.event_uptime))
+                self.acked.extend(newly)
+                self.acked_total += len(newly)
                 self._ring = keep
+                if newly and self.on_acked is not None:
+                    self.on_acked(newly)
                 if not self._ring:
                     self._next_resend = None
             elif cmd == CMD_SHOW:

@@ -41,6 +41,17 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         threading.Event().wait(interval)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests (marker `soak`: an hour or more) run only when `-m` names them,
+    so neither `scripts/test` nor `-m vm` starts one."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

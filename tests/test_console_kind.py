@@ -124,3 +124,47 @@ def test_an_implausible_lost_counter_invents_no_losses(tmp_path: Path) -> None:
     real = rig.decide(ConsoleLoss(total=60_000 // 100 + 32, unacked=32, uptime_ms=60_000))
     rig.commit([real])
     assert rig.ctx.discarded == {"device_overflow": 632}
+
+
+def test_a_console_powered_up_with_the_pi_is_a_new_session_even_after_a_short_one(
+        tmp_path: Path) -> None:
+    """Found by the power-cut tier (tests/vm/test_power_cut.py): after a power cut of
+    the whole Pi the console's first HELLO is lost to usbhid's flush at open and only
+    its replay is read, with the HELLO key every session has; after a short session
+    it was taken for the old one: its lost counter judged against the old session's,
+    a new press matching an old key ACKed and not stored."""
+    from edge.kinds.console import ConsoleOpened
+
+    old = ["0:0:3:255", "1:2500:1:0", "lost:5", "up:an-earlier-boot:-4000:900000"]
+    rig = Rig(tmp_path)
+    env = Env(lambda _m: None, rig.clock, tmp_path, lambda _s: list(old), lambda: None)
+    rig.console = Console(ConsoleConfig("fc3-a", "console", "desk-1", "00A1B2C3D4E5"), env)
+    rig.console.worker.send = rig._send  # type: ignore[method-assign]
+    # The Pi booted 1 s ago (mono); the console has been up 3 s: it powered up with the Pi.
+    opened = rig.decide(ConsoleOpened(uptime_ms=rig.clock.mono_ns() // 1_000_000 - 100))
+    assert opened.forget == (rig.console.scope,)
+    hello = rig.decide(ConsoleInput(ConsoleReport(0, ReportType.HELLO, 0xFF, True, False, 0,
+                                                  900)))
+    assert not hello.duplicate
+    same_key = rig.decide(ConsoleInput(ConsoleReport(1, ReportType.PRESS, 0, False, False,
+                                                     2500, 2600)))
+    assert not same_key.duplicate  # a new press, though its key was the old session's
+    assert same_key.appends[-1].event is not None
+    lost = rig.decide(ConsoleLoss(total=3, unacked=0, uptime_ms=3000))
+    assert [a.event.body.as_json()["lost"] for a in lost.appends if a.event] == [3]
+    assert rig.console.resets == 1
+
+
+def test_a_console_older_than_the_pi_s_boot_keeps_its_session(tmp_path: Path) -> None:
+    """A console on a powered hub lives through a Pi reboot: its replays are duplicates."""
+    from edge.kinds.console import ConsoleOpened
+
+    old = ["0:0:3:255", "1:2500:1:0", "up:an-earlier-boot:-4000:900000"]
+    rig = Rig(tmp_path)
+    env = Env(lambda _m: None, rig.clock, tmp_path, lambda _s: list(old), lambda: None)
+    rig.console = Console(ConsoleConfig("fc3-a", "console", "desk-1", "00A1B2C3D4E5"), env)
+    opened = rig.decide(ConsoleOpened(uptime_ms=rig.clock.mono_ns() // 1_000_000 + 60_000))
+    assert opened.forget == ()
+    replay = rig.decide(ConsoleInput(ConsoleReport(1, ReportType.PRESS, 0, True, False,
+                                                   2500, 61_000)))
+    assert replay.duplicate

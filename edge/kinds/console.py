@@ -39,6 +39,18 @@ powered).  Such an age is clamped to the time since boot: the event is timed
 at the boot (`mono_ns` 0, `wall` and `age_ms` to match), never before it, and
 a warning is logged.
 
+A console that powered up while nobody read it (the Pi's power cut, an
+unplug while the daemon was stopped) may be seen first through a replayed
+HELLO, whose key is the same in every session; the sheet's "uptime going
+backwards" cannot tell it from the old session after a short one.  So the
+power-up itself is tracked: at every open, the info report's `now_uptime`
+gives the console's power-up in this boot's monotonic time, kept as a key
+`up:<boot_id>:<power-up ms>:<when ms>`.  A power-up that moved (beyond 2 s and
+200 ppm of drift since the key was written), or, after the Pi rebooted, one
+that came after this boot began (the console lives on the Pi's USB power),
+starts a new session: the old session's keys and lost counter go.  A console
+older than the Pi's boot (a powered hub) keeps its session.
+
 A console whose firmware cannot answer the info feature report (a stall, an
 error, or zeros, as the kernel's own gadget HID function answers GET_REPORT)
 is served anyway, once per open: as its config's labels say, or as the
@@ -51,222 +63,53 @@ ring's lost counter is unknown (an OVERFLOW flag still marks the next event
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from drivers.console import (
-    INFO_REPORT_LEN,
-    PID,
-    REPORT_INFO,
     USB_MATCHER,
-    VID,
     ConsoleHost,
     ConsoleInfo,
     ConsoleReport,
-    DecodeError,
-    DeviceClock,
     Duplicate,
-    Layout,
     NewSession,
     Record,
     ReportType,
     button_labels,
-    decode_info,
-    decode_report,
     encode_ack,
-    encode_resend,
     encode_show,
 )
-from drivers.hidraw_transport import HidrawConsole
-from drivers.transport import DeviceGoneError, HidTransport
-from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
-from edge.contract.toml import MISSING, Table
+from drivers.transport import HidTransport
 from edge.events import DeviceLost, DeviceRef, Event, Press, new_event_id
 from edge.kinds.base import (
     LOSS_ALARM_S,
     Context,
     Decision,
-    DecodeFailed,
     Device,
-    DeviceConfig,
     DeviceState,
     Env,
     Kind,
     Reading,
 )
-from edge.kinds.worker import READ_TIMEOUT_MS, Worker
+from edge.kinds.console_io import (
+    ConsoleConfig,
+    ConsoleInput,
+    ConsoleLoss,
+    ConsoleOpened,
+    ConsoleWorker,
+    fallback_info,
+    open_console,
+    parse,
+)
 from edge.store import Append
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from drivers.usb_discovery import UsbDevice
 
-__all__ = ["KIND", "Console", "ConsoleConfig", "ConsoleInput", "ConsoleWorker"]
+__all__ = ["KIND", "Console", "ConsoleConfig", "ConsoleInput", "ConsoleLoss", "ConsoleOpened",
+           "ConsoleWorker", "fallback_info", "open_console"]
 
 log = logging.getLogger(__name__)
-
-_LABEL: Final = re.compile(r"^[a-z0-9_-]{1,32}\Z")
-
-
-@dataclass(frozen=True, slots=True)
-class ConsoleConfig(DeviceConfig):
-    transport: str = "hid"  # "hid" (USB) or "socket" (a `feedback-sim console` process)
-    socket: Path | None = None
-    vid: int = VID
-    pid: int = PID
-    labels: tuple[str, ...] | None = None  # per button, overriding the layout's
-    scores: tuple[int | None, ...] | None = None
-
-
-def _parse_labels(t: Table) -> tuple[tuple[str, ...] | None, tuple[int | None, ...] | None]:
-    labels = t.get("labels")
-    scores = t.get("scores")
-    if labels is MISSING:
-        if scores is not MISSING:
-            raise t.error("scores", scores, "needs labels (one score per label)")
-        return None, None
-    if not isinstance(labels, list) or not 1 <= len(labels) <= 16 or not all(
-            isinstance(x, str) and _LABEL.match(x) for x in labels):
-        raise t.error("labels", labels,
-                      "must be a list of 1 to 16 labels like \"good\" ([a-z0-9_-], 1-32 chars)")
-    if scores is MISSING:
-        return tuple(labels), None
-    low, high = SCORE_RANGE
-    if not isinstance(scores, list) or len(scores) != len(labels) or not all(
-            isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
-            for x in scores):
-        raise t.error("scores", scores, f"must be a list of {len(labels)} integers from "
-                      f"{low} to {high}, one per label")
-    return tuple(labels), tuple(scores)
-
-
-def parse(t: Table, index: int, desk: str) -> ConsoleConfig:
-    transport = t.string("transport", default="hid", allowed="\"hid\" or \"socket\"")
-    if transport not in ("hid", "socket"):
-        raise t.error("transport", transport, "must be \"hid\" or \"socket\" (a simulator)")
-    serial = t.string("serial", default=None, pattern=SERIAL_RE,
-                      allowed="12 upper-case hex digits, as printed on the label")
-    if transport == "hid" and serial is None:
-        raise t.error("serial", MISSING, "required for a USB console: 12 upper-case hex "
-                      "digits, as printed on the label (`feedback-edge devices` lists them)")
-    sock = t.path_value("socket")
-    if transport == "socket" and sock is None:
-        raise t.error("socket", MISSING, "required when transport = \"socket\"")
-    if transport == "hid" and sock is not None:
-        raise t.error("socket", str(sock), "only allowed with transport = \"socket\"")
-    vid = t.integer("vid", VID, 0, 0xFFFF)
-    pid = t.integer("pid", PID, 0, 0xFFFF)
-    labels, scores = _parse_labels(t)
-    default_id = f"fc3-{serial.lower()}" if serial else f"console-{index + 1}"
-    dev_id = t.string("id", default=default_id, pattern=NAME_RE,
-                      allowed="1 to 32 lower-case letters, digits or '-'")
-    t.finish()
-    return ConsoleConfig(str(dev_id), "console", desk, serial, str(transport), sock, vid, pid,
-                         labels, scores)
-
-
-def open_console(cfg: ConsoleConfig) -> HidTransport:
-    """The console's transport: the simulator's socket, or its /dev/hidrawN node.
-
-    Always the kernel's hidraw interface through the standard library, never
-    hidapi: PyPI's hidapi wheel's `import hid` is its libusb backend, which
-    detaches usbhid (the hidraw node the udev rule gives the service user
-    disappears) and then cannot open the device as that user; and armv7 has
-    no hidapi wheel at all.  One path on every Pi."""
-    if cfg.transport == "socket":
-        # The simulator link is for demos and black-box tests; it stays out of
-        # the daemon's import graph unless a config asks for it.
-        from firmware_sim.link import SocketTransport  # noqa: PLC0415
-
-        assert cfg.socket is not None  # noqa: S101 - config validation guarantees it
-        return SocketTransport(cfg.socket)
-    return HidrawConsole.find(cfg.vid, cfg.pid, cfg.serial)
-
-
-# -- worker ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConsoleInput:
-    """One decoded input report, and how long it waited in the console's
-    endpoint before it was read (ms, `DeviceClock`; 0 when read fresh)."""
-
-    report: ConsoleReport
-    waited_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ConsoleLoss:
-    """The console's lost counter (events its ring overwrote since power-up) and
-    how many unacknowledged events its ring holds now (info feature report)."""
-
-    total: int
-    unacked: int | None = None
-    uptime_ms: int | None = None  # the console's now_uptime when it was read
-
-
-class ConsoleWorker(Worker[HidTransport]):
-    kind = "console"
-
-    def send(self, report: bytes) -> bool:
-        """Write an output report now (from the main loop); False if the device is gone."""
-        return self._write(report)
-
-    def _read_info(self, transport: HidTransport) -> ConsoleInfo | DecodeError:
-        try:
-            return decode_info(transport.get_feature(REPORT_INFO, INFO_REPORT_LEN))
-        except DeviceGoneError as e:
-            # The device stalls GET_REPORT, or the node refuses the ioctl: if the
-            # device is really gone, the next read says so.
-            return DecodeError("info_failed", str(e))
-
-    def _serve(self, transport: HidTransport) -> None:
-        clock = DeviceClock()
-        info = self._read_info(transport)
-        seeded_ms = self._clock.mono_ns() // 1_000_000
-        note = None
-        if isinstance(info, DecodeError):
-            self._post(DecodeFailed(self.cfg.id, "info_unreadable"))
-            log.warning("device %s: no info feature report (%s): served as configured, "
-                        "device losses not counted", self.cfg.id, info.name)
-            note = f"no info report ({info.name}): losses not counted"
-            assert isinstance(self.cfg, ConsoleConfig)  # noqa: S101 - built by Console
-            info = fallback_info(self.cfg)
-        else:
-            clock.seed(seeded_ms, info.now_uptime)
-        with self._lock:
-            self._transport = transport
-        self._post(DeviceState(self.cfg.id, "connected", note, info))
-        if info.lost:
-            # Lost while nobody read it (the OVERFLOW flag went with a report
-            # sent into the void): the counter says so.
-            self._post(Reading(self.cfg.id, ConsoleLoss(info.lost, info.unacked,
-                                                                   info.now_uptime),
-                               self._clock.mono_ns(), self._clock.wall_ns()))
-        # Presses made while nobody was reading (daemon down, up to the ring's
-        # 32) arrive at once instead of at the next back-off step.
-        transport.write(encode_resend())
-        buttons = info.buttons
-        while not self._stop.is_set():
-            data = transport.read(READ_TIMEOUT_MS)
-            if data is None:
-                continue
-            mono, wall = self._clock.mono_ns(), self._clock.wall_ns()
-            decoded = decode_report(data, buttons)
-            if isinstance(decoded, DecodeError):
-                self._post(DecodeFailed(self.cfg.id, decoded.name))
-                continue
-            waited = clock.waited_ms(mono // 1_000_000, decoded.now_uptime)
-            self._post(Reading(self.cfg.id, ConsoleInput(decoded, waited), mono, wall))
-            if decoded.overflow:
-                fresh = self._read_info(transport)
-                if not isinstance(fresh, DecodeError):
-                    self._post(Reading(self.cfg.id, ConsoleLoss(fresh.lost, fresh.unacked,
-                                                                       fresh.now_uptime),
-                                       mono, wall))
 
 
 # -- decisions ----------------------------------------------------------------------
@@ -283,7 +126,11 @@ class Console(Device):
         # Dedup keys are scoped per console: (dev_seq, uptime, type, button).
         self.scope = f"console:{cfg.id}"
         keys = env.stored_keys(self.scope)
-        self.host = ConsoleHost([k for k in keys if not k.startswith("lost:")])
+        self.host = ConsoleHost(_session_keys(keys))
+        # The console's power-up as last seen: (boot_id, power-up ms, when ms).
+        self._power_up = max((m for k in keys if (m := _power_up_key(k)) is not None),
+                             key=lambda m: (m[0] == env.clock.boot_id, m[2]), default=None)
+        self._fresh = False  # a new session begun at open, whose HELLO is still to come
         self.info: ConsoleInfo | None = None
         self.labels: tuple[tuple[str, int | None], ...] = ()
         # The lost counter already recorded in this device session.
@@ -307,6 +154,8 @@ class Console(Device):
 
     def decide(self, r: Reading, ctx: Context) -> Decision:
         inp = r.data
+        if isinstance(inp, ConsoleOpened):
+            return self._opened(r, inp.uptime_ms, ctx)
         if isinstance(inp, ConsoleLoss):
             self._forget_overwritten(inp.unacked)
             if inp.uptime_ms is not None and inp.total > inp.uptime_ms // 100 + 32:
@@ -328,13 +177,16 @@ class Console(Device):
         self._batch.append(inp.report)
         if isinstance(action, NewSession):
             log.info("device %s powered up (HELLO)", self.cfg.id)
-            return Decision([*self._new_session(r, ctx), Append(None, (self.scope, action.key))],
+            return Decision([*self._new_session(r, ctx), Append(None, (self.scope, action.key)),
+                             self._up_key(r, inp.report.now_uptime, ctx)],
                             (self.scope,), token=inp.report)
         assert isinstance(action, Record)  # noqa: S101 - the three host actions
+        if not action.new_session:
+            self._fresh = False  # the new session's HELLO was not read: no second start
         forget: tuple[str, ...] = ()
         gone: list[Append] = []
         if action.new_session:
-            gone = self._new_session(r, ctx)
+            gone = [*self._new_session(r, ctx), self._up_key(r, inp.report.now_uptime, ctx)]
             forget = (self.scope,)
         # A dropped press still records its key, so its replays are
         # recognised instead of being judged (and counted) again.
@@ -369,9 +221,38 @@ class Console(Device):
                      operator=ctx.operator(self.cfg.desk, wall),
                      time=ctx.event_time(mono, wall, age_ms), flags=flags)
 
+    def _opened(self, r: Reading, uptime_ms: int, ctx: Context) -> Decision:
+        """The console was (re)opened: a new session if it powered up since (module
+        docstring); the power-up is kept as a key either way."""
+        boot, now_ms = ctx.clock.boot_id, r.host_mono_ns // 1_000_000
+        up_ms = now_ms - uptime_ms  # negative: before this boot of the Pi
+        new = False
+        if self._power_up is not None:
+            m_boot, m_up, m_at = self._power_up
+            new = abs(up_ms - m_up) > 2000 + (now_ms - m_at) // 5000 if m_boot == boot \
+                else up_ms >= 0
+        key = self._up_key(r, uptime_ms, ctx)
+        if not new:
+            return Decision([key])
+        log.info("device %s powered up since it was last read: a new session", self.cfg.id)
+        self.host = ConsoleHost([])
+        gone = self._new_session(r, ctx)
+        self._fresh = True
+        return Decision([*gone, key], (self.scope,))
+
+    def _up_key(self, r: Reading, uptime_ms: int, ctx: Context) -> Append:
+        """The console's power-up as a key of its scope (kept across a new session's
+        forgetting of the old keys, which runs before the appends)."""
+        now_ms = r.host_mono_ns // 1_000_000
+        self._power_up = (ctx.clock.boot_id, now_ms - uptime_ms, now_ms)
+        return Append(None, (self.scope, f"up:{ctx.clock.boot_id}:{now_ms - uptime_ms}:{now_ms}"))
+
     def _new_session(self, r: Reading, ctx: Context) -> list[Append]:
         """The console powered up: its ring, and what we had not stored of it, is
         gone: a device_lost record (power_loss) for those."""
+        if self._fresh:  # begun at open already; this is its HELLO
+            self._fresh = False
+            return []
         self.resets += 1
         self.lost_seen = self._lost_committed = 0
         if not self.unstored:
@@ -445,19 +326,26 @@ class Console(Device):
             self.unstored[rep.key] = rep.event_uptime
         self._batch.clear()
         # The host remembered keys that never reached the disk.
-        self.host = ConsoleHost([k for k in self._stored_keys(self.scope)
-                                 if not k.startswith("lost:")])
+        self.host = ConsoleHost(_session_keys(self._stored_keys(self.scope)))
 
     def details(self) -> dict[str, Any]:
         return {"buttons": self.info.buttons if self.info else None}
 
 
-def fallback_info(cfg: ConsoleConfig) -> ConsoleInfo:
-    """What the daemon assumes of a console whose info report is unreadable:
-    the config's labels, or the three-level layout; protocol 0 marks it assumed."""
-    if cfg.labels:
-        return ConsoleInfo(0, 0, 0, len(cfg.labels), Layout.CUSTOM, 32, 0, 0, 0)
-    return ConsoleInfo(0, 0, 0, 3, Layout.THREE_LEVEL, 32, 0, 0, 0)
+def _session_keys(keys: list[str]) -> list[str]:
+    """The dedup keys of presses and HELLOs, without lost counters and power-ups."""
+    return [k for k in keys if not k.startswith(("lost:", "up:"))]
+
+
+def _power_up_key(key: str) -> tuple[str, int, int] | None:
+    """(boot_id, power-up ms, when ms) of an `up:` key, or None."""
+    parts = key[3:].rsplit(":", 2) if key.startswith("up:") else []
+    if len(parts) != 3:
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
 
 
 def _snippet(usb: UsbDevice) -> list[str]:

@@ -2,6 +2,7 @@
 device as a real USB gadget, or drive a running one.
 
     console  --control CTL [--serial 00A1B2C3D4E5] [--feature ok|stall|zeros] [--udc U]
+             [--acked-log FILE]
     terminal --control CTL --flash FILE [--serial 00C0FFEE0001] [--day] [--udc U]
     keyboard --control CTL [--vid 0x1a86 --pid 0xe026] [--serial S] [--udc U]
     badge    --control CTL [--vid 0xffff --pid 0x0035] [--serial S] [--udc U]
@@ -53,7 +54,7 @@ def _console(args: argparse.Namespace) -> int:
                      layout=_LAYOUTS[args.layout], feature=args.feature,
                      tx_queue=args.tx_queue, udc=args.udc, name=args.name,
                      vid=args.vid, pid=args.pid, interval_ms=args.interval_ms,
-                     pace_ms=args.pace_ms)
+                     pace_ms=args.pace_ms, acked_log=args.acked_log)
     dev.start()
     print(f"console {args.serial} on {dev.gadget.udc} (usb {dev.gadget.host_port()}), "
           f"control {args.control}", flush=True)
@@ -155,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
                         "while nobody read survive usbhid's flush at open)")
     c.add_argument("--vid", type=_int, default=0x1209)
     c.add_argument("--pid", type=_int, default=0xFB02)
+    c.add_argument("--acked-log", type=Path,
+                   help="append one JSON line per event the host ACKs (boot_id, power_up_ms, "
+                        "dev_seq, type, button, event_uptime), written as the ACK arrives")
     c.set_defaults(func=_console)
 
     t = device("terminal", "an ST-3000 survey terminal (CDC-ACM, 1209:fb30)")

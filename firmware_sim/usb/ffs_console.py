@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from drivers.console import PID, REPORT_COMMAND, REPORT_INFO, VID, Layout
-from firmware_sim.console import ConsoleFirmware
+from firmware_sim.console import AckedEvent, ConsoleFirmware
 from firmware_sim.usb import functionfs as ffs
 from firmware_sim.usb.control import ControlServer, quiet_thread
 from firmware_sim.usb.gadget import Gadget, Identity
@@ -414,14 +414,30 @@ class UsbConsole:
     has the socket server's keys (`host_attached`: the host has the device
     configured; USB does not tell whether a program has hidraw open) plus
     `usb`: udc, port, configured, in_queue, in_log (the last reports the
-    host took, hex) and counters."""
+    host took, hex) and counters.
+
+    With `acked_log`, every event an ACK removes from the ring is appended to
+    that file as one JSON line as the ACK arrives (no fsync: on the VM tier's
+    9p share a write() has reached the host's file system when it returns, so
+    the record survives a power cut of the guest): `boot_id` (the kernel's),
+    `power_up_ms` (the process's monotonic clock at the firmware's power-up,
+    ms: with `boot_id` the power-up session), `dev_seq`, `type`, `button`,
+    `event_uptime` (the event's CLOCK_MONOTONIC ms is their sum)."""
 
     def __init__(self, serial: str, control: Path, *, buttons: int = 3,
                  layout: int = Layout.THREE_LEVEL, feature: FeatureMode = "ok",
                  tx_queue: int = 32, udc: str | None = None, name: str | None = None,
                  vid: int = VID, pid: int = PID, mount_root: Path = Path("/dev"),
-                 interval_ms: int = 1, pace_ms: int = 0) -> None:
+                 interval_ms: int = 1, pace_ms: int = 0,
+                 acked_log: Path | None = None) -> None:
         self.fw = ConsoleFirmware(serial, buttons=buttons, layout=layout, uptime_ms=_uptime_ms)
+        self._acked_fd = -1
+        self._boot_id = ""
+        if acked_log is not None:
+            self._acked_fd = os.open(acked_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            with contextlib.suppress(OSError):
+                self._boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            self.fw.on_acked = self._log_acked
         self.name = name or f"fc3-{serial.lower()}"
         self.gadget = Gadget(self.name, Identity(vid, pid, MANUFACTURER, PRODUCT, serial))
         self._udc = udc
@@ -458,6 +474,25 @@ class UsbConsole:
         self.gadget.unbind()
         self.usb.close()
         self.gadget.remove()
+        if self._acked_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._acked_fd)
+            self._acked_fd = -1
+
+    def _log_acked(self, events: list[AckedEvent]) -> None:
+        # Under the firmware's lock (ConsoleFirmware.on_acked): one append per ACK.
+        if self._acked_fd < 0:
+            return
+        up = self.fw.powered_up_at_ms
+        data = "".join(json.dumps({"boot_id": self._boot_id, "power_up_ms": up,
+                                   "dev_seq": e.dev_seq, "type": e.type.name,
+                                   "button": e.button, "event_uptime": e.event_uptime}) + "\n"
+                       for e in events).encode()
+        try:
+            while data:
+                data = data[os.write(self._acked_fd, data):]
+        except OSError as e:
+            log.warning("acked log: %s", e)
 
     def _ticker(self) -> None:
         while not self._stop.is_set():
