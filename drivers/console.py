@@ -353,7 +353,12 @@ class ConsoleHost:
             # A running device's uptime advances with the host's clock (this
             # also covers the 2^32 ms wrap); one that restarted is behind.
             advanced = (r.now_uptime - last_up) % UPTIME_MOD
-            return abs(advanced - elapsed) > _RATE_SLACK_MS + elapsed // 100
+            if advanced >= UPTIME_MOD // 2:
+                return True  # behind the last report: it restarted
+            # Only a device that advanced less than the host's time did: a burst of
+            # reports that waited in the endpoint advances more (issue 15; a restart
+            # within one open is a USB re-enumeration, a new open anyway).
+            return elapsed - advanced > _RATE_SLACK_MS + elapsed // 100
         return self._max_uptime is not None and r.now_uptime < self._max_uptime
 
     def on_report(self, r: ConsoleReport, host_mono_ns: int) -> HostAction:
@@ -412,7 +417,9 @@ class DeviceClock:
     """
 
     LATE_MS: Final = 100
-    DRIFT_PPM: Final = 200  # two clocks of +-100 ppm each
+    # A USB full-speed device's clock may be 2500 ppm off (USB 2.0, 7.1.11), the
+    # Pi's slewed by NTP up to 500 ppm: a slow console is not taken for waiting.
+    DRIFT_PPM: Final = 3000
     WINDOW_MS: Final = 600_000
 
     def __init__(self) -> None:
@@ -434,8 +441,13 @@ class DeviceClock:
         if ref is not None:
             at, best = ref
             excess = offset - best
-            if excess > self.LATE_MS + (host_ms - at) * self.DRIFT_PPM // 1_000_000:
+            allowed = self.LATE_MS + (host_ms - at) * self.DRIFT_PPM // 1_000_000
+            if excess > allowed:
                 return excess
+            if excess < -allowed - UPTIME_MOD // 4:
+                # Modulo 2^32 a wait of over 24.9 days reads as a negative one: such a
+                # report must not become the reference for every later one.
+                return (excess + UPTIME_MOD) % UPTIME_MOD
         self._add(host_ms, offset)
         return 0
 

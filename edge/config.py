@@ -212,11 +212,18 @@ def parse_config(data: dict[str, Any], source: str = "", base_dir: Path | None =
         for i, raw in enumerate(raw_devices):
             devices.append(parse_device(Table(raw, f"devices[{i}]", source), i, dict(desks)))
     seen: dict[str, int] = {}
+    serials: dict[tuple[str, str], int] = {}
     for i, d in enumerate(devices):
         if d.id in seen:
             raise ConfigError(f"devices[{i}].id", d.id,
                               f"must be unique; devices[{seen[d.id]}] has the same id", source)
         seen[d.id] = i
+        if d.serial is not None:
+            # Two tables naming one unit would both open it: every press stored twice.
+            if (d.kind, d.serial) in serials:
+                raise ConfigError(f"devices[{i}].serial", d.serial, "must be unique; devices["
+                                  f"{serials[d.kind, d.serial]}] is the same {d.kind}", source)
+            serials[d.kind, d.serial] = i
 
     daemon_t = top.table("daemon") or Table({}, "daemon", source, base_dir)
     control = daemon_t.path_value("control_socket") or store.path.parent / "control.sock"

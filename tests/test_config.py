@@ -263,3 +263,16 @@ def test_an_encrypted_client_key_is_refused_not_prompted_for(tmp_path: Path) -> 
                         f'ca_file = "{ca}"\ncert_file = "{cert}"\nkey_file = "{key}"')
     with pytest.raises(ConfigError, match="unencrypted PEM key"):
         _parse(text)
+
+
+def test_two_tables_naming_the_same_console_are_refused(tmp_path: Path) -> None:
+    """Both would open one /dev/hidraw node: every press stored twice, at two desks."""
+    from edge.config import load_config
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path / "edge.toml", port=1883, store=tmp_path / "o.sqlite",
+                       devices=[{"kind": "console", "desk": "desk-1", "serial": "00A1B2C3D4E5"},
+                                {"kind": "console", "desk": "desk-2", "serial": "00A1B2C3D4E5",
+                                 "id": "fc3-other"}])
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.serial.*must be unique"):
+        load_config(cfg)

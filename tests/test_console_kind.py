@@ -168,3 +168,20 @@ def test_a_console_older_than_the_pi_s_boot_keeps_its_session(tmp_path: Path) ->
     replay = rig.decide(ConsoleInput(ConsoleReport(1, ReportType.PRESS, 0, True, False,
                                                    2500, 61_000)))
     assert replay.duplicate
+
+
+def test_a_console_whose_uptime_wrapped_keeps_its_session_across_a_daemon_restart(
+        tmp_path: Path) -> None:
+    """Review of issue 15: the power-up is compared modulo 2^32 ms (49.7 days)."""
+    from edge.kinds.console import ConsoleOpened
+
+    rig = Rig(tmp_path)
+    now_ms = rig.clock.mono_ns() // 1_000_000
+    # Last open an hour ago: the console had powered up 2^32 - 5000 ms before that.
+    up = now_ms - 3_600_000 - (2**32 - 5_000)
+    old = ["1:2500:1:0", f"up:{rig.clock.boot_id}:{up}:{now_ms - 3_600_000}"]
+    env = Env(lambda _m: None, rig.clock, tmp_path, lambda _s: list(old), lambda: None)
+    rig.console = Console(ConsoleConfig("fc3-a", "console", "desk-1", "00A1B2C3D4E5"), env)
+    # Now its uptime has wrapped: (2^32 - 5000 + 3600000) mod 2^32.
+    opened = rig.decide(ConsoleOpened(uptime_ms=3_600_000 - 5_000))
+    assert opened.forget == ()

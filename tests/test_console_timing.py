@@ -10,7 +10,7 @@ from pathlib import Path
 
 from drivers.console import UPTIME_MOD, ConsoleReport, DeviceClock, ReportType, encode_report
 from edge.clock import ManualClock
-from edge.kinds.base import DecodeFailed, DeviceState, Reading
+from edge.kinds.base import DecodeFailed, DeviceAlarm, DeviceState, Reading
 from edge.kinds.console import ConsoleConfig, ConsoleInput, ConsoleWorker
 from firmware_sim.console import ConsoleFirmware
 from firmware_sim.link import MemoryTransport
@@ -158,4 +158,38 @@ def test_a_console_without_an_info_report_is_served_once_not_retried_in_a_loop()
     assert "no info report" in states[0].error
     assert [p.name for p in bench.posts if isinstance(p, DecodeFailed)] == ["info_unreadable"]
     info = states[0].details
-    assert getattr(info, "buttons", None) == 3  # the three-level layout, as no labels are set
+    # No labels in the config: every button the sheet allows, unlabelled, and an alarm.
+    assert getattr(info, "buttons", None) == 16
+    assert [p.code for p in bench.posts if isinstance(p, DeviceAlarm)] == ["device_unidentified"]
+
+
+def test_without_a_seed_a_burst_of_waited_resends_is_no_restart() -> None:
+    """Review of issue 15: a console without an info report has no device-clock seed,
+    so its waited resends (queued 1, 3, 7 s after a press, read 100 ms apart) count
+    as fresh; their uptime running ahead of the host's must not read as a restart
+    (which forgot the dedup keys and stored the press three times)."""
+    from drivers.console import ConsoleHost, Duplicate, Record
+
+    host = ConsoleHost()
+    sent = [(1_000, False), (2_000, True), (4_000, True), (8_000, True)]
+    actions = [host.on_report(ConsoleReport(1, ReportType.PRESS, 0, replay, False, 900, up),
+                              (50_000 + i * 100) * 1_000_000)
+               for i, (up, replay) in enumerate(sent)]
+    assert isinstance(actions[0], Record)
+    assert all(isinstance(a, Duplicate) for a in actions[1:])
+
+
+def test_a_console_a_few_thousand_ppm_slow_is_not_taken_for_waiting() -> None:
+    c = DeviceClock()
+    c.seed(0, 0)
+    for minute in range(1, 121):  # two hours of presses, the console 2500 ppm slow
+        host = minute * 60_000
+        assert c.waited_ms(host, host - host * 2500 // 1_000_000) == 0, minute
+
+
+def test_a_report_that_waited_over_24_days_does_not_become_the_reference() -> None:
+    c = DeviceClock()
+    c.seed(100_000_000_000, 90_000_000_000)
+    waited = 25 * 24 * 3_600_000  # more than 2^31 ms: negative modulo 2^32
+    assert c.waited_ms(100_000_000_000, 90_000_000_000 - waited) == waited
+    assert c.waited_ms(100_000_001_000, 90_000_001_000) == 0  # the next fresh one is fresh

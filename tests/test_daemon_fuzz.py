@@ -1032,9 +1032,9 @@ def test_fuzzed_console_reports_become_events_in_range_or_are_counted(
                 assert one_line(line), line
             failed = [m.name for m in posted if isinstance(m, DecodeFailed)]
             first = fc.decode_info(info)
-            # Without an info report the console is served as three buttons (no labels
+            # Without an info report the console is served as 16 buttons (no labels
             # in the config), and that is counted.
-            buttons = 3 if isinstance(first, fc.DecodeError) else first.buttons
+            buttons = 16 if isinstance(first, fc.DecodeError) else first.buttons
             assert failed.count("info_unreadable") == isinstance(first, fc.DecodeError)
             bad = [r for r in reports if not _report_ok(r, buttons)]
             assert len([n for n in failed if n in REPORT_ERRORS]) == len(bad)

@@ -45,17 +45,20 @@ HELLO, whose key is the same in every session; the sheet's "uptime going
 backwards" cannot tell it from the old session after a short one.  So the
 power-up itself is tracked: at every open, the info report's `now_uptime`
 gives the console's power-up in this boot's monotonic time, kept as a key
-`up:<boot_id>:<power-up ms>:<when ms>`.  A power-up that moved (beyond 2 s and
-200 ppm of drift since the key was written), or, after the Pi rebooted, one
-that came after this boot began (the console lives on the Pi's USB power),
-starts a new session: the old session's keys and lost counter go.  A console
+`up:<boot_id>:<power-up ms>:<when ms>`.  A power-up that moved (beyond 2 s
+and 3000 ppm of drift since the key was written, modulo the 2^32 ms wrap), or,
+after the Pi rebooted, one that came after this boot began (the console lives
+on the Pi's USB power), starts a new session: the old session's keys and lost
+counter go.  A console
 older than the Pi's boot (a powered hub) keeps its session.
 
 A console whose firmware cannot answer the info feature report (a stall, an
 error, or zeros, as the kernel's own gadget HID function answers GET_REPORT)
-is served anyway, once per open: as its config's labels say, or as the
-three-level layout (buttons 0-2) when the config names none.  The failure is
-counted (`info_unreadable`) and shown in its status; without the report the
+is served anyway, once per open: as its config's labels say, or, when the
+config names none, as 16 unlabelled buttons (`button-N`, no score; a guessed
+layout would mislabel a yes/no or five-point console) with alarm
+`device_unidentified` asking for labels.  The failure is counted
+(`info_unreadable`) and shown in its status; without the report the
 ring's lost counter is unknown (an OVERFLOW flag still marks the next event
 `device_overflow`) and the device clock has no seed.
 """
@@ -67,10 +70,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from drivers.console import (
+    UPTIME_MOD,
     USB_MATCHER,
     ConsoleHost,
     ConsoleInfo,
     ConsoleReport,
+    DeviceClock,
     Duplicate,
     NewSession,
     Record,
@@ -178,7 +183,7 @@ class Console(Device):
         if isinstance(action, NewSession):
             log.info("device %s powered up (HELLO)", self.cfg.id)
             return Decision([*self._new_session(r, ctx), Append(None, (self.scope, action.key)),
-                             self._up_key(r, inp.report.now_uptime, ctx)],
+                             self._up_key(r, inp.report.now_uptime + inp.waited_ms, ctx)],
                             (self.scope,), token=inp.report)
         assert isinstance(action, Record)  # noqa: S101 - the three host actions
         if not action.new_session:
@@ -186,7 +191,8 @@ class Console(Device):
         forget: tuple[str, ...] = ()
         gone: list[Append] = []
         if action.new_session:
-            gone = [*self._new_session(r, ctx), self._up_key(r, inp.report.now_uptime, ctx)]
+            gone = [*self._new_session(r, ctx),
+                    self._up_key(r, inp.report.now_uptime + inp.waited_ms, ctx)]
             forget = (self.scope,)
         # A dropped press still records its key, so its replays are
         # recognised instead of being judged (and counted) again.
@@ -229,8 +235,9 @@ class Console(Device):
         new = False
         if self._power_up is not None:
             m_boot, m_up, m_at = self._power_up
-            new = abs(up_ms - m_up) > 2000 + (now_ms - m_at) // 5000 if m_boot == boot \
-                else up_ms >= 0
+            moved = (up_ms - m_up + UPTIME_MOD // 2) % UPTIME_MOD - UPTIME_MOD // 2
+            allowed = 2000 + (now_ms - m_at) * DeviceClock.DRIFT_PPM // 1_000_000
+            new = abs(moved) > allowed if m_boot == boot else up_ms >= 0
         key = self._up_key(r, uptime_ms, ctx)
         if not new:
             return Decision([key])

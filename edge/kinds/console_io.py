@@ -30,7 +30,7 @@ from drivers.hidraw_transport import HidrawConsole
 from drivers.transport import DeviceGoneError, HidTransport
 from edge.contract.ids import NAME_RE, SCORE_RANGE, SERIAL_RE
 from edge.contract.toml import MISSING, Table
-from edge.kinds.base import DecodeFailed, DeviceConfig, DeviceState, Reading
+from edge.kinds.base import DecodeFailed, DeviceAlarm, DeviceConfig, DeviceState, Reading
 from edge.kinds.worker import READ_TIMEOUT_MS, Worker
 
 if TYPE_CHECKING:
@@ -175,6 +175,10 @@ class ConsoleWorker(Worker[HidTransport]):
             note = f"no info report ({info.name}): losses not counted"
             assert isinstance(self.cfg, ConsoleConfig)  # noqa: S101 - built by Console
             info = fallback_info(self.cfg)
+            if not self.cfg.labels:
+                self._post(DeviceAlarm(self.cfg.id, "device_unidentified", (
+                    f"console {self.cfg.id} does not say its layout (no info report): its "
+                    "presses are stored as button-N; set labels in its [[devices]] table")))
         else:
             clock.seed(seeded_ms, info.now_uptime)
         with self._lock:
@@ -215,7 +219,9 @@ class ConsoleWorker(Worker[HidTransport]):
 
 def fallback_info(cfg: ConsoleConfig) -> ConsoleInfo:
     """What the daemon assumes of a console whose info report is unreadable:
-    the config's labels, or the three-level layout; protocol 0 marks it assumed."""
-    if cfg.labels:
-        return ConsoleInfo(0, 0, 0, len(cfg.labels), Layout.CUSTOM, 32, 0, 0, 0)
-    return ConsoleInfo(0, 0, 0, 3, Layout.THREE_LEVEL, 32, 0, 0, 0)
+    the config's labels, or 16 unlabelled buttons; protocol 0 marks it assumed."""
+    # Without labels in the config the layout is unknown: every button the sheet
+    # allows (16) is taken, as button-N without a score, rather than refused or
+    # mislabelled (a yes/no console's "no" is not "neutral").
+    return ConsoleInfo(0, 0, 0, len(cfg.labels) if cfg.labels else 16, Layout.CUSTOM, 32, 0,
+                       0, 0)
