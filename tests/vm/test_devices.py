@@ -281,7 +281,7 @@ S1, S2, S3 = "00A1B2C3D4E5", "00A1B2C3D4E6", "00A1B2C3D4E7"
 C1, C2, C3 = f"fc3-{S1.lower()}", f"fc3-{S2.lower()}", f"fc3-{S3.lower()}"
 CTL1, CTL2, CTL3 = "/run/c1.ctl", "/run/c2.ctl", "/run/c3.ctl"
 # Five-point labels by button (the sheet's layout 0x03), which only the info
-# feature report can tell the daemon: its fallback is three buttons.
+# feature report can tell the daemon: its fallback is 16 unlabelled buttons.
 FIVE = ["5", "4", "3", "2", "1"]
 # The upper bound of how much later than its real press time a press that
 # waited in the endpoint may be timed (test 4): the firmware registers the
@@ -306,7 +306,7 @@ def test_consoles(vm: Machines, broker: Broker, subscribe: Callable[[str], Subsc
        broker (status: queue empty, last_seq = what was published), ACK and
        LED through real output reports (the console's own log of acked events
        and LEDs), the info feature report read (status: 5 buttons, labels of
-       the five-point layout; the fallback would be 3).  This is also issue
+       the five-point layout; the fallback would be 16 unlabelled).  This is also issue
        15's fault 1: hidapi's libusb backend detached usbhid and could not
        open the console as the service user; the daemon now reads /dev/hidrawN
        with the standard library, so here the service user's daemon holds the
@@ -375,7 +375,7 @@ desk = "desk-{i}"
     by_dev = {d: [e for e in edge.events("press") if e["device"]["id"] == d] for d in (C1, C2, C3)}
     expect = {C1: ("desk-1", S1, [(0, "5", 5), (2, "3", 3)]),
               C2: ("desk-2", S2, [(1, "4", 4), (4, "1", 1)]),
-              C3: ("desk-3", S3, [(2, "bad", -1), (0, "good", 1)])}
+              C3: ("desk-3", S3, [(2, "button-2", None), (0, "button-0", None)])}
     for dev, (desk, serial, presses) in expect.items():
         got = by_dev[dev]
         assert [(e["press"]["button"], e["press"]["label"], e["press"]["score"])
@@ -398,7 +398,9 @@ desk = "desk-{i}"
         assert (devs[dev]["state"], devs[dev]["error"], devs[dev]["buttons"]) == \
             ("connected", None, 5), devs[dev]
         assert (devs[dev]["presses"], devs[dev]["decode_errors"]) == (2, {}), devs[dev]
-    assert (devs[C3]["state"], devs[C3]["buttons"]) == ("connected", 3), devs[C3]
+    assert (devs[C3]["state"], devs[C3]["buttons"]) == ("connected", 16), devs[C3]
+    # Without labels in its table it cannot say its layout: a person is asked for them.
+    assert any(a.startswith("device_unidentified") for a in status["alarms"]), status["alarms"]
     assert "no info report" in (devs[C3]["error"] or ""), devs[C3]
     assert devs[C3]["decode_errors"] == {"info_unreadable": 1}, devs[C3]
     # PUBACKed: nothing left in the outbox, and every stored event published.
