@@ -30,15 +30,31 @@ from drivers.transport import DeviceGoneError
 from firmware_sim.console import ConsoleFirmware
 from firmware_sim.link import recv_frame, send_frame
 
-__all__ = ["ConsoleServer", "control"]
+__all__ = ["ConsoleServer", "control", "run_ticker", "uptime_ms"]
 
 log = logging.getLogger(__name__)
 
 ACKED_REPLY = 1500  # acknowledged events listed in a `state` reply, newest kept
 
 
-def _uptime_ms() -> int:
+def uptime_ms() -> int:
+    """The simulated consoles' clock: this host's monotonic time in ms."""
     return time.monotonic_ns() // 1_000_000
+
+
+def run_ticker(fw: ConsoleFirmware, wake: threading.Event, stop: threading.Event) -> None:
+    """Turn the firmware's timers (debounce, resends) until `stop`: when its next
+    step is due, or at once when `wake` is set (a press scripted, an ACK)."""
+    while not stop.is_set():
+        due = fw.next_due_ms()
+        wait = 1.0 if due is None else max(0.0, (due - uptime_ms()) / 1000)
+        wake.wait(min(wait, 1.0))
+        wake.clear()
+        try:
+            fw.tick()
+        except Exception:  # a model bug must not stop the console for good
+            log.exception("firmware tick failed")
+            stop.wait(1.0)
 
 
 def unplugged_path(path: Path) -> Path:
@@ -49,7 +65,7 @@ def unplugged_path(path: Path) -> Path:
 class ConsoleServer:
     def __init__(self, path: Path, serial: str, buttons: int = 3, layout: int = 1) -> None:
         self.path = path
-        self.fw = ConsoleFirmware(serial, buttons=buttons, layout=layout, uptime_ms=_uptime_ms)
+        self.fw = ConsoleFirmware(serial, buttons=buttons, layout=layout, uptime_ms=uptime_ms)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._host: socket.socket | None = None
@@ -83,16 +99,7 @@ class ConsoleServer:
         self._wake.set()
 
     def _ticker(self) -> None:
-        while not self._stop.is_set():
-            due = self.fw.next_due_ms()
-            wait = 1.0 if due is None else max(0.0, (due - _uptime_ms()) / 1000)
-            self._wake.wait(min(wait, 1.0))
-            self._wake.clear()
-            try:
-                self.fw.tick()
-            except Exception:  # a model bug must not stop the console for good
-                log.exception("firmware tick failed")
-                self._stop.wait(1.0)
+        run_ticker(self.fw, self._wake, self._stop)
 
     def _send_to_host(self, conn: socket.socket, report: bytes) -> None:
         try:

@@ -164,6 +164,33 @@ class TerminalFirmware:
     def abandoned(self, doctor: str | None, step: str) -> int:
         return self._record("abandoned", {"doctor": doctor, "step": step})
 
+    def add(self, step: dict[str, Any]) -> int:
+        """A record described as a day script or a control request describes it:
+        `{"kind": "answer" | "presence" | "abandoned", ...its fields}` (`after_ms` and
+        `force` are the script's); its id.  Raises ValueError for an unknown kind,
+        TypeError for fields the kind does not take or a step that is no object."""
+        if not isinstance(step, dict):
+            raise TypeError('a record is {"kind": "answer", ...}')
+        fields = {k: v for k, v in step.items() if k not in ("kind", "after_ms", "force")}
+        kind = step.get("kind")
+        if kind == "answer":
+            return self.answer(force=bool(step.get("force")), **fields)
+        if kind == "presence":
+            return self.presence(**fields)
+        if kind == "abandoned":
+            return self.abandoned(**fields)
+        raise ValueError(f"unknown record kind {kind!r}: answer, presence or abandoned")
+
+    def play(self, script: list[dict[str, Any]], elapsed_ms: int) -> None:
+        """The script's steps due `elapsed_ms` after it started, each once: the step
+        count advances before the record is written, so both land in the same
+        atomic flash write and a power cut never plays a step twice."""
+        done = int(self.flash["script_done"])
+        while done < len(script) and script[done]["after_ms"] <= elapsed_ms:
+            self.flash["script_done"] = done + 1
+            self.add(script[done])
+            done += 1
+
     def _payload(self, rec: dict[str, Any]) -> tuple[FrameType, dict[str, Any]]:
         body = {k: v for k, v in rec.items() if k not in ("kind", "at")}
         body["age_ms"] = max(0, self._clock() - int(rec["at"]))

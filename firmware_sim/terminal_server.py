@@ -161,25 +161,7 @@ class TerminalServer:
             os.close(self._master)
 
     def _play_script(self) -> None:
-        done = int(self.fw.flash["script_done"])
-        elapsed = _now_ms() - self._started
-        while done < len(self._script) and self._script[done]["after_ms"] <= elapsed:
-            # Advanced before the record is written, so both land in the same
-            # atomic flash write: a power cut never plays a step twice.
-            self.fw.flash["script_done"] = done + 1
-            self._add(self._script[done])
-            done += 1
-
-    def _add(self, step: dict[str, Any]) -> int:
-        fields = {k: v for k, v in step.items() if k not in ("kind", "after_ms", "force")}
-        kind = step["kind"]
-        if kind == "answer":
-            return self.fw.answer(force=bool(step.get("force")), **fields)
-        if kind == "presence":
-            return self.fw.presence(**fields)
-        if kind == "abandoned":
-            return self.fw.abandoned(**fields)
-        raise ValueError(f"unknown record kind {kind!r}")
+        self.fw.play(self._script, _now_ms() - self._started)
 
     def _accept(self) -> None:
         assert self._ctl is not None  # noqa: S101 - only called when the socket exists
@@ -193,7 +175,7 @@ class TerminalServer:
                 kind, payload = recv_frame(conn)
                 reply: dict[str, Any]
                 if kind == b"A":
-                    reply = {"ok": True, "id": self._add(json.loads(payload))}
+                    reply = {"ok": True, "id": self.fw.add(json.loads(payload))}
                 elif kind == b"W":
                     self._write(payload)
                     reply = {"ok": True}

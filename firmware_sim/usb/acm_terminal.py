@@ -269,32 +269,12 @@ class UsbTerminal:
         log.info("plugged in")
 
     def _play_script(self) -> None:
-        done = int(self.fw.flash["script_done"])
-        elapsed = _now_ms() - self._started
-        while done < len(self._script) and self._script[done]["after_ms"] <= elapsed:
-            # In the same flash write as the record: a power cut never plays a step twice.
-            self.fw.flash["script_done"] = done + 1
-            self._add(self._script[done])
-            done += 1
-
-    def _add(self, step: dict[str, Any]) -> int:
-        fields = {k: v for k, v in step.items() if k not in ("kind", "after_ms", "force")}
-        kind = step.get("kind")
-        if kind == "answer":
-            return self.fw.answer(force=bool(step.get("force")), **fields)
-        if kind == "presence":
-            return self.fw.presence(**fields)
-        if kind == "abandoned":
-            return self.fw.abandoned(**fields)
-        raise ValueError(f"unknown record kind {kind!r}: answer, presence or abandoned")
+        self.fw.play(self._script, _now_ms() - self._started)
 
     def handle(self, kind: bytes, payload: bytes) -> dict[str, Any]:
         """One control frame -> its reply (see the class docstring)."""
         if kind == b"A":
-            record = json.loads(payload)
-            if not isinstance(record, dict):
-                raise ValueError('a record is {"kind": "answer", ...}')
-            return {"ok": True, "id": self._add(record)}
+            return {"ok": True, "id": self.fw.add(json.loads(payload))}
         if kind == b"W":
             self._write(payload)
             return {"ok": True}

@@ -67,6 +67,7 @@ from typing import Any, Final, Literal
 
 from drivers.console import PID, REPORT_COMMAND, REPORT_INFO, VID, Layout
 from firmware_sim.console import AckedEvent, ConsoleFirmware
+from firmware_sim.server import run_ticker, uptime_ms
 from firmware_sim.usb import functionfs as ffs
 from firmware_sim.usb.control import ControlServer, quiet_thread
 from firmware_sim.usb.gadget import Gadget, Identity
@@ -396,10 +397,6 @@ class FfsConsole:
 ACKED_REPLY: Final = 1500  # as firmware_sim.server: a control frame holds 64 KiB
 
 
-def _uptime_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
-
-
 class UsbConsole:
     """One console process: the firmware, its gadget (plugged into `udc` or
     the first free UDC) and the control socket.
@@ -430,7 +427,7 @@ class UsbConsole:
                  vid: int = VID, pid: int = PID, mount_root: Path = Path("/dev"),
                  interval_ms: int = 1, pace_ms: int = 0,
                  acked_log: Path | None = None) -> None:
-        self.fw = ConsoleFirmware(serial, buttons=buttons, layout=layout, uptime_ms=_uptime_ms)
+        self.fw = ConsoleFirmware(serial, buttons=buttons, layout=layout, uptime_ms=uptime_ms)
         self._acked_fd = -1
         self._boot_id = ""
         if acked_log is not None:
@@ -495,16 +492,7 @@ class UsbConsole:
             log.warning("acked log: %s", e)
 
     def _ticker(self) -> None:
-        while not self._stop.is_set():
-            due = self.fw.next_due_ms()
-            wait = 1.0 if due is None else max(0.0, (due - _uptime_ms()) / 1000)
-            self._wake.wait(min(wait, 1.0))
-            self._wake.clear()
-            try:
-                self.fw.tick()
-            except Exception:  # a model bug must not stop the console for good
-                log.exception("firmware tick failed")
-                self._stop.wait(1.0)
+        run_ticker(self.fw, self._wake, self._stop)
 
     def unplug(self) -> None:
         with self._lock:
