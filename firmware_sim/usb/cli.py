@@ -40,11 +40,17 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
-def _until_signal(stop: threading.Event) -> None:
+def _serve_until_signal(dev: Any) -> int:
+    """Keep a started device plugged in until SIGTERM or SIGINT, then take it apart."""
+    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        dev.stop()
+    return 0
 
 
 def _console(args: argparse.Namespace) -> int:
@@ -58,12 +64,7 @@ def _console(args: argparse.Namespace) -> int:
     dev.start()
     print(f"console {args.serial} on {dev.gadget.udc} (usb {dev.gadget.host_port()}), "
           f"control {args.control}", flush=True)
-    stop = threading.Event()
-    try:
-        _until_signal(stop)
-    finally:
-        dev.stop()
-    return 0
+    return _serve_until_signal(dev)
 
 
 def _terminal(args: argparse.Namespace) -> int:
@@ -95,12 +96,7 @@ def _keyboard(args: argparse.Namespace) -> int:
     ident = dev.gadget.identity
     print(f"{args.kind} {ident.vid:04x}:{ident.pid:04x} on {dev.gadget.udc} "
           f"(usb {dev.gadget.host_port()}), control {args.control}", flush=True)
-    stop = threading.Event()
-    try:
-        _until_signal(stop)
-    finally:
-        dev.stop()
-    return 0
+    return _serve_until_signal(dev)
 
 
 def _reply(reply: dict[str, Any]) -> int:
