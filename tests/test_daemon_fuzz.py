@@ -77,6 +77,7 @@ from edge.kinds.console import Console, ConsoleInput
 from edge.kinds.keyboard import Keyboard
 from edge.kinds.terminal import MAX_PLAUSIBLE_GAP, Terminal
 from edge.link_messages import Inbound
+from tests.fuzzing import field_paths, hostile_values
 
 EVENT = Draft202012Validator(load_schema("event"))
 RESULT = Draft202012Validator(load_schema("command-result"))
@@ -109,28 +110,7 @@ hostile_text: st.SearchStrategy[str] = st.one_of(
     st.sampled_from(HOSTILE_STRINGS),
     st.text(st.characters(codec=None), max_size=20))  # unpaired surrogates included
 hostile_int: st.SearchStrategy[int] = st.one_of(st.sampled_from(HOSTILE_INTS), st.integers())
-hostile: st.SearchStrategy[Any] = st.one_of(
-    st.sampled_from(HOSTILE_INTS),
-    st.integers(),
-    st.floats(),  # NaN and Infinity included: json.dumps writes them, which is not JSON
-    st.sampled_from([5.0, 1e300, -0.0, 0.5, 2.0**63, 1e19]),
-    st.text(st.characters(codec=None), max_size=20),  # unpaired surrogates included
-    st.sampled_from(HOSTILE_STRINGS),
-    st.none(), st.booleans(),
-    st.lists(st.integers(), max_size=2),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
-
-
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
+hostile = hostile_values(HOSTILE_INTS, HOSTILE_STRINGS)
 
 
 @st.composite
@@ -139,7 +119,7 @@ def mutated(draw: st.DrawFn, doc: Any, texts: tuple[str, ...] = ()) -> tuple[Any
     text fields `texts` replaced by hostile text; and whether it was left as it was."""
     n = draw(st.sampled_from([0, 0, 0, 1, 1, 2, 3]))
     for _ in range(n):
-        paths = _paths(doc)
+        paths = field_paths(doc)
         if not paths:
             break
         path = draw(st.sampled_from(paths))
