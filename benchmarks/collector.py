@@ -1,7 +1,7 @@
 """Collector benchmark: events/s stored exactly once, as a ratio to a subscriber
 that only counts messages, both draining the same backlog from one Mosquitto.
 
-    .venv/bin/python benchmarks/collector.py [--events 10000]
+    .venv/bin/python benchmarks/collector.py [--events 10000] [--runs 3]
 
 For each case the consumer's persistent session is created, the consumer is
 stopped, N events are published into the broker's queue for it, and the
@@ -11,6 +11,10 @@ the counting subscriber (baseline, in this process, paho with automatic
 PUBACKs); `feedback-collector run` with SQLite and with PostgreSQL, one
 instance and two sharing the subscription.  PostgreSQL is Debian's, started
 here on a free port (skipped if it is not installed).
+
+Every run measures the baseline again before its cases, so each ratio is to
+the baseline of its own run; the summary gives each case's median ratio and
+range over the runs, next to the issue's goal.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +74,18 @@ def drain_rate(count: Callable[[], int], n: int, timeout: float = 180) -> float:
     return (n - first) / (time.monotonic() - t0)
 
 
-def baseline(port: int, n: int) -> float:
+def forget_session(port: int, client_id: str) -> None:
+    """End a parked persistent session: it would keep queueing every later run's
+    events (a shared group's too) in the broker."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    c.connect("127.0.0.1", port, clean_start=True)  # session expiry 0: gone at disconnect
+    c.loop_start()
+    c.disconnect()
+    c.loop_stop()
+
+
+def baseline(port: int, n: int, run: int = 1) -> float:
     got = [0]
     lock = threading.Lock()
 
@@ -78,10 +94,10 @@ def baseline(port: int, n: int) -> float:
             got[0] += 1
 
     def session() -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-counter",
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-counter-{run}",
                         protocol=MQTTProtocolVersion.MQTTv5)
         c.on_message = on_message
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         c.connect("127.0.0.1", port, clean_start=False, properties=props)
         c.subscribe(EVENTS_TOPIC, qos=1)
@@ -97,11 +113,12 @@ def baseline(port: int, n: int) -> float:
     rate = drain_rate(lambda: got[0], n)
     c.disconnect()
     c.loop_stop()
+    forget_session(port, f"bench-counter-{run}")
     return rate
 
 
 def collector_case(port: int, n: int, work: Path, *, instances: int,
-                   db: str, dsn: str | None) -> float:
+                   db: str, dsn: str | None, run: int = 1) -> float:
     work.mkdir()
     path = work / "collector.sqlite"
     db_toml = f'[database]\npath = "{path}"\n' if dsn is None else f'[database]\ndsn = "{dsn}"\n'
@@ -110,7 +127,7 @@ def collector_case(port: int, n: int, work: Path, *, instances: int,
         cfg = work / f"c{i}.toml"
         # A group and ids of its own per case: a parked session left in a
         # shared group keeps receiving its share of the events.
-        cfg.write_text(f'id = "{db}-{instances}-{i}"\ngroup = "{db}-{instances}"\n'
+        cfg.write_text(f'id = "{db}-{instances}-{run}-{i}"\ngroup = "{db}-{instances}-{run}"\n'
                        f'[broker]\nhost = "127.0.0.1"\nport = {port}\n{db_toml}')
         configs.append(cfg)
 
@@ -134,14 +151,15 @@ def collector_case(port: int, n: int, work: Path, *, instances: int,
     procs = start()
     # Sessions exist once each instance has said it is online.
     online: set[str] = set()
-    watch = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{db}{instances}",
+    watch = mqtt.Client(CallbackAPIVersion.VERSION2,
+                        client_id=f"bench-watch-{db}{instances}-{run}",
                         protocol=MQTTProtocolVersion.MQTTv5)
     watch.on_message = lambda _c, _u, m: online.add(m.payload.decode())
     watch.connect("127.0.0.1", port)
     watch.subscribe("feedback/v1/collector/state", qos=1)
     watch.loop_start()
     deadline = time.monotonic() + 30
-    while sum(f'"{db}-{instances}-{i}"' in s for i in range(instances) for s in online) \
+    while sum(f'"{db}-{instances}-{run}-{i}"' in s for i in range(instances) for s in online) \
             < instances:
         if time.monotonic() > deadline:
             raise SystemExit("collectors did not come up")
@@ -153,42 +171,63 @@ def collector_case(port: int, n: int, work: Path, *, instances: int,
     procs = start()
     rate = drain_rate(stored, n)
     stop(procs)
+    for i in range(instances):
+        forget_session(port, f"feedback-collector-{db}-{instances}-{run}-{i}")
     assert stored() == n, "stored more or fewer than published"
     probe.close()
     return rate
 
 
+CASES = [("sqlite", 1), ("sqlite", 2), ("postgres", 1), ("postgres", 2)]
+# The goals of issue 17 (ratio to the counting subscriber).
+GOAL = 0.40
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     n = args.events
+    ratios: dict[tuple[str, int], list[float]] = {case: [] for case in CASES}
+    bases: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker, port = start_broker(work)
         pg = None
         try:
-            base = baseline(port, n)
-            print(f"counting subscriber (baseline): {base:,.0f} events/s drained")
             try:
                 from tests.collector_fixtures import Postgres
                 pg = Postgres()
             except BaseException as e:  # noqa: BLE001 - pytest.skip raises outside pytest
                 print(f"PostgreSQL: not measured ({e})")
-            for db in ("sqlite", "postgres"):
-                for instances in (1, 2):
+            for run in range(1, args.runs + 1):
+                base = baseline(port, n, run)
+                bases.append(base)
+                print(f"run {run}: counting subscriber (baseline): {base:,.0f} events/s drained")
+                for db, instances in CASES:
                     if db == "postgres" and pg is None:
                         continue
                     dsn = pg.new_database() if pg is not None and db == "postgres" else None
-                    rate = collector_case(port, n, work / f"{db}-{instances}",
-                                          instances=instances, db=db, dsn=dsn)
-                    print(f"collector, {db}, {instances} instance(s): {rate:,.0f} events/s "
-                          f"stored exactly once = {rate / base:.2f} of the baseline")
+                    rate = collector_case(port, n, work / f"{db}-{instances}-{run}",
+                                          instances=instances, db=db, dsn=dsn, run=run)
+                    ratios[(db, instances)].append(rate / base)
+                    print(f"run {run}: collector, {db}, {instances} instance(s): {rate:,.0f} "
+                          f"events/s stored exactly once = {rate / base:.2f} of the baseline")
         finally:
             if pg is not None:
                 pg.stop()
             broker.terminate()
             broker.wait()
+    print(f"\n{n:,} events, {args.runs} runs; baseline {statistics.median(bases):,.0f} "
+          f"events/s (median; {min(bases):,.0f}-{max(bases):,.0f})")
+    print("| figure | goal | measured: median (range) |")
+    print("|---|---|---|")
+    for (db, instances), got in ratios.items():
+        if got:
+            print(f"| collector exactly-once intake / counting paho subscriber, {db}, "
+                  f"{instances} instance(s) | >= {GOAL:.2f} | {statistics.median(got):.2f} "
+                  f"({min(got):.2f}-{max(got):.2f}) |")
 
 
 if __name__ == "__main__":

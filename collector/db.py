@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-__all__ = ["EVENT_COLS", "RECONNECT_MAX_S", "RECONNECT_MIN_S", "Cursor", "Database",
+__all__ = ["EVENT_COLS", "EVENT_TYPES", "RECONNECT_MAX_S", "RECONNECT_MIN_S", "Cursor", "Database",
            "DatabaseError", "EdgeKey", "RefusedError", "open_database"]
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,12 @@ _ADDED_COLUMNS: Final = (
     ("events", "lost", "BIGINT"),  # device_lost events (event schema 1, minor revision)
     ("quarantine", "digest", "TEXT"),  # a message quarantined once (`collector.store`)
 )
+# The SQL type of each column of `events` (TEXT, BIGINT, INTEGER), from the schema.
+EVENT_TYPES: Final = {
+    **dict(re.findall(r"(\w+) (TEXT|BIGINT|INTEGER)\b",
+                      _SCHEMA[_SCHEMA.index("TABLE IF NOT EXISTS events"):
+                              _SCHEMA.index("TABLE IF NOT EXISTS edges")])),
+    **{column: sqltype for table, column, sqltype in _ADDED_COLUMNS if table == "events"}}
 # Indexes on added columns, created (after them) when missing: (name, statement).
 # Rows from before have a NULL digest, which a unique index lets repeat.
 _ADDED_INDEXES: Final = (

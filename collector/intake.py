@@ -67,6 +67,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema_rs
 import paho.mqtt.client as mqtt
 from jsonschema import Draft202012Validator, ValidationError, validators
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -114,10 +115,24 @@ def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any
 
 _Validator = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator, {"pattern": _pattern})
-_VALIDATORS = {name: _Validator(load_schema(name)) for name in ("event", *topics.SIDE_MESSAGES)}
+_NAMES = ("event", *topics.SIDE_MESSAGES)
+_VALIDATORS = {name: _Validator(load_schema(name)) for name in _NAMES}
+# The same schemas compiled (Rust): 2 us an event where the reference
+# validator takes 200.  It only answers "valid"; a reason is always worked out
+# by the reference validator above, so reasons stay what they were.
+_COMPILED = {name: jsonschema_rs.Draft202012Validator(load_schema(name)) for name in _NAMES}
 
 
 def _why(name: str, body: Any) -> str | None:
+    try:
+        if _COMPILED[name].is_valid(body):
+            return None
+    except Exception:  # noqa: BLE001, S110 - what it cannot take (an unpaired
+        pass           # surrogate, not UTF-8) the reference validator judges
+    return _reference_why(name, body)
+
+
+def _reference_why(name: str, body: Any) -> str | None:
     errors = sorted(_VALIDATORS[name].iter_errors(body), key=lambda e: list(e.path))
     if not errors:
         return None

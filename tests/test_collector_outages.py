@@ -48,14 +48,17 @@ def cut_off(db: Database, backend: Backend) -> None:
 
 
 class _OutageAt:
-    """`db`'s connection, cut off (`cut_off`) just before the second insert of the
-    event `event_id`: the first was in the batch's transaction, which the poison
-    failed; the second is mid-way through the one-by-one pass."""
+    """`db`'s connection, cut off (`cut_off`) just before the event `event_id` is
+    inserted in the one-by-one pass (the statements after its first savepoint):
+    the batch's transaction, which the poison failed, is behind, and the pass
+    is mid-way.  (Counting that event's inserts found the same moment while the
+    batch pass inserted row by row up to the poison; it now builds every row
+    first, and the poison's is refused before anything is inserted.)"""
 
     def __init__(self, db: Database, backend: Backend, event_id: str) -> None:
         self._db, self._backend, self._event_id = db, backend, event_id
         self._conn = db._conn
-        self.inserts = 0
+        self.one_by_one = False
         self.fired = False
 
     def cursor(self) -> Any:
@@ -65,9 +68,10 @@ class _OutageAt:
             rowcount = property(lambda _self: cur.rowcount)
 
             def execute(self, sql: str, params: Any = ()) -> Any:
-                if sql.startswith("INSERT INTO events") and outer._event_id in params:
-                    outer.inserts += 1
-                if outer.inserts == 2 and not outer.fired:
+                if sql.startswith("SAVEPOINT"):
+                    outer.one_by_one = True
+                if outer.one_by_one and sql.startswith("INSERT INTO events") \
+                        and outer._event_id in params and not outer.fired:
                     outer.fired = True
                     cut_off(outer._db, outer._backend)
                 return cur.execute(sql, params)
