@@ -9,15 +9,26 @@ Prints:
 - press-to-PUBACK latency p50/p99 at a steady 200 presses/s;
 - store insert cost (one event per fsync'ed commit) at backlog 10 and 100,000;
 - bytes written per event (write() calls, and what reached the block layer);
-- RSS of a real daemon process with a simulated console after 500 presses.
+- RSS of a real daemon process with a simulated console after 500 presses;
+- the daemon's CPU per event in the throughput runs, as a ratio to raw paho's
+  CPU per message in the same pair (the process's CPU time: main loop, paho's
+  thread and the feeding loop, which only enqueues);
+- start-up with 500,000 events queued against 10: `feedback-edge run` to
+  READY=1 (a process, its imports included) and opening the Store alone,
+  interleaved, one ratio per pair.
+
+Every ratio is printed as the median and range of the rounds (--rounds).
+`--part startup` or `--part throughput` runs only those figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -103,7 +114,7 @@ def reports(n: int, start_uptime: int = 10_000) -> list[Reading]:
     for i in range(n):
         up = start_uptime + i * 7
         r = ConsoleReport((i + 1) % 256, ReportType.PRESS, i % 3, False, False, up, up + 30)
-        out.append(Reading("fc3-00a1b2c3d4e5", ConsoleInput(r, None), time.monotonic_ns(),
+        out.append(Reading("fc3-00a1b2c3d4e5", ConsoleInput(r), time.monotonic_ns(),
                            time.time_ns()))
     return out
 
@@ -117,19 +128,20 @@ def run_daemon(d: TimedDaemon) -> threading.Thread:
     return t
 
 
-def pipeline_throughput(work: Path, port: int, n: int) -> float:
+def pipeline_throughput(work: Path, port: int, n: int) -> tuple[float, float]:
+    """(events/s, CPU seconds of this process) through the whole pipeline."""
     d = make_daemon(work, port, "throughput")
     t = run_daemon(d)
     batch = reports(n)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for r in batch:
         d.inbox.put(r)
     while d.acked < n:
         threading.Event().wait(0.001)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     d.request_stop()
     t.join(10)
-    return n / elapsed
+    return n / elapsed, cpu
 
 
 def pipeline_latency(work: Path, port: int, n: int, rate: float) -> tuple[float, float]:
@@ -193,6 +205,71 @@ def store_costs(work: Path) -> dict[str, float]:
     return out
 
 
+def _bench_encode(e: Event, seq: int) -> tuple[str, bytes]:
+    return "feedback/v1/bench/edge/event/fc3-00a1b2c3d4e5", encode_event(e, seq, "bench", "edge")
+
+
+def build_store(path: Path, n: int) -> None:
+    s = Store(path, _bench_encode, max_events=10**7, max_bytes=10**12)
+    events = [sample_event(i) for i in range(5000)]
+    while s.depth < n:
+        s.commit([Append(e) for e in events[:min(5000, n - s.depth)]])
+    s.close()
+
+
+def ready_s(work: Path, name: str, store: Path) -> float:
+    """Seconds from starting `feedback-edge run` to its READY=1 (no broker listening,
+    no devices: nothing but the start-up itself)."""
+    cfg = work / f"{name}.toml"
+    cfg.write_text(f"""site = "bench"\nedge = "{name}"\n[broker]\nhost = "127.0.0.1"
+port = 9\n[store]\npath = "{store}"\nmax_events = 10000000\nmin_free_bytes = 0
+[daemon]\ncontrol_socket = "{work}/{name}.sock"\n""")
+    notify = work / f"{name}.notify"
+    notify.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        sock.settimeout(60)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg),
+                                 "--log-level", "ERROR"], cwd=ROOT,
+                                env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                stderr=subprocess.DEVNULL)
+        try:
+            while b"READY=1" not in sock.recv(4096):
+                pass
+            elapsed = time.perf_counter() - t0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    return elapsed
+
+
+def open_s(store: Path) -> float:
+    t0 = time.perf_counter()
+    s = Store(store, _bench_encode, max_events=10**7, max_bytes=10**12)
+    elapsed = time.perf_counter() - t0
+    assert s.available
+    s.close()
+    return elapsed
+
+
+def startup(work: Path, big_n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Per round, (big, small) for the daemon to READY=1 and for Store() alone."""
+    small, big = work / "small" / "outbox.sqlite", work / "big" / "outbox.sqlite"
+    build_store(small, 10)
+    build_store(big, big_n)
+    out: dict[str, list[tuple[float, float]]] = {"ready": [], "open": []}
+    for i in range(rounds):
+        out["ready"].append((ready_s(work, f"big{i}", big), ready_s(work, f"small{i}", small)))
+        out["open"].append((open_s(big), open_s(small)))
+    return out
+
+
+def _ratios(pairs: list[tuple[float, float]]) -> str:
+    r = sorted(a / b for a, b in pairs)
+    return f"{statistics.median(r):.2f}x (runs {r[0]:.2f}..{r[-1]:.2f}, {len(r)} runs)"
+
+
 def daemon_rss(work: Path, port: int) -> tuple[float, float]:
     sock = work / "rss-console.sock"
     sim = subprocess.Popen([sys.executable, "-m", "firmware_sim.cli", "console", "run",
@@ -231,34 +308,54 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--startup-events", type=int, default=500_000)
+    ap.add_argument("--part", choices=("all", "throughput", "startup"), default="all")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     broker, port = start_broker(work)
     try:
-        payloads = [encode_event(sample_event(i), i + 1, "bench", "edge")
-                    for i in range(args.events)]
-        # Baseline and pipeline interleaved, one ratio per pair: a noisy
-        # neighbour slows both halves of a pair alike.
-        pairs = []
-        for i in range(args.rounds):
-            r = raw_paho(port, payloads)[0]
-            (work / f"t{i}").mkdir()
-            pairs.append((r, pipeline_throughput(work / f"t{i}", port, args.events)))
-        ratios = sorted(p / r for r, p in pairs)
-        raw = statistics.median(r for r, _ in pairs)
-        pipe = statistics.median(p for _, p in pairs)
-        p50, p99 = pipeline_latency(work, port, 2000, 200.0)
-        costs = store_costs(work)
-        rss, hwm = daemon_rss(work, port)
+        if args.part in ("all", "throughput"):
+            throughput(work, port, args)
+        if args.part in ("all", "startup"):
+            started = startup(work, args.startup_events, args.rounds)
+            big = f"{args.startup_events:,}"
+            print(f"start-up, {big} queued / 10 queued, {args.rounds} interleaved pairs")
+            for what, pairs in (("feedback-edge run to READY=1", started["ready"]),
+                                ("Store() open", started["open"])):
+                b = statistics.median(p[0] for p in pairs)
+                sm = statistics.median(p[1] for p in pairs)
+                print(f"  {what:30s} {b:7.3f} s / {sm:7.3f} s   {_ratios(pairs)}")
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def throughput(work: Path, port: int, args: argparse.Namespace) -> None:
+    payloads = [encode_event(sample_event(i), i + 1, "bench", "edge")
+                for i in range(args.events)]
+    # Baseline and pipeline interleaved, one ratio per pair: a noisy
+    # neighbour slows both halves of a pair alike.
+    pairs, cpu_pairs = [], []
+    for i in range(args.rounds):
+        r, raw_cpu = raw_paho(port, payloads)
+        (work / f"t{i}").mkdir()
+        p, cpu = pipeline_throughput(work / f"t{i}", port, args.events)
+        pairs.append((p, r))
+        cpu_pairs.append((cpu, raw_cpu))
+    raw = statistics.median(r for _, r in pairs)
+    pipe = statistics.median(p for p, _ in pairs)
+    raw_cpu_us = statistics.median(c for _, c in cpu_pairs) / args.events * 1e6
+    cpu_us = statistics.median(c for c, _ in cpu_pairs) / args.events * 1e6
+    p50, p99 = pipeline_latency(work, port, 2000, 200.0)
+    costs = store_costs(work)
+    rss, hwm = daemon_rss(work, port)
     size = len(payloads[0])
     print(f"payload {size} bytes, {args.events} events per run, {args.rounds} interleaved pairs")
     print(f"raw paho QoS 1, window 20 (baseline)  {raw:8.0f} msg/s   1.00")
-    print(f"full pipeline (fsync, publish, delete) {pipe:8.0f} ev/s    "
-          f"{statistics.median(ratios):.2f} of raw (pairs {ratios[0]:.2f}..{ratios[-1]:.2f})")
+    print(f"full pipeline (fsync, publish, delete) {pipe:8.0f} ev/s    {_ratios(pairs)} of raw")
+    print(f"CPU per event: pipeline / raw paho     {cpu_us:6.1f} us / {raw_cpu_us:.1f} us   "
+          f"{_ratios(cpu_pairs)}")
     print(f"press-to-PUBACK at 200 presses/s       p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     print(f"store insert, backlog 10               {costs['insert_us_10']:8.0f} us/event")
     print(f"store insert, backlog 100,000          {costs['insert_us_100000']:8.0f} us/event   "

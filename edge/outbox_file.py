@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Final
 
 from edge.state import StateFile
+from edge.store_check import SYNC_CHECK_BYTES, partial_check, quick_check, totals
 from edge.store_faults import StoreBusyError, StoreCorruptError, classify
 
 __all__ = [
@@ -93,7 +94,6 @@ __all__ = [
     "raise_high_seq",
     "read_stats",
     "state_path",
-    "totals",
 ]
 
 # The store's logger, whichever module of it speaks.
@@ -133,7 +133,8 @@ def state_path(path: Path) -> Path:
     return path.with_name(path.name + ".state.json")
 
 
-def connect(path: Path, page_size: int, max_page_count: int | None) -> sqlite3.Connection:
+def connect(path: Path, page_size: int, max_page_count: int | None, *,
+            full_check: bool = True) -> tuple[sqlite3.Connection, bool]:
     """Open the store at `path` in WAL mode, synchronous=FULL, and check it.
 
     `page_size` is in bytes (it applies to a new file only); `max_page_count`
@@ -143,6 +144,12 @@ def connect(path: Path, page_size: int, max_page_count: int | None) -> sqlite3.C
     busy timeout of BUSY_TIMEOUT_S.  Raises StoreCorruptError when the file
     is not a usable store (not a database, quick_check not ok, unknown schema
     version), else the classified StoreError; the connection is closed then.
+
+    Returns the connection and whether the whole file was checked: always
+    with `full_check`, else only a file of up to SYNC_CHECK_BYTES; a larger
+    one gets `edge.store_check.partial_check` here and the whole check in the
+    background (`edge.store_check.BackgroundCheck`), so opening does not
+    grow with the backlog.
     """
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -163,11 +170,12 @@ def connect(path: Path, page_size: int, max_page_count: int | None) -> sqlite3.C
         db.execute("PRAGMA journal_size_limit=4194304")
         if max_page_count is not None:
             db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
-        check = str(db.execute("PRAGMA quick_check").fetchone()[0])
-        if check != "ok":
-            lines = check.splitlines()
-            more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
-            raise StoreCorruptError(f"quick_check: {lines[0][:200]}{more}")
+        size = db.execute("PRAGMA page_count").fetchone()[0] * \
+            db.execute("PRAGMA page_size").fetchone()[0]
+        full = full_check or version == 0 or size <= SYNC_CHECK_BYTES
+        problem = quick_check(db) if full else partial_check(db)
+        if problem is not None:
+            raise StoreCorruptError(problem)
         if version == 0:
             db.executescript(_DDL)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -176,7 +184,7 @@ def connect(path: Path, page_size: int, max_page_count: int | None) -> sqlite3.C
         if isinstance(e, sqlite3.Error | OSError):
             raise classify(e, "opening the store") from e
         raise
-    return db
+    return db, full
 
 
 def _salvage_seq(path: Path) -> int:
@@ -285,10 +293,12 @@ class OpenedOutbox:
     new: bool = False
     # Why `lost`: store_replaced (a new store), store_rolled_back (an older copy).
     lost_reason: str = "store_replaced"
+    # Whether the whole file passed quick_check (else it is checked in the background).
+    checked: bool = True
 
 
-def open_outbox(path: Path, *, page_size: int = 1024,
-                max_page_count: int | None = None) -> OpenedOutbox:
+def open_outbox(path: Path, *, page_size: int = 1024, max_page_count: int | None = None,
+                full_check: bool = True) -> OpenedOutbox:
     """Open the store at `path` and its seq reservation, recovering from corruption.
 
     Creates the directory and a new store when missing.  A store that fails its
@@ -296,7 +306,9 @@ def open_outbox(path: Path, *, page_size: int = 1024,
     `born` marker) continues after every seq that could have been used and
     reports that range as `lost`.  `page_size` and `max_page_count` as for
     `connect`.  Raises the classified StoreError (busy, full, read-only, I/O)
-    with nothing changed; the caller retries later.
+    with nothing changed; the caller retries later.  `full_check` False: a
+    large store is checked whole only in the background (`connect`), and
+    `OpenedOutbox.checked` is False.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,11 +317,11 @@ def open_outbox(path: Path, *, page_size: int = 1024,
     alarms: list[tuple[str, str]] = []
     salvaged = 0
     try:
-        db = connect(path, page_size, max_page_count)
+        db, checked = connect(path, page_size, max_page_count, full_check=full_check)
     except StoreCorruptError as e:
         text, salvaged = move_aside(path, str(e))
         alarms.append(("store_corrupt", text))
-        db = connect(path, page_size, max_page_count)
+        db, checked = connect(path, page_size, max_page_count)
     try:
         seqs = SeqReservation(state_path(path))
     except OSError as e:
@@ -354,7 +366,7 @@ def open_outbox(path: Path, *, page_size: int = 1024,
                        f"used ({high} < {seqs.used}); seq {high + 1}..{seqs.used} are announced "
                        "as lost"))
     seqs.cover(max(last, known))
-    return OpenedOutbox(db, seqs, last, lost, alarms, new, reason)
+    return OpenedOutbox(db, seqs, last, lost, alarms, new, reason, checked)
 
 
 # -- the seq watermark and figures ------------------------------------------------
@@ -370,13 +382,6 @@ def raise_high_seq(db: sqlite3.Connection, seq: int, name: str = "high_seq") -> 
     """Inside the caller's transaction: raise meta `name` to `seq` (never lowers it)."""
     db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) "
                "DO UPDATE SET value = max(value, excluded.value)", (name, seq))
-
-
-def totals(db: sqlite3.Connection) -> tuple[int, int]:
-    """(pending events, their payload bytes)."""
-    count, total = db.execute(
-        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-    return int(count), int(total)
 
 
 def drop_counts(db: sqlite3.Connection) -> dict[str, int]:

@@ -23,7 +23,8 @@ table: `edge.outbox_file`): a store that cannot be opened, or whose disk
 turned read-only or failing, is closed and opened again every REOPEN_S by
 `retry()`; meanwhile commits raise the classified StoreError, `pending()` is
 empty and the figures are the last known.  Each fault raises its alarm and a
-successful write clears it.
+successful write clears it.  A large store's integrity check finishes in the
+background (`edge.store_check`); `retry()` takes a failure as corruption.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from edge.outbox_file import (
     open_outbox,
     read_stats,
 )
+from edge.store_check import BackgroundCheck
 from edge.store_faults import (
     StoreBusyError,
     StoreCorruptError,
@@ -59,20 +61,9 @@ from edge.store_faults import (
 )
 from edge.store_write import Append, CommitResult, DropEvent, Encoder, Pending, Writer
 
-__all__ = [
-    "Append",
-    "CommitResult",
-    "Pending",
-    "Store",
-    "StoreBusyError",
-    "StoreCorruptError",
-    "StoreDiskFullError",
-    "StoreError",
-    "StoreIOError",
-    "StoreReadOnlyError",
-    "StoreStats",
-    "read_stats",
-]
+__all__ = ["Append", "CommitResult", "Pending", "Store", "StoreBusyError", "StoreCorruptError",
+           "StoreDiskFullError", "StoreError", "StoreIOError", "StoreReadOnlyError", "StoreStats",
+           "read_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +125,10 @@ class Store:
         self._used_at = 0.0
         # The seq of the pending store_replaced announcement (alarm until delivered).
         self.replaced_seq: int | None = None
+        # A large store's integrity check runs after it is open (edge.store_check);
+        # after corruption was met, the next open checks the whole file first.
+        self._check: BackgroundCheck | None = None
+        self._check_whole = False
         self._open()
 
     # -- opening and faults ------------------------------------------------
@@ -148,12 +143,17 @@ class Store:
         err = refine(err, self.disk_free(), self.path.parent)
         self.alarms.raise_(err.code, f"{err.sentence} ({err})", self._wall_ns(),
                            subject="store")
+        if isinstance(err, StoreCorruptError):
+            self._check_whole = True
         if isinstance(err, StoreReadOnlyError | StoreIOError | StoreCorruptError):
             self._close_db()
         self._closed_because = err
         return err
 
     def _close_db(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -168,7 +168,8 @@ class Store:
             if read_only_fs(self.path.parent):
                 raise StoreReadOnlyError(f"{self.path.parent} is on a read-only file system")
             opened = open_outbox(self.path, page_size=self._page_size,
-                                 max_page_count=self._max_page_count)
+                                 max_page_count=self._max_page_count,
+                                 full_check=self._check_whole)
         except StoreError as e:
             self._fault(e)
             log.error("store: %s; retrying every %.0f s", e, REOPEN_S)
@@ -179,17 +180,12 @@ class Store:
             self.alarms.raise_(code, text, now, subject="store")
         try:
             self._settle(opened)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StoreError) as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             db.close()
             opened.seqs.close()
             self._fault(classify(e, "starting the store"))
-            return
-        except StoreError as e:
-            db.close()
-            opened.seqs.close()
-            self._fault(e)
             return
         self._db, self._opened = db, opened
         self._write.load(db, opened.last_seq)
@@ -213,6 +209,9 @@ class Store:
         with contextlib.suppress(OSError):
             st = os.stat(self.path)
             self._ident = (st.st_dev, st.st_ino)
+        self._check_whole = False
+        if not opened.checked:
+            self._check = BackgroundCheck(self.path)
         if not self._commit_failing:
             for code in _WRITE_FAULTS:
                 self.alarms.clear(code, "store")
@@ -236,6 +235,11 @@ class Store:
     def retry(self, now_s: float) -> None:
         """Open a closed store again if REOPEN_S have passed (`now_s`: monotonic s), and
         notice an open store's file deleted or replaced under it."""
+        failure = self._check.failure() if self._check is not None else None
+        if failure is not None:
+            log.error("store: the background integrity check failed: %s", failure)
+            self._fault(StoreCorruptError(failure))
+            self._retry_at = now_s
         if self._opened is not None and now_s >= self._used_at:
             self._used_at = now_s + USED_EVERY_S
             self._opened.seqs.note_used(self._write.last_seq)
@@ -258,6 +262,10 @@ class Store:
             self._open()
             if self._db is not None:
                 log.info("store available again")
+
+    def checked(self, timeout: float) -> bool:
+        """Whether a background integrity check (if any) finished within `timeout` s."""
+        return self._check is None or self._check.wait(timeout)
 
     def _has(self, seq: int) -> bool:
         assert self._db is not None  # noqa: S101 - callers check

@@ -3,9 +3,10 @@
 A new store's first transaction (birth marker, lost range announced), the
 commit transaction (seqs reserved first, delivered seqs deleted, dedup keys,
 events inserted), the limits and their drop announcements, removal of
-delivered events, rewriting pending payloads and dedup pruning; and the
-figures the writes keep (pending events and bytes, drops, the seq
-watermark), which outlive the connection.  `Writer` is handed the connection
+delivered events, rewriting pending payloads and dedup pruning (which keys:
+`edge.store_dedup`); and the figures the writes keep (pending events and
+bytes, drops, the seq watermark), which outlive the connection and are kept
+in meta by every transaction (`edge.store_check.save_totals`).  `Writer` is handed the connection
 on each call: `edge.store.Store` owns it and its lifecycle, the fault alarms,
 the store_replaced announcement's seq and the tail cache, which it brings up
 to date from what `Writer.commit` returns.
@@ -42,8 +43,9 @@ from edge.outbox_file import (
     SeqReservation,
     drop_counts,
     raise_high_seq,
-    totals,
 )
+from edge.store_check import save_totals, totals
+from edge.store_dedup import DEDUP_KEEP, DedupKeys
 from edge.store_faults import classify
 
 __all__ = [
@@ -91,8 +93,6 @@ class CommitResult:
     # Ranges (first, last) of seqs dropped to stay within the limits.
     dropped: list[tuple[int, int]]
 
-DEDUP_KEEP: Final = 4096
-_PRUNE_EVERY: Final = 256
 
 Encoder = Callable[[Event, int], tuple[str, bytes]]
 # (first seq, last seq, reason) -> the `dropped` event announcing them.
@@ -166,11 +166,12 @@ class Writer:
         self.last_seq = 0
         self.count = self.payload_bytes = 0
         self.drops: dict[str, int] = {}
-        self._since_prune: dict[str, int] = {}
+        self._keys = DedupKeys()
 
     def load(self, db: sqlite3.Connection, last_seq: int) -> None:
         """Take the figures of a store just opened, whose seq watermark is `last_seq`."""
         self.last_seq = last_seq
+        self._keys.reset()
         self.count, self.payload_bytes = totals(db)
         self.drops = drop_counts(db)
 
@@ -181,6 +182,7 @@ class Writer:
         seqs = opened.seqs
         lost = opened.lost
         db.execute("BEGIN IMMEDIATE")
+        count, size = totals(db)
         if opened.new:
             db.execute("INSERT INTO meta(name, value) VALUES ('born', ?)",
                        (self._wall_ns() // 1_000_000,))
@@ -197,6 +199,8 @@ class Writer:
                 db.execute("INSERT INTO meta(name, value) VALUES ('replaced_seq', ?) "
                            "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (seq,))
                 opened.last_seq = seq
+                count, size = count + 1, size + len(payload)
+        save_totals(db, count, size)
         db.execute("COMMIT")
 
     def commit(self, db: sqlite3.Connection, reservation: SeqReservation,
@@ -207,6 +211,7 @@ class Writer:
         Raises the classified StoreError with nothing changed."""
         seqs: list[int | None] = []
         fresh: dict[int, tuple[str, bytes]] = {}
+        keyed: list[tuple[str, int]] = []  # (source, at) of each dedup key inserted
         added_bytes = 0
         next_seq = self.last_seq
         # One more for a possible drop announcement.
@@ -225,6 +230,8 @@ class Writer:
                 if a.dedup is not None:
                     cur = db.execute("INSERT OR IGNORE INTO dedup(source, key, at) "
                                      "VALUES (?, ?, ?)", (a.dedup[0], a.dedup[1], seq))
+                    if cur.rowcount == 1:
+                        keyed.append((a.dedup[0], seq))
                     if cur.rowcount == 0 or a.event is None:
                         seqs.append(None)
                         continue
@@ -250,19 +257,20 @@ class Writer:
                            "VALUES (?, ?, ?, ?)", (next_seq, topic, payload, now_ms))
                 added += 1
                 added_bytes += len(payload)
+            count = self.count + added - drop.rows - removed
+            size = self.payload_bytes + added_bytes - drop.size - removed_bytes
+            save_totals(db, count, size)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise classify(e, "storing events") from e
         self.last_seq = next_seq
-        self.count += added - drop.rows - removed
-        self.payload_bytes += added_bytes - drop.size - removed_bytes
+        self.count, self.payload_bytes = count, size
         if drop.events:
             self.drops["store_full"] = self.drops.get("store_full", 0) + drop.events
-        for a in appends:
-            if a.dedup is not None:
-                self._maybe_prune(db, a.dedup[0])
+        for source in self._keys.committed(forget, keyed):
+            self._keys.prune(db, source)
         return Batch(seqs, fresh, drop)
 
     def _enforce_limits(self, db: sqlite3.Connection, count: int, total: int, top: int,
@@ -325,6 +333,7 @@ class Writer:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             removed, removed_bytes = _delete(db, seqs, replaced_seq)
+            save_totals(db, self.count - removed, self.payload_bytes - removed_bytes)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -363,6 +372,7 @@ class Writer:
                 db.execute("UPDATE outbox SET payload=? WHERE seq=?", (new, seq))
                 if old is not None:
                     grown += len(new) - int(old[0])
+            save_totals(db, self.count, self.payload_bytes + grown)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -371,19 +381,6 @@ class Writer:
             return []
         self.payload_bytes += grown  # only once the rewrite is durable
         return changed
-
-    def _maybe_prune(self, db: sqlite3.Connection, source: str) -> None:
-        n = self._since_prune.get(source, 0) + 1
-        if n < _PRUNE_EVERY:
-            self._since_prune[source] = n
-            return
-        self._since_prune[source] = 0
-        try:
-            db.execute(
-                "DELETE FROM dedup WHERE source=? AND at < (SELECT at FROM dedup WHERE "
-                "source=? ORDER BY at DESC LIMIT 1 OFFSET ?)", (source, source, DEDUP_KEEP - 1))
-        except sqlite3.Error as e:
-            log.warning("dedup pruning failed (will retry): %s", e)
 
 
 def _announced_from(db: sqlite3.Connection, seq: int) -> int:

@@ -213,7 +213,7 @@ def test_first_boot_installer_installs_offline_into_a_fresh_venv(card: dict[str,
                             str(etc / "edge.toml")], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr
     probe = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import edge, paho.mqtt, serial, tinydb, uuid6; "
+                            "import edge, paho.mqtt, serial, tinydb; "
                             "print(edge.__file__)"], capture_output=True, text=True, check=False,
                            cwd=root)
     assert probe.returncode == 0, probe.stderr
