@@ -59,7 +59,16 @@ if [ -z "$ROOT" ]; then
     udevadm control --reload
     udevadm trigger --action=add --subsystem-match=hidraw --subsystem-match=tty \
         --subsystem-match=input || true
-    systemctl enable --now feedback-edge.service || fail "systemctl enable --now"
+    # `start` waits for READY=1 (Type=notify), or for the daemon to exit.
+    if ! systemctl enable --now feedback-edge.service; then
+        # The daemon's own words (config errors, devices, store): the journal
+        # never holds phone numbers, comments or badge numbers.
+        journalctl -u feedback-edge.service -b --no-pager -o cat -n 20 || true
+        fail "the service did not start: $(systemctl show feedback-edge.service \
+            --property=Result --value) (the daemon's log is above)"
+    fi
+    say "the service is running: $(systemctl show feedback-edge.service \
+        --property=StatusText --value)"
 else
     systemctl --root="$ROOT" enable feedback-edge.service || fail "systemctl enable"
 fi

@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import Broker
 from tests.vm.assets import Assets, UnavailableError, prepare
+from tests.vm.debian import Image, prepare_image
 from tests.vm.machine import Machines
+from tests.vm.pi import Installed, PiMachines, first_boot
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -64,5 +68,62 @@ def vm(vm_assets: Assets, request: pytest.FixtureRequest) -> Iterator[Machines]:
     reports = request.node.stash.get(_REPORTS, {})
     if any(r.failed for r in reports.values()):
         print(f"\nVM run kept: {rundir} (console.log, qemu.log, share/ per boot)")
+    else:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+# -- the Pi tier: a whole Debian under systemd, installed from a provisioned card --------
+
+@pytest.fixture(scope="session")
+def pi_image() -> Image:
+    t = time.monotonic()
+    try:
+        image = prepare_image()
+    except UnavailableError as e:
+        pytest.skip(f"Pi tier: {e}")
+    if image.built:
+        print(f"\nPi image built in {time.monotonic() - t:.1f} s: {image.built}")
+    return image
+
+
+@pytest.fixture(scope="session")
+def site_broker(vm_assets: Assets) -> Iterator[Broker]:
+    """The site's broker on the host for the whole Pi tier: the card's config
+    names it (BROKER_NAME, port) before the first boot, as a clinic's does."""
+    workdir = Path(tempfile.mkdtemp(prefix="site-broker-", dir=vm_assets.runs))
+    b = Broker(workdir)
+    b.start()
+    yield b
+    b.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def installed_pi(pi_image: Image, site_broker: Broker, vm_assets: Assets) -> Iterator[Installed]:
+    """A Pi after its first boot: the card provisioned for SITE_CONFIG, booted
+    once (firstrun.sh, install.sh, reboot).  Tests boot copies of it
+    (`Installed.clone`); the first boot's own record is for test_pi_install."""
+    rundir = vm_assets.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-pi-first-boot"
+    rundir.mkdir(parents=True)
+    installed = first_boot(pi_image, rundir, site_broker.port)
+    yield installed
+    if installed.ok:
+        shutil.rmtree(rundir, ignore_errors=True)
+    else:
+        print(f"\nPi first boot kept: {rundir}")
+
+
+@pytest.fixture
+def pi(installed_pi: Installed, request: pytest.FixtureRequest) -> Iterator[PiMachines]:
+    """Boots Pis from the installed state for one test and leaves none running."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
+    rundir = installed_pi.rundir.parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}"
+    rundir.mkdir(parents=True)
+    machines = PiMachines(installed_pi, rundir)
+    yield machines
+    machines.close()
+    reports = request.node.stash.get(_REPORTS, {})
+    if any(r.failed for r in reports.values()):
+        print(f"\nPi run kept: {rundir} (console.log per boot)")
     else:
         shutil.rmtree(rundir, ignore_errors=True)

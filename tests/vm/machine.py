@@ -72,8 +72,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _drive(serial: str, path: Path, options: str) -> list[str]:
-    return ["-drive", f"if=none,id={serial},file={_q(path)},format=raw,{options}",
+def _drive(serial: str, path: Path, options: str, fmt: str = "raw") -> list[str]:
+    return ["-drive", f"if=none,id={serial},file={_q(path)},format={fmt},{options}",
             "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]
 
 
@@ -87,7 +87,7 @@ def _q(path: Path) -> str:
 class Guest:
     """A QEMU process and its channel; `Machines.boot` makes and starts one."""
 
-    def __init__(self, assets: Assets, rundir: Path, *, scenario: str | None = None,
+    def __init__(self, assets: Assets | None, rundir: Path, *, scenario: str | None = None,
                  disk: Path | None = None, disk_mount: str = "/var/lib/feedback-edge",
                  poweroff_after_scenario: bool = True, memory_mb: int = 1024,
                  udcs: int = 1, root_cache: str = "", cpu: str = "max",
@@ -121,17 +121,52 @@ class Guest:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    def _env(self) -> dict[str, str]:
+        """What the guest's scripts find in $VM/env (guest/env.sh)."""
+        assert self.assets is not None
+        return {"FEEDBACK_INSTALL_ROOT": str(self.assets.install_root),
+                "FEEDBACK_CHECKOUT": str(CHECKOUT),
+                "FEEDBACK_PYTHON": sys.executable,
+                "VM_DISK_MOUNT": self._disk_mount,
+                "VM_STDLIB": str(STDLIB),
+                "VM_POWEROFF_AFTER_SCENARIO": "1" if self._poweroff_after else "0"}
+
+    def _channel_args(self, sock: Path) -> list[str]:
+        """The agent's virtio serial port and the share, common to every guest."""
+        return ["-virtfs", f"local,path={_q(self.share)},mount_tag=share,security_model=none",
+                "-netdev", "user,id=net0",
+                # romfile= : no PXE option ROM to load; the kernel is booted directly.
+                "-device", "virtio-net-pci,netdev=net0,romfile=",
+                "-device", "virtio-serial-pci",
+                "-chardev", f"socket,id=agent,path={_q(sock)},server=on,wait=off",
+                "-device", "virtserialport,chardev=agent,name=agent"]
+
+    def _boot_args(self) -> list[str]:
+        """The machine: the kernel, its command line, the root and the disks."""
+        assert self.assets is not None
+        append = f"console=ttyS0 panic=-1 quiet vm.udcs={self._udcs}"
+        if self._root_cache:
+            append += f" vm.rootcache={self._root_cache}"  # a 9p cache mode, to measure
+        args = ["-kernel", _q(self.assets.vmlinux), "-initrd", _q(self.assets.initrd),
+                "-append", append,
+                "-virtfs", "local,path=/,mount_tag=hostroot,readonly=on,security_model=none,"
+                           "multidevs=remap"]
+        # Disks are found in the guest by serial number (guest/stage2.sh).
+        if self._python_images:
+            args += _drive("feedback-opt", self.assets.opt_image, "readonly=on")
+            args += _drive("python-stdlib", self.assets.stdlib_image, "readonly=on")
+        if self.disk is not None:
+            # cache=unsafe: the power cut is SIGKILL to QEMU, not to the host, so
+            # whatever QEMU has written survives in the host's page cache either
+            # way, and whatever the guest kernel still holds is lost.
+            args += _drive("feedback-store", self.disk, "cache=unsafe")
+        return args
+
     def start(self) -> Guest:
         for d in (self._vm / "cmd", self._vm / "proc", self._vm / "files"):
             d.mkdir(parents=True, exist_ok=True)
-        env = {"FEEDBACK_INSTALL_ROOT": str(self.assets.install_root),
-               "FEEDBACK_CHECKOUT": str(CHECKOUT),
-               "FEEDBACK_PYTHON": sys.executable,
-               "VM_DISK_MOUNT": self._disk_mount,
-               "VM_STDLIB": str(STDLIB),
-               "VM_POWEROFF_AFTER_SCENARIO": "1" if self._poweroff_after else "0"}
         (self._vm / "env").write_text("".join(f"{k}={shlex.quote(v)}\n"
-                                              for k, v in env.items()))
+                                              for k, v in self._env().items()))
         if self._scenario is not None:
             text = self._scenario
             if not text.startswith("#!"):
@@ -142,33 +177,10 @@ class Guest:
         # A unix socket path is limited to 108 bytes: not under the run directory.
         self._sockdir = tempfile.mkdtemp(prefix="fe-vm-")
         sock = Path(self._sockdir) / "agent"
-        append = f"console=ttyS0 panic=-1 quiet vm.udcs={self._udcs}"
-        if self._root_cache:
-            append += f" vm.rootcache={self._root_cache}"  # a 9p cache mode, to measure
         args = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", self._cpu, "-smp", "1",
                 "-m", str(self._memory), "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-serial", f"file:{_q(self.console)}",
-                "-kernel", _q(self.assets.vmlinux), "-initrd", _q(self.assets.initrd),
-                "-append", append,
-                "-virtfs", "local,path=/,mount_tag=hostroot,readonly=on,security_model=none,"
-                           "multidevs=remap",
-                "-virtfs", f"local,path={_q(self.share)},mount_tag=share,security_model=none",
-                "-netdev", "user,id=net0",
-                # romfile= : no PXE option ROM to load; the kernel is booted directly.
-                "-device", "virtio-net-pci,netdev=net0,romfile=",
-                "-device", "virtio-serial-pci",
-                "-chardev", f"socket,id=agent,path={_q(sock)},server=on,wait=off",
-                "-device", "virtserialport,chardev=agent,name=agent"]
-        # Disks are found in the guest by serial number (guest/stage2.sh).
-        if self._python_images:
-            args += _drive("feedback-opt", self.assets.opt_image, "readonly=on")
-            args += _drive("python-stdlib", self.assets.stdlib_image, "readonly=on")
-        if self.disk is not None:
-            # cache=unsafe: the power cut is SIGKILL to QEMU, not to the host, so
-            # whatever QEMU has written survives in the host's page cache either
-            # way, and whatever the guest kernel still holds is lost.
-            args += _drive("feedback-store", self.disk, "cache=unsafe")
-        args += self._qemu_args
+                *self._boot_args(), *self._channel_args(sock), *self._qemu_args]
         self._t0 = time.monotonic()
         with (self.rundir / "qemu.log").open("wb") as log:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,

@@ -1,0 +1,72 @@
+"""A card from `feedback-edge provision` boots into a running service under a
+real systemd (issue 16, "First boot for real").
+
+The `installed_pi` fixture provisions a Bookworm card for the site, boots a
+fresh Debian from it (cmdline.txt's systemd.run= runs firstrun.sh, which runs
+install.sh offline from the card's wheelhouse, then reboots), and boots it a
+second time.  These tests check what that left, as an installer would: the
+card's install.log and `installed`, the unit running as its user, READY=1.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.vm.pi import Installed, PiMachines
+
+pytestmark = pytest.mark.vm
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def test_first_boot_installs_offline_from_the_card_and_the_service_reaches_ready(
+        installed_pi: Installed) -> None:
+    i = installed_pi
+    print(f"\nfirst boot (firstrun, install, reboot): {i.first_boot_s:.1f} s; second boot: "
+          f"agent {i.second_boot_ready_s:.1f} s, service active {i.second_boot_active_s:.1f} s")
+    assert i.first_boot_log is not None, f"no install.log on the card ({i.error})"
+    log = i.first_boot_log
+    assert not i.error, f"{i.error}\ninstall.log:\n{log}"
+    lines = log.splitlines()
+    # In order: what the installer reads on the laptop, one step per line.
+    steps = [r"firstrun: started " + STAMP,
+             r"firstrun: hostname vm-site-vm-edge",
+             r"feedback-edge install: started " + STAMP + " from /boot/firmware/feedback",
+             r"feedback-edge install: installed feedback-edge \S+",
+             r"/etc/feedback-edge/edge.toml: ok \(site vm-site, edge vm-edge, broker "
+             r"mqtt.clinic.test:\d+, 1 device\(s\)",
+             r"Creating user 'feedback-edge'",
+             r"feedback-edge install: the service is running: ",
+             r"feedback-edge install: done; the service is enabled",
+             r"firstrun: finished, rebooting"]
+    at = 0
+    for step in steps:
+        found = next((n for n in range(at, len(lines)) if re.match(step, lines[n])), None)
+        assert found is not None, f"install.log lacks {step!r} after line {at}:\n{log}"
+        at = found + 1
+    assert "FAILED" not in log, log
+    assert "rror" not in log, log
+    assert re.fullmatch(STAMP + r"\n", i.installed or ""), i.installed
+    # firstrun.sh took itself off the kernel command line before anything else.
+    assert "systemd.run" not in (i.cmdline_after or "systemd.run")
+    want = {"ActiveState": "active", "SubState": "running", "User": "feedback-edge",
+            "UnitFileState": "enabled", "NRestarts": "0"}
+    assert {k: i.unit.get(k) for k in want} == want, i.unit
+
+
+def test_the_second_boot_does_not_install_again(installed_pi: Installed, pi: PiMachines) -> None:
+    i = installed_pi
+    assert not i.error, i.error
+    # The second boot (in the fixture) and a third one here leave the card as
+    # the first boot did: no installer ran again.
+    g = pi.boot()
+    assert "systemd.run" not in g.cmdline
+    g.run("test ! -e /run/systemd/generator/kernel-command-line.service")
+    g.poweroff()
+    assert i.second_boot_log == i.first_boot_log
+    assert pi.card.text("feedback/install.log") == i.first_boot_log
+    assert pi.card.text("feedback/installed") == i.installed
+    # The config's secrets left the FAT partition once installed.
+    assert pi.card.read("feedback/site/edge.toml") is None
