@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,7 +150,8 @@ def _apt(args: list[str]) -> str:
     return _run(["apt-get", *args], env=env, timeout=1200)
 
 
-def ensure_packages() -> None:
+def ensure_packages(missing_packages: Callable[[], list[str]] = missing_packages) -> None:
+    """Install from Debian what `missing_packages()` names (as root), or skip."""
     missing = missing_packages()
     if not missing:
         return

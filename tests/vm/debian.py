@@ -40,11 +40,11 @@ from pathlib import Path
 from tests.vm.assets import (
     SYSTEM_PATH,
     UnavailableError,
-    _apt,
     _locked,
     _run,
     _which,
     cache_dir,
+    ensure_packages,
     extract_vmlinux,
 )
 
@@ -132,22 +132,6 @@ def missing_packages() -> list[str]:
     return sorted({pkg for tool, pkg in TOOLS.items() if _which(tool) is None})
 
 
-def ensure_packages() -> None:
-    missing = missing_packages()
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise UnavailableError(f"{', '.join(missing)} not installed and not root")
-    install = ["install", "-y", "-qq", "--no-install-recommends", *missing]
-    try:
-        _apt(install)
-    except RuntimeError:
-        _apt(["update", "-qq"])
-        _apt(install)
-    if missing_packages():
-        raise UnavailableError(f"apt-get could not install {', '.join(missing_packages())}")
-
-
 def _key() -> str:
     text = "\n".join([FORMAT, SUITE, *PACKAGES, *MASKED, NETWORK, AGENT_UNIT, AGENT_START,
                       BROKER_NAME, str(IMAGE_MB)])
@@ -221,7 +205,7 @@ def _build(dest: Path, built: dict[str, float]) -> None:
 
 def prepare_image() -> Image:
     """The image, built if missing.  UnavailableError: skip the tier."""
-    ensure_packages()
+    ensure_packages(missing_packages)
     if os.geteuid() != 0:
         raise UnavailableError("building the Debian image (mmdebstrap, device nodes) needs root")
     cache = cache_dir()

@@ -116,7 +116,10 @@ class PiGuest(Guest):
         self.cmdline = ""
 
     def _env(self) -> dict[str, str]:
-        return {"FEEDBACK_CHECKOUT": "/checkout", "FEEDBACK_PYTHON": "/usr/bin/python3",
+        # The simulators (checkout-python -m firmware_sim.usb) run on the installed
+        # venv's interpreter, which has their dependencies (pyserial, tinydb).
+        return {"FEEDBACK_CHECKOUT": "/checkout",
+                "FEEDBACK_PYTHON": "/opt/feedback-edge/venv/bin/python",
                 "FEEDBACK_INSTALL_ROOT": "/", "VM_UDCS": str(self._udcs)}
 
     def _boot_args(self) -> list[str]:

@@ -10,11 +10,19 @@ card's install.log and `installed`, the unit running as its user, READY=1.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from tests.vm.pi import Installed, PiMachines
+from tests.conftest import Broker
+from tests.vm.assets import Assets
+from tests.vm.debian import Image
+from tests.vm.pi import Card, Installed, PiGuest, PiMachines, site_config
 
 pytestmark = pytest.mark.vm
 
@@ -70,3 +78,36 @@ def test_the_second_boot_does_not_install_again(installed_pi: Installed, pi: PiM
     assert pi.card.text("feedback/installed") == i.installed
     # The config's secrets left the FAT partition once installed.
     assert pi.card.read("feedback/site/edge.toml") is None
+
+
+def test_a_failed_install_says_why_on_the_card_and_boots_on(
+        pi_image: Image, site_broker: Broker, vm_assets: Assets) -> None:
+    """A card whose wheelhouse lost the daemon's wheel (a copy cut short): the
+    first boot says so in install.log, leaves no `installed`, and takes the
+    installer off the command line, so the Pi does not retry at every boot."""
+    rundir = Path(tempfile.mkdtemp(prefix="pi-failed-install-", dir=vm_assets.runs))
+    site = rundir / "site"
+    site.mkdir()
+    (site / "edge.toml").write_text(site_config(site_broker.port))
+    card, _ = Card.write(rundir / "card.img", site)
+    wheels = subprocess.run(["mdir", "-b", "-i", str(card.image), "::/feedback/wheels"],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout.split()
+    [wheel] = [w for w in wheels if "feedback_edge-" in w]
+    subprocess.run(["mdel", "-i", str(card.image), wheel], check=True,
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    (rundir / "boot-1").mkdir()
+    g = PiGuest(pi_image, rundir / "boot-1", pi_image.overlay(rundir / "root.qcow2"), card)
+    try:
+        g.start()
+        assert g.wait_stopped(900) == 0
+    finally:
+        g.close()
+    log = card.text("feedback/install.log") or ""
+    print(f"\ninstall.log of a card without the daemon's wheel:\n{log}")
+    assert re.search(r"feedback-edge install: FAILED: pip install feedback-edge from "
+                     r"/boot/firmware/feedback/wheels", log), log
+    assert "firstrun: the install FAILED; see above" in log, log
+    assert card.read("feedback/installed") is None
+    assert "systemd.run" not in (card.text("cmdline.txt") or "systemd.run")
+    shutil.rmtree(rundir, ignore_errors=True)
