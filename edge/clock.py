@@ -102,7 +102,9 @@ def kernel_clock_synced() -> bool:
         state = _libc.adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):
         return False
-    return state != _TIME_ERROR and not (tx.status & _STA_UNSYNC)
+    # -1: the call was refused (a seccomp filter: the unit's sandbox once did)
+    # and `tx` was never filled in; its zeroed status would read as synced.
+    return state not in (-1, _TIME_ERROR) and not (tx.status & _STA_UNSYNC)
 
 
 class SystemClock:

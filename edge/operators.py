@@ -185,7 +185,13 @@ class Operators:
                 continue
             shifts.append((doc.doc_id, shift))
         self.shifts = shifts
-        if bad:
+        damaged = getattr(self._roster_db.storage, "damaged", None)
+        if damaged:
+            # Unreadable (e.g. written by root as 0600): no shifts apply, and
+            # the alarm stays until the file can be read.
+            self._on_fault("state_unreadable", "roster.json", f"roster.json {damaged}; no "
+                           "shift in it applies")
+        elif bad:
             self._on_fault("state_unreadable", "roster.json", f"roster.json holds {bad} "
                            "shift(s) that are not valid; they are ignored")
         else:

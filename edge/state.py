@@ -33,10 +33,17 @@ __all__ = ["AtomicJSONStorage", "FaultReport", "StateFile", "ignore_faults", "op
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new file."""
+    """Replace `path` with `data` so that a crash leaves the old or the new file.
+
+    Run as root (an admin's `sudo feedback-edge operator add`), the file goes
+    to the owner of its directory, the service user in the state directory:
+    a root-owned 0600 file there would be unreadable to the daemon."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        if os.geteuid() == 0:
+            st = os.stat(path.parent)
+            os.fchown(fd, st.st_uid, st.st_gid)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -62,6 +69,7 @@ class AtomicJSONStorage(Storage):
         self.damaged: str | None = None
 
     def read(self) -> dict[str, dict[str, Any]] | None:
+        self.damaged = None
         try:
             raw = self._path.read_bytes()
         except FileNotFoundError:

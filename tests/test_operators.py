@@ -4,6 +4,11 @@ time zones and daylight-saving days.  Times are injected, nothing sleeps."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -189,3 +194,40 @@ def test_a_login_made_on_an_unsynchronised_clock_moves_to_its_true_time(
     assert again.who("desk-1", clock.wall_ns()) == OperatorTag("op-cmd", "command")
     assert again.retime(clock.boot_id, clock.mono_ns(), clock.wall_ns()) == 0  # once only
     again.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="an admin's sudo edit: needs root")
+def test_a_roster_edit_made_as_root_stays_readable_to_the_service_user(
+        request: pytest.FixtureRequest) -> None:
+    """`sudo feedback-edge operator add` on the Pi: the state directory is the
+    service user's (here `nobody`); a roster written root:root 0600 was
+    unreadable to the daemon, which then applied no shift and said nothing."""
+    # Not under tmp_path: pytest's own directories are root's alone (0700).
+    top = Path(tempfile.mkdtemp(prefix="roster-"))
+    request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
+    top.chmod(0o755)
+    state = top / "state"
+    state.mkdir(mode=0o750)
+    os.chown(state, 65534, 65534)
+    cli = Operators(state, {})
+    cli.add_shift(Shift("desk-1", "op-17", parse_days("mon-sun"), "00:00", "23:59", "UTC"))
+    assert (state / "roster.json").stat().st_uid == 65534
+    # What the daemon, as the service user, reads (the checkout itself may be
+    # out of that user's reach: the file is read with the standard library).
+    probe = "import json, sys; print(len(json.load(open(sys.argv[1]))['shifts']))"
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          shutil.which("python3", path="/usr/bin:/bin") or sys.executable,
+                          "-c", probe, str(state / "roster.json")],
+                         capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "1", out.stderr
+
+
+def test_an_unreadable_roster_keeps_its_alarm(tmp_path: Path) -> None:
+    (tmp_path / "roster.json").mkdir()  # read() fails with an OSError, as EACCES does
+    faults: list[tuple[str, str, str | None]] = []
+    o = Operators(tmp_path, {"desk-1": "op-fixed"}, on_fault=lambda *f: faults.append(f))
+    o.reload_roster()
+    assert o.shifts == []
+    assert faults, "no alarm for an unreadable roster"
+    assert faults[-1][0] == "state_unreadable"
+    assert "cannot be read" in (faults[-1][2] or ""), faults

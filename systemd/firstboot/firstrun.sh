@@ -11,11 +11,28 @@
 set -u
 HERE=/boot/firmware/feedback
 exec >>"$HERE/install.log" 2>&1
-echo "firstrun: started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
-# First of all, never boot into this again: a failure below must not loop.
-sed -i 's| systemd\.run=/boot/firmware/feedback/firstrun\.sh systemd\.run_success_action=reboot systemd\.unit=kernel-command-line\.target||' \
-    /boot/firmware/cmdline.txt
+# The hook stays on the command line until this script has run to its end,
+# for at most MAX_ATTEMPTS boots: a Pi unplugged in the middle of its first
+# boot tries again at the next one instead of staying half installed for
+# ever, and a fault that kills the boot itself does not loop for ever either.
+# Every failure that lets the script go on ends it normally: no retry.
+MAX_ATTEMPTS=3
+ATTEMPT=$(tr -cd 0-9 <"$HERE/attempts" 2>/dev/null | cut -c1-3)
+ATTEMPT=$((${ATTEMPT:-0} + 1))
+echo "$ATTEMPT" >"$HERE/attempts"
+sync
+echo "firstrun: started $(date -u +%Y-%m-%dT%H:%M:%SZ) (attempt $ATTEMPT of $MAX_ATTEMPTS)"
+
+unhook() {
+    sed -i 's| systemd\.run=/boot/firmware/feedback/firstrun\.sh systemd\.run_success_action=reboot systemd\.unit=kernel-command-line\.target||' \
+        /boot/firmware/cmdline.txt
+    sync
+}
+if [ "$ATTEMPT" -ge "$MAX_ATTEMPTS" ]; then
+    echo "firstrun: the last attempt: the first-boot hook is removed now"
+    unhook
+fi
 
 if [ -f "$HERE/hostname" ]; then
     NAME=$(cat "$HERE/hostname")
@@ -56,6 +73,13 @@ if [ -f "$HERE/wifi.nmconnection" ]; then
     echo "firstrun: wifi configured (country $COUNTRY)"
 fi
 
-sh "$HERE/install.sh" || echo "firstrun: the install FAILED; see above"
+if [ -f "$HERE/installed" ]; then
+    # Cut off after the install but before the hook went: nothing to redo
+    # (install.sh has already taken the config's secrets off the card).
+    echo "firstrun: already installed at $(cat "$HERE/installed")"
+else
+    sh "$HERE/install.sh" || echo "firstrun: the install FAILED; see above"
+fi
+unhook
 echo "firstrun: finished, rebooting"
 exit 0

@@ -34,6 +34,11 @@ PIP="$VENV/bin/python -m pip install --quiet --no-index --find-links $WHEELS"
 $PIP feedback-edge || fail "pip install feedback-edge from $WHEELS"
 say "installed $("$VENV/bin/feedback-edge" --version 2>/dev/null || echo feedback-edge)"
 
+# The command for the admin on the Pi (`sudo feedback-edge status`): on
+# PATH, and on sudo's secure_path.
+install -d "$ROOT/usr/local/bin"
+ln -sf /opt/feedback-edge/venv/bin/feedback-edge "$ROOT/usr/local/bin/feedback-edge"
+
 # 2. The site's config and the files it names (secrets: root and the
 #    service group only).
 install -d -m 0750 "$ETC"

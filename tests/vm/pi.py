@@ -209,6 +209,8 @@ class Installed:
     second_boot_log: str | None = None  # install.log after the second boot
     second_boot_installed: str | None = None
     unit: dict[str, str] = field(default_factory=dict)  # systemctl show, second boot
+    second_boot_cmdline: str = ""
+    second_boot_generated: str = ""  # the units systemd's generators made in the second boot
     console_first: Path | None = None
 
     @property
@@ -252,6 +254,11 @@ def first_boot(image: Image, rundir: Path, port: int) -> Installed:
         inst.second_boot_active_s = time.monotonic() - t
         inst.unit = g.show("ActiveState", "SubState", "StatusText", "NRestarts", "MainPID",
                            "User", "UnitFileState", "Result", "ExecMainStatus")
+        inst.second_boot_cmdline = g.cmdline
+        # What systemd.run= would have generated: no first-boot unit this time.
+        inst.second_boot_generated = g.run(
+            "ls /run/systemd/generator/ /run/systemd/generator.late/ 2>/dev/null",
+            check=False).stdout
         g.poweroff()
         g.close()
         inst.second_boot_log = card.text("feedback/install.log")

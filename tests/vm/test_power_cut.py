@@ -31,6 +31,10 @@ session's, whose dedup keys and lost counter it then keeps).
 The seed is printed; FEEDBACK_POWER_CUT_SEED=N runs the same inputs again
 (the timing under TCG is not the same, so a fault may need a few runs).
 `-m soak` runs 200 rounds instead of 20 (about an hour here).
+
+The rounds' bookkeeping and the checks above (`run_power_cuts`) take how a
+round is booted and cut, and how the last boot is made, as arguments: the Pi
+tier (test_pi_power_cut.py) cuts a whole Debian under systemd with them.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import shlex
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,15 +77,19 @@ HOLD_MS = 40
 # place is off by more.
 TOLERANCE_MS = 100
 STRAY = "press from no round's boot"
-MILESTONES = ("boot", "spawned", "console", "daemon", "hello", "press")
+# A round's times (Round.timings keys) and how the round's line names them.
+MILESTONES = (("boot", "ready"), ("spawned", "spawned"), ("console", "console"),
+              ("daemon", "daemon HELLO"), ("hello", "HELLO ACKed"), ("press", "first press"))
 SIM = ["checkout-python", "-m", "firmware_sim.usb"]
 
 # The guest's press loop: waits (with a deadline) until the daemon has ACKed
-# the console's HELLO, then presses seeded random buttons every INTERVAL_MS,
-# recording each press on the share *before* making it.
+# the console's HELLO, and the optional gate file exists (the test's go), then
+# presses seeded random buttons every INTERVAL_MS, recording each press on the
+# share *before* making it.
 PRESS_LOOP = r"""
 import json, os, random, socket, struct, sys, time
-acked, ctl, out, seed, buttons, count, interval_ms, hold_ms = sys.argv[1:]
+acked, ctl, out, seed, buttons, count, interval_ms, hold_ms = sys.argv[1:9]
+gate = sys.argv[9] if len(sys.argv) > 9 else None
 def hello_acked():
     try:
         with open(acked) as f:
@@ -89,9 +97,10 @@ def hello_acked():
     except FileNotFoundError:
         return False
 deadline = time.monotonic() + 180
-while not hello_acked():
+while not (hello_acked() and (gate is None or os.path.exists(gate))):
     if time.monotonic() > deadline:
-        sys.exit("the daemon did not ACK the console's HELLO within 180 s")
+        sys.exit("the daemon did not ACK the console's HELLO within 180 s"
+                 if not hello_acked() else f"no {gate} within 180 s")
     time.sleep(0.05)
 # The control socket's framing (firmware_sim.link): kind, u16le length, payload.
 hdr = struct.Struct("<cH")
@@ -176,6 +185,13 @@ def _power_cut_round(vm: Machines, disk: Path, config: str, r: Round) -> None:
     t = time.monotonic()
     g = vm.boot(disk=disk, udcs=1)
     r.guest = g
+    try:
+        _usb_round(g, config, r, t)
+    finally:
+        r.new_session = "powered up (HELLO)" in _text(g.share / "daemon.log")
+
+
+def _usb_round(g: Guest, config: str, r: Round, t: float) -> None:
     # The console first (its start is the longest), then the daemon as
     # Guest.start_daemon starts it (0640 config, umask 0077, the service user),
     # then the press loop: in one request to the guest instead of four, each
@@ -194,16 +210,7 @@ install -D -m 0640 -o root -g {SERVICE_USER} /share/edge.toml {CONFIG}
 """)
     r.timings["spawned"] = time.monotonic() - t
     pressed = g.share / PRESSED
-    rc = g.share / ".vm" / "proc" / "presses.rc"
-
-    def enough() -> bool:
-        if rc.exists() and len(_lines(pressed)) < r.trigger:
-            raise GuestError(f"round {r.n}: the press loop ended early: "
-                             f"{(g.share / 'presses.log').read_text()[-2000:]}\n"
-                             f"daemon: {_tail(g.share / 'daemon.log')}\n"
-                             f"console: {_tail(g.share / 'console.log')}")
-        return len(_lines(pressed)) >= r.trigger
-
+    enough = presses_made(g, r, lambda: f"daemon: {_tail(g.share / 'daemon.log')}")
     r.timings["boot"] = g.timings["boot_s"]
     milestones = {"console": lambda: "control" in _text(g.share / "console.log"),
                   "daemon": lambda: "powered up (HELLO)" in _text(g.share / "daemon.log"),
@@ -216,6 +223,29 @@ install -D -m 0640 -o root -g {SERVICE_USER} /share/edge.toml {CONFIG}
         return "press" in r.timings or enough()
 
     g.wait_for(started, 240, f"round {r.n}: the first press")
+    cut_after_presses(g, r, enough, t)
+
+
+def presses_made(g: Guest, r: Round, daemon_log: Callable[[], str]) -> Callable[[], bool]:
+    """Whether the press loop has made the round's `trigger` presses; raises
+    when it ended before that (with its log, the daemon's and the console's)."""
+    pressed = g.share / PRESSED
+    rc = g.share / ".vm" / "proc" / "presses.rc"
+
+    def enough() -> bool:
+        if rc.exists() and len(_lines(pressed)) < r.trigger:
+            raise GuestError(f"round {r.n}: the press loop ended early: "
+                             f"{_text(g.share / 'presses.log')[-2000:]}\n"
+                             f"{daemon_log()}\n"
+                             f"console: {_tail(g.share / 'console.log')}")
+        return len(_lines(pressed)) >= r.trigger
+
+    return enough
+
+
+def cut_after_presses(g: Guest, r: Round, enough: Callable[[], bool], t: float) -> None:
+    """Once the press loop has made the round's presses, the rest of the cut's
+    moment, then the cut; the round's time from `t`."""
     g.wait_for(enough, 240, f"round {r.n}: {r.trigger} presses")
     # The rest of the cut's moment, within a press interval: the test's input.
     threading.Event().wait(r.delay_s)
@@ -239,10 +269,19 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def _final_boot(vm: Machines, disk: Path, config: str, sub: Subscriber,
                 expected: Callable[[list[dict[str, Any]]], bool], faults: list[str]) -> Guest:
-    """Boot once more, without the console, until the store is empty.  What
-    does not arrive is a fault for the report, not an exception here."""
+    """Boot once more, without the console, until the store is empty."""
     g = vm.boot(disk=disk, udcs=1)
     g.start_daemon(config)
+    deliver(g, sub, expected, faults)
+    g.poweroff()
+    return g
+
+
+def deliver(g: Guest, sub: Subscriber, expected: Callable[[list[dict[str, Any]]], bool],
+            faults: list[str]) -> None:
+    """Until what `expected` wants reached the host's broker and the daemon's
+    store is empty.  What does not arrive is a fault for the report, not an
+    exception here."""
     try:
         g.wait_for(lambda: expected(_events(sub)), 120, "every ACKed press at the host's broker")
     except GuestError:
@@ -260,8 +299,6 @@ def _final_boot(vm: Machines, disk: Path, config: str, sub: Subscriber,
         g.wait_for(drained, 120, "the daemon's store to be empty", interval=0.5)
     except GuestError as e:
         faults.append(f"the daemon's store did not empty in the last boot: {e}")
-    g.poweroff()
-    return g
 
 
 def _events(sub: Subscriber) -> list[dict[str, Any]]:
@@ -312,25 +349,37 @@ def _check_round(r: Round) -> None:
                 break
 
 
-def run_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
-                   validate: Callable[[str, Any], None], rounds: int) -> None:
+# A round: boots (setting Round.guest as soon as QEMU runs), plugs in the
+# console with `--acked-log /share/ACKED`, runs PRESS_LOOP recording to
+# /share/PRESSED, cuts power (`cut_after_presses`), and sets Round.new_session
+# from the daemon's log, Round.timings and Round.seconds.
+BootRound = Callable[[Round], None]
+# The last boot: given whether the broker has everything ACKed, and the faults
+# list, boots without the console, lets the daemon deliver (`deliver`) and
+# stops the guest; the guest.
+FinalBoot = Callable[[Callable[[list[dict[str, Any]]], bool], list[str]], Guest]
+
+
+def run_power_cuts(sub: Subscriber, validate: Callable[[str, Any], None], rounds: int,
+                   boot_round: BootRound, final_boot: FinalBoot, *,
+                   milestones: Sequence[tuple[str, str]] = MILESTONES,
+                   summary: Callable[[list[Round]], str] | None = None) -> None:
+    """`rounds` power cuts and the last boot, then every check of the module's
+    docstring over what `sub` received; `summary` adds lines to the report."""
     seed = int(os.environ.get("FEEDBACK_POWER_CUT_SEED") or random.SystemRandom().getrandbits(32))
     print(f"\npower cuts: {rounds} rounds, seed {seed} (FEEDBACK_POWER_CUT_SEED={seed} "
           "repeats the inputs)")
     rng = random.Random(seed)
-    config = _config(broker)
-    disk = vm.disk()
     t0 = time.monotonic()
     runs = [Round(n + 1, rng.randint(1, PRESSES), rng.uniform(0, INTERVAL_MS / 1000),
                   rng.getrandbits(32)) for n in range(rounds)]
     for r in runs:
         try:
-            _power_cut_round(vm, disk, config, r)
+            boot_round(r)
         finally:
             if r.guest is not None:
                 r.acked = _lines(r.guest.share / ACKED)
                 r.pressed = _lines(r.guest.share / PRESSED)
-                r.new_session = "powered up (HELLO)" in _text(r.guest.share / "daemon.log")
         boot_ids = {a["boot_id"] for a in r.acked}
         sessions = {a["power_up_ms"] for a in r.acked}
         assert len(boot_ids) == 1, f"round {r.n}: {boot_ids}"
@@ -339,8 +388,8 @@ def run_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
         r.acked = [a for a in r.acked if a["type"] == "PRESS"]
         print(f"  round {r.n:3}: cut after {r.trigger:2} presses + {r.delay_s * 1000:3.0f} ms "
               f"-> made {len(r.pressed):2}, ACKed {len(r.acked):2}; {r.seconds:.1f} s "
-              "(ready, spawned, console, daemon HELLO, HELLO ACKed, first press at "
-              + ", ".join(f"{r.timings.get(k, 0):.1f}" for k in MILESTONES) + " s)"
+              f"({', '.join(name for _, name in milestones)} at "
+              + ", ".join(f"{r.timings.get(k, 0):.1f}" for k, _ in milestones) + " s)"
               + ("" if r.new_session else " [the daemon logged no new console session]"),
               flush=True)
 
@@ -351,7 +400,7 @@ def run_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
 
     faults: list[str] = []
     t = time.monotonic()
-    final = _final_boot(vm, disk, config, sub, every_acked_press_published, faults)
+    final = final_boot(every_acked_press_published, faults)
     final_s = time.monotonic() - t
     events = _events(sub)
     for e in events:
@@ -423,6 +472,8 @@ def run_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
           f"{unique[-1]['seq'] if unique else '-'}; rounds {sum(r.seconds for r in runs):.0f} s, "
           f"last boot {final_s:.0f} s, all {time.monotonic() - t0:.0f} s "
           f"(final boot's rundir {final.rundir.name}); seed {seed}")
+    if summary is not None:
+        print(summary(runs))
     same = [r.n for r in runs if not r.new_session]
     # A console powered up with the Pi is a new session, even when only its
     # replayed HELLO is read after a short previous session (edge/kinds/console.py).
@@ -431,11 +482,20 @@ def run_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
     assert not faults, f"seed {seed}:\n" + "\n".join(faults)
 
 
+def _usb_power_cuts(vm: Machines, broker: Broker, sub: Subscriber,
+                    validate: Callable[[str, Any], None], rounds: int) -> None:
+    config = _config(broker)
+    disk = vm.disk()
+    run_power_cuts(sub, validate, rounds,
+                   lambda r: _power_cut_round(vm, disk, config, r),
+                   lambda expected, faults: _final_boot(vm, disk, config, sub, expected, faults))
+
+
 def test_power_cuts_while_presses_flow_lose_and_double_nothing(
         vm: Machines, broker: Broker, subscribe: Callable[[str], Subscriber],
         validate: Callable[[str, Any], None]) -> None:
     sub = subscribe(f"feedback/v1/{SITE}/{EDGE}/event/#")
-    run_power_cuts(vm, broker, sub, validate, 20)
+    _usb_power_cuts(vm, broker, sub, validate, 20)
 
 
 @pytest.mark.soak
@@ -443,4 +503,4 @@ def test_power_cuts_soak(
         vm: Machines, broker: Broker, subscribe: Callable[[str], Subscriber],
         validate: Callable[[str, Any], None]) -> None:
     sub = subscribe(f"feedback/v1/{SITE}/{EDGE}/event/#")
-    run_power_cuts(vm, broker, sub, validate, 200)
+    _usb_power_cuts(vm, broker, sub, validate, 200)
