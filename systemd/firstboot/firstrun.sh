@@ -18,7 +18,7 @@ exec >>"$HERE/install.log" 2>&1
 # ever, and a fault that kills the boot itself does not loop for ever either.
 # Every failure that lets the script go on ends it normally: no retry.
 MAX_ATTEMPTS=3
-ATTEMPT=$(tr -cd 0-9 <"$HERE/attempts" 2>/dev/null | cut -c1-3)
+ATTEMPT=$(cat "$HERE/attempts" 2>/dev/null | tr -cd 0-9 | cut -c1-3)
 ATTEMPT=$((${ATTEMPT:-0} + 1))
 echo "$ATTEMPT" >"$HERE/attempts"
 sync

@@ -55,9 +55,9 @@ SUITE = "bookworm"
 # systemd and udev (the unit, sysusers, rules), python3 (the venv's
 # interpreter), kmod, dbus (systemctl and systemd-analyze talk over it),
 # openssh-server and sudo (firstrun.sh's admin login), dosfstools (fsck of
-# the boot partition), iproute2.  python3-serial is for the simulated survey
-# terminal the tests run in the guest, not for the daemon (its venv has its own).
-PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "python3", "python3-serial", "kmod",
+# the boot partition), iproute2.  The simulators the tests run in the guest
+# use the installed venv's interpreter and packages.
+PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "python3", "kmod",
             "linux-image-amd64", "initramfs-tools", "openssh-server", "sudo", "dosfstools",
             "iproute2")
 # The host tools the build needs -> their Debian package.

@@ -20,6 +20,7 @@ what the guest had not flushed is lost.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -178,6 +179,7 @@ def threading_wait(seconds: float) -> None:
 # -- the installed Pi ---------------------------------------------------------------------
 
 SITE, EDGE = "vm-site", "vm-edge"
+ADMIN = "admin"  # provision's default --admin-user
 CONSOLE_SERIAL = "00A1B2C3D4E5"
 
 
@@ -210,6 +212,8 @@ class Installed:
     second_boot_installed: str | None = None
     unit: dict[str, str] = field(default_factory=dict)  # systemctl show, second boot
     second_boot_cmdline: str = ""
+    admin_status: tuple[int, str] = (-1, "")  # `sudo feedback-edge status` as the admin
+    admin_keys: str = ""
     second_boot_generated: str = ""  # the units systemd's generators made in the second boot
     console_first: Path | None = None
 
@@ -226,7 +230,12 @@ def first_boot(image: Image, rundir: Path, port: int) -> Installed:
     site = rundir / "site"
     site.mkdir()
     (site / "edge.toml").write_text(site_config(port))
-    card, done = Card.write(rundir / "card.img", site)
+    # The admin's login, as an installer provisions it (the key's blob is
+    # random: nobody logs in with it, firstrun.sh only installs it).
+    blob = b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + os.urandom(32)
+    key = rundir / "admin.pub"
+    key.write_text(f"ssh-ed25519 {base64.b64encode(blob).decode()} installer@laptop\n")
+    card, done = Card.write(rundir / "card.img", site, ssh_key=key)
     root = image.overlay(rundir / "root.qcow2")
     inst = Installed(image, rundir, root, card, provision_output=done)
     try:
@@ -255,6 +264,13 @@ def first_boot(image: Image, rundir: Path, port: int) -> Installed:
         inst.unit = g.show("ActiveState", "SubState", "StatusText", "NRestarts", "MainPID",
                            "User", "UnitFileState", "Result", "ExecMainStatus")
         inst.second_boot_cmdline = g.cmdline
+        # README's step 6, as the admin firstrun.sh made: `sudo feedback-edge status`.
+        # runuser, not the agent's as-user: that one sets no_new_privs, as the
+        # unit does, which would stop sudo.
+        admin = g.run(f"runuser -u {ADMIN} -- sudo -n feedback-edge status", check=False,
+                      timeout=120)
+        inst.admin_status = (admin.status, admin.stdout + admin.stderr)
+        inst.admin_keys = g.run(f"cat ~{ADMIN}/.ssh/authorized_keys", check=False).stdout
         # What systemd.run= would have generated: no first-boot unit this time.
         inst.second_boot_generated = g.run(
             "ls /run/systemd/generator/ /run/systemd/generator.late/ 2>/dev/null",

@@ -43,6 +43,7 @@ def test_first_boot_installs_offline_from_the_card_and_the_service_reaches_ready
     # In order: what the installer reads on the laptop, one step per line.
     steps = [r"firstrun: started " + STAMP,
              r"firstrun: hostname vm-site-vm-edge",
+             r"firstrun: ssh enabled for admin \(keys only\)",
              r"feedback-edge install: started " + STAMP + " from /boot/firmware/feedback",
              r"feedback-edge install: installed feedback-edge \S+",
              r"/etc/feedback-edge/edge.toml: ok \(site vm-site, edge vm-edge, broker "
@@ -61,6 +62,11 @@ def test_first_boot_installs_offline_from_the_card_and_the_service_reaches_ready
     assert re.fullmatch(STAMP + r"\n", i.installed or ""), i.installed
     # firstrun.sh took itself off the kernel command line once it had run to its end.
     assert "systemd.run" not in (i.cmdline_after or "systemd.run")
+    # README's step 6: the admin's key is in place and `sudo feedback-edge
+    # status` works for the admin (0: fine, 3: running with alarms).
+    assert "installer@laptop" in i.admin_keys
+    assert i.admin_status[0] in (0, 3), i.admin_status
+    assert "vm-site" in i.admin_status[1], i.admin_status
     want = {"ActiveState": "active", "SubState": "running", "User": "feedback-edge",
             "UnitFileState": "enabled", "NRestarts": "0"}
     assert {k: i.unit.get(k) for k in want} == want, i.unit
@@ -137,7 +143,10 @@ def test_a_power_cut_during_the_first_boot_is_followed_by_a_whole_install(
 
     try:
         g = boot()
-        g.wait_console("kernel-command-li", 300)
+        # systemd's "Starting kernel-command-line.service" (not the kernel's
+        # own echo of its command line, which names the target too).
+        g.wait_for(lambda: re.search(r"Starting \S*kernel-command-li", g.console_text()), 300,
+                   "systemd starting the first-boot script")
         threading.Event().wait(delay)  # the moment of the cut: the test's input
         g.power_cut()
         print(f"\npower cut {delay:.1f} s into the first boot's installer (seed {seed}; "
