@@ -17,6 +17,13 @@ Prints:
   READY=1 (a process, its imports included) and opening the Store alone,
   interleaved, one ratio per pair.
 
+- issue 17's figures (`--part issue17`, --runs rounds each): durable ingest
+  and backlog drain (a store of --events filled before the daemon connects)
+  as ratios to raw paho in the same round; then, in a child process with a
+  slow fsync preloaded (benchmarks/slow_fsync.py: +--fsync-ms to every fsync
+  and fdatasync), press-to-PUBACK at 200 presses/s against the fsync's own
+  p99, and PUBACKs/s with their p50 latency at 3,000 presses/s offered.
+
 Every ratio is printed as the median and range of the rounds (--rounds).
 `--part startup` or `--part throughput` runs only those figures.
 """
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import raw_paho, start_broker  # noqa: E402
+from benchmarks.slow_fsync import build_shim, preload_env  # noqa: E402
 from drivers.console import ConsoleReport, ReportType  # noqa: E402
 from edge.config import Config, load_config  # noqa: E402
 from edge.daemon import Daemon  # noqa: E402
@@ -145,24 +153,57 @@ def pipeline_throughput(work: Path, port: int, n: int) -> tuple[float, float]:
 
 
 def pipeline_latency(work: Path, port: int, n: int, rate: float) -> tuple[float, float]:
-    d = make_daemon(work, port, "latency")
+    p50, p99, _, _ = offered_load(work, port, n, rate, "latency")
+    return p50, p99
+
+
+def offered_load(work: Path, port: int, n: int, rate: float,
+                 name: str) -> tuple[float, float, float, list[float]]:
+    """`n` presses offered at `rate`/s (posted in 2 ms slices, as a USB poll
+    would bunch them): (p50 ms, p99 ms, PUBACKs/s, seconds per fsync)."""
+    d = make_daemon(work, port, name)
     t = run_daemon(d)
+    durable = d.store._durable
+    fsyncs = durable.sync.fsync_s if durable is not None and durable.sync else None
     batch = reports(n)
     posted: list[int] = []
     t0 = time.monotonic()
-    for i, r in enumerate(batch):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            threading.Event().wait(delay)
-        stamped = Reading(r.device_id, r.data, time.monotonic_ns(), time.time_ns())
-        posted.append(stamped.host_mono_ns)
-        d.inbox.put(stamped)
+    i = 0
+    while i < n:
+        due = min(n, int((time.monotonic() - t0) * rate) + 1)
+        for r in batch[i:due]:
+            stamped = Reading(r.device_id, r.data, time.monotonic_ns(), time.time_ns())
+            posted.append(stamped.host_mono_ns)
+            d.inbox.put(stamped)
+        i = max(i, due)
+        threading.Event().wait(0.002 if rate > 500 else max(0.0, t0 + i / rate - time.monotonic()))
     while d.acked < n:
         threading.Event().wait(0.001)
+    took = (max(d.acked_at.values()) - posted[0]) / 1e9
     d.request_stop()
     t.join(10)
     lat = sorted((d.acked_at[i + 1] - posted[i]) / 1e6 for i in range(n))
-    return lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+    return lat[len(lat) // 2], lat[int(len(lat) * 0.99)], n / took, list(fsyncs or [])
+
+
+def backlog_drain(work: Path, port: int, n: int) -> float:
+    """Events/s publishing a store of `n` events filled before the daemon connects."""
+    d = make_daemon(work, port, "drain")
+    store = Store(d.config.store.path, d._encode, max_events=10**7,
+                  max_bytes=10**12)
+    d.store.close()
+    events = [sample_event(i) for i in range(n)]
+    store.commit([Append(e) for e in events])
+    store.close()
+    d = make_daemon(work, port, "drain")
+    t0 = time.perf_counter()
+    t = run_daemon(d)
+    while d.acked < n:
+        threading.Event().wait(0.001)
+    elapsed = time.perf_counter() - t0
+    d.request_stop()
+    t.join(10)
+    return n / elapsed
 
 
 def io_counters() -> tuple[int, int]:
@@ -309,11 +350,19 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--startup-events", type=int, default=500_000)
-    ap.add_argument("--part", choices=("all", "throughput", "startup"), default="all")
+    ap.add_argument("--part", choices=("all", "throughput", "startup", "issue17", "slow"),
+                    default="all")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--fsync-ms", type=float, default=7.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     broker, port = start_broker(work)
     try:
+        if args.part == "slow":  # the child of issue17, with the slow fsync preloaded
+            slow_child(work, port, args)
+            return
+        if args.part in ("all", "issue17"):
+            issue17(work, port, args)
         if args.part in ("all", "throughput"):
             throughput(work, port, args)
         if args.part in ("all", "startup"):
@@ -329,6 +378,58 @@ def main() -> None:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _range(values: list[float], fmt: str = "{:.2f}") -> str:
+    v = sorted(values)
+    return (f"{fmt.format(statistics.median(v))} ({fmt.format(v[0])}-{fmt.format(v[-1])}, "
+            f"{len(v)} runs)")
+
+
+def issue17(work: Path, port: int, args: argparse.Namespace) -> None:
+    payloads = [encode_event(sample_event(i), i + 1, "bench", "edge")
+                for i in range(args.events)]
+    ingest, drain = [], []
+    for i in range(args.runs):
+        raw, _ = raw_paho(port, payloads)
+        (work / f"i{i}").mkdir()
+        ingest.append(pipeline_throughput(work / f"i{i}", port, args.events)[0] / raw)
+        raw, _ = raw_paho(port, payloads)
+        drain.append(backlog_drain(work / f"i{i}", port, args.events) / raw)
+    print(f"durable ingest / raw paho               {_range(ingest)}   goal >= 0.60")
+    print(f"backlog drain / raw paho                {_range(drain)}   goal >= 0.90")
+    lib = build_shim(work)
+    if lib is None:
+        print("slow-fsync runs skipped: no C compiler for the shim")
+        return
+    env = preload_env(lib, int(args.fsync_ms * 1000))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--part", "slow",
+                    "--runs", str(args.runs), "--fsync-ms", str(args.fsync_ms)],
+                   env=env, check=True, cwd=ROOT)
+
+
+def slow_child(work: Path, port: int, args: argparse.Namespace) -> None:
+    lat: list[tuple[float, float, float]] = []
+    load: list[tuple[float, float]] = []
+    for i in range(args.runs):
+        (work / f"s{i}").mkdir()
+        p50, p99, _, fs = offered_load(work / f"s{i}", port, 2000, 200.0, "slow-latency")
+        fs.sort()
+        lat.append((p50, p99, fs[int(len(fs) * 0.99)] * 1e3))
+        p50_3k, _, rate, _ = offered_load(work / f"s{i}", port, 9000, 3000.0, "slow-load")
+        load.append((rate / 3000.0, p50_3k))
+    ms = args.fsync_ms
+    print(f"fsync +{ms:g} ms (LD_PRELOAD shim), {args.runs} runs")
+    print(f"  fsync p99                              {_range([x[2] for x in lat], '{:.1f}')} ms")
+    print(f"  press -> PUBACK, 200/s: p50            {_range([x[0] for x in lat], '{:.1f}')} ms")
+    print(f"  press -> PUBACK, 200/s: p99            {_range([x[1] for x in lat], '{:.1f}')} ms"
+          f"   goal <= fsync p99 + 5 ms")
+    print(f"  p99 - fsync p99                        "
+          f"{_range([x[1] - x[2] for x in lat], '{:.1f}')} ms")
+    print(f"  PUBACKs/s at 3,000/s offered / offered {_range([x[0] for x in load])}"
+          f"   goal >= 0.9")
+    print(f"  press -> PUBACK p50 at 3,000/s         {_range([x[1] for x in load], '{:.1f}')} ms"
+          f"   goal < 50 ms")
 
 
 def throughput(work: Path, port: int, args: argparse.Namespace) -> None:

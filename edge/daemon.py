@@ -6,8 +6,8 @@ signal handlers only post messages into `inbox`; the loop takes everything
 that arrived since its last turn and handles it as one batch:
 
 1. device readings are decided by their kinds (`edge.kinds`) and the new
-   events stored in one transaction, one fsync (group commit);
-2. only then is each device acknowledged (ACK, LED);
+   events stored in one transaction, fsync'ed in a thread (`edge.committer`);
+2. only once that fsync is done (`Synced`) is each device acknowledged (ACK, LED);
 3. PUBACKs and the collector's watermark release delivered events
    (`edge.publisher`);
 4. the publisher fills its in-flight window from the store, in seq order.
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, reporting
+from edge import reporting
 from edge.alarms import Alarms
 from edge.clock import Clock, SystemClock
 from edge.commands import Commands, ControlRequest, json_field, watermark
+from edge.committer import Synced
 from edge.conditions import Conditions
 from edge.config import Config
 from edge.contract import topics
-from edge.contract.timefmt import format_wall
 from edge.discovery import Attached, DiscoveryWatcher, attached_now
 from edge.doctors import DoctorList
 from edge.events import Event, encode_event
@@ -94,10 +94,10 @@ class Daemon:
                            max_bytes=config.store.max_bytes,
                            min_free_bytes=config.store.min_free_bytes,
                            drop_event=functools.partial(drop_event, self.clock, config.edge),
-                           alarms=self.alarms,
-                           wall_ns=self.clock.wall_ns)
+                           alarms=self.alarms, wall_ns=self.clock.wall_ns,
+                           post_synced=self.inbox.put)
         self.link = MqttLink(config.broker, will=(topics.status_topic(self.root),
-                                                  self._status("offline")),
+                                                  reporting.presence(self, "offline")),
                              post=self.inbox.put, rng=rng or random.Random())
         self.link_alarms = LinkAlarms(self.alarms, config.broker, self.clock.wall_ns,
                                       self.started_s)
@@ -155,11 +155,6 @@ class Daemon:
         return (topics.event_topic(self.root, event.device.id),
                 encode_event(event, seq, self.config.site, self.config.edge))
 
-    def _status(self, state: str) -> bytes:
-        return json.dumps({"state": state, "since": format_wall(self.started_wall_ns),
-                           "version": __version__, "boot_id": self.clock.boot_id},
-                          separators=(",", ":")).encode()
-
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
@@ -174,10 +169,10 @@ class Daemon:
         self.inbox.put(Stop(reason))
 
     def alive(self) -> bool:
-        """For the watchdog: the main loop and the MQTT thread both still turn."""
-        # The main loop turns at least once a second; allow for a slow fsync.
+        """For the watchdog: the main loop and the MQTT thread turn, no fsync hangs."""
         limit = max(3.0, (self.notifier.watchdog_s or 0) / 2)
-        return self._now() - self.last_turn < limit and self.link.alive(limit)
+        return (self._now() - self.last_turn < limit and self.link.alive(limit)
+                and self.store.sync_stalled_s() < limit)
 
     def _notify_status(self) -> None:
         last, at = self._status_sent
@@ -228,7 +223,7 @@ class Daemon:
             if not isinstance(msg, Reading | PubAck):
                 self._handle(msg)
         readings = [m for m in batch if isinstance(m, Reading)]
-        if readings and self.intake.ingest(readings, remove=self.publisher.delivered):
+        if self.intake.ingest(readings, remove=self.publisher.delivered):
             self.publisher.delivered.clear()
         acks = [m for m in batch if isinstance(m, PubAck)]
         for a in acks:
@@ -267,6 +262,8 @@ class Daemon:
                 log.info("device %s (desk %s): %s%s", dev.cfg.id, dev.cfg.desk, msg.state,
                          f" ({msg.error})" if msg.error else "")
                 self._publish_devices()
+        elif isinstance(msg, Synced):
+            self.intake.synced(msg)
         elif isinstance(msg, DecodeFailed):
             dev = self.devices.get(msg.device_id)
             if dev is not None:
@@ -326,7 +323,8 @@ class Daemon:
         log.info("broker %s:%d connected (window %d)", self.config.broker.host,
                  self.config.broker.port, self.publisher.window)
         # A broker restart loses non-persistent state: announce everything again.
-        self.link.publish(topics.status_topic(self.root), self._status("online"), retain=True)
+        self.link.publish(topics.status_topic(self.root), reporting.presence(self, "online"),
+                          retain=True)
         self._publish_devices()
         self._publish_anchor("connected")
         self.link.subscribe(topics.cmd_topic(self.root, "+"))
@@ -385,7 +383,7 @@ class Daemon:
         self._discovery.stop()
         if self.link.connected:
             self._offline_mid = self.link.publish(topics.status_topic(self.root),
-                                                  self._status("offline"), retain=True)
+                                                  reporting.presence(self, "offline"), retain=True)
             # Up to 3 s of turns for its PUBACK: counted, not timed, so an
             # injected clock that stands still cannot hold the shutdown.
             for _ in range(30):

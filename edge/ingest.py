@@ -8,13 +8,23 @@ acknowledge its part of the batch (console ACK and LED, terminal ACK).  A
 failed commit acknowledges nothing: the devices keep their events and send
 them again (the store raises the fault's alarm).  Events the store drops to
 stay within its limits it announces itself, in the same transaction.
+
+With the fsync in its own thread (`edge.committer`), "durable" arrives later
+as a `Synced` message: the batch's acknowledgements wait for it, and readings
+that arrive meanwhile are held, undecided, and committed together once it
+came (one fsync in flight, group commit).  So each device still sees
+`decide`, then `committed` or `commit_failed`, batch after batch, as with a
+synchronous commit; and a known duplicate of an event still waiting for its
+fsync is not acknowledged before that fsync either.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from edge.clock import Clock
+from edge.committer import Synced
 from edge.events import DeviceRef, Dropped, Event, EventTime, OperatorTag, new_event_id
 from edge.kinds.base import Context, Decision, Device, Reading
 from edge.reporting import Recent
@@ -33,6 +43,16 @@ def drop_event(clock: Clock, edge: str, first: int, last: int, reason: str) -> E
                  Dropped(first, last, reason), OperatorTag(None, "none"), t)
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A committed batch waiting for its fsync: a Synced with gen >= `gen` settles it
+    (generations grow across store openings)."""
+
+    gen: int
+    plan: list[tuple[Device, Decision, int]]
+    seqs: list[int | None]
+
+
 class Intake:
     """Owned by the main loop.  `write_errors` counts failed commits by reason
     (the StoreError code: disk_full, store_busy ...); `recent` gets every stored event."""
@@ -45,11 +65,20 @@ class Intake:
         self._recent = recent
         self._edge = edge
         self.write_errors: dict[str, int] = {}
+        self._waiting: _Waiting | None = None
+        self._held: list[Reading] = []
 
     def ingest(self, readings: list[Reading], remove: list[int]) -> bool:
         """Decide, commit (deleting the delivered seqs in `remove` in the same
-        transaction) and acknowledge; True if `remove` was carried out with it
-        (False: the commit failed, or there was nothing to write)."""
+        transaction) and acknowledge once durable; True if `remove` was carried
+        out with it (False: the commit failed, there was nothing to write, or
+        the readings are held until the batch before them is durable)."""
+        if self._waiting is not None:
+            self._held.extend(readings)
+            return False
+        readings, self._held = [*self._held, *readings], []
+        if not readings:
+            return False
         plan: list[tuple[Device, Decision, int]] = []  # (device, decision, first append)
         appends: list[Append] = []
         forget: list[str] = []
@@ -76,7 +105,31 @@ class Intake:
             seqs = result.seqs
             if result.dropped:
                 log.warning("store full: dropped and announced %s", result.dropped)
-        # Durable now: count, then let each device acknowledge its batch.
+            if result.gen:
+                self._waiting = _Waiting(result.gen, plan, seqs)
+                return wrote
+        self._acknowledge(plan, seqs)
+        return wrote
+
+    def synced(self, msg: Synced) -> None:
+        """WalSync's word: the waiting batch is acknowledged once durable, or its
+        devices told it failed (they send their events again)."""
+        self._store.synced(msg)
+        w = self._waiting
+        if w is None or msg.gen < w.gen:
+            return
+        self._waiting = None
+        if msg.error is None:
+            self._acknowledge(w.plan, w.seqs)
+            return
+        self.write_errors["store_io_error"] = self.write_errors.get("store_io_error", 0) + 1
+        log.error("store: %s; devices keep their events and will send them again", msg.error)
+        for dev in {id(d): d for d, _, _ in w.plan}.values():
+            dev.commit_failed()
+
+    def _acknowledge(self, plan: list[tuple[Device, Decision, int]],
+                     seqs: list[int | None]) -> None:
+        """Durable now: count, then let each device acknowledge its batch."""
         outcomes: dict[str, list[tuple[Decision, list[bool]]]] = {}
         for dev, decision, first in plan:
             stored = [s is not None for s in seqs[first:first + len(decision.appends)]]
@@ -92,4 +145,3 @@ class Intake:
             outcomes.setdefault(dev.cfg.id, []).append((decision, stored))
         for dev_id, done in outcomes.items():
             self._devices[dev_id].committed(done, self._ctx)
-        return wrote

@@ -10,6 +10,7 @@ personal data: no phone numbers, comments or badge numbers.
 from __future__ import annotations
 
 import collections
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,15 @@ from edge.logsafe import printable
 if TYPE_CHECKING:
     from edge.daemon import Daemon
 
-__all__ = ["Recent", "device_list", "health", "oldest_pending_s", "status", "status_line"]
+__all__ = ["Recent", "device_list", "health", "oldest_pending_s", "presence", "status",
+           "status_line"]
+
+
+def presence(d: Daemon, state: str) -> bytes:
+    """The retained `status` topic's payload (online, or offline as the will)."""
+    return json.dumps({"state": state, "since": format_wall(d.started_wall_ns),
+                       "version": __version__, "boot_id": d.clock.boot_id},
+                      separators=(",", ":")).encode()
 
 
 class Recent:

@@ -7,9 +7,10 @@ card an fsync costs milliseconds, and a burst of presses must not cost one
 each.  Insert cost does not depend on the backlog: `seq` is the rowid, so an
 insert appends to the right edge of one B-tree.
 
-Here: the Store's lifecycle (open, settle, retry, faults, alarms), its tail
-cache and reading.  What each transaction writes, the figures, and the policy
-when full (`max_events`, `max_bytes`) are the write path, `edge.store_write`.
+Here: the Store's lifecycle (open, settle, retry, faults, alarms) and
+reading (through its tail cache, `edge.store_tail`).  What each transaction
+writes, the figures, and the policy when full (`max_events`, `max_bytes`)
+are the write path, `edge.store_write`.
 
 A full *disk* is different: the transaction fails with `StoreDiskFullError`,
 nothing is half-written, and the caller does not acknowledge the devices,
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Final
 
 from edge.alarms import Alarms
+from edge.committer import Durability, Synced
 from edge.outbox_file import (
     REOPEN_S,
     OpenedOutbox,
@@ -59,6 +61,7 @@ from edge.store_faults import (
     read_only_fs,
     refine,
 )
+from edge.store_tail import Tail
 from edge.store_write import Append, CommitResult, DropEvent, Encoder, Pending, Writer
 
 __all__ = ["Append", "CommitResult", "Pending", "Store", "StoreBusyError", "StoreCorruptError",
@@ -66,12 +69,6 @@ __all__ = ["Append", "CommitResult", "Pending", "Store", "StoreBusyError", "Stor
            "read_stats"]
 
 log = logging.getLogger(__name__)
-
-# Freshly committed events are kept in memory too, so the publisher does not
-# read back what was just written (the common case: nothing is queued); a
-# backlog is read ahead in chunks into the same cache.
-TAIL_CACHE: Final = 2048
-READ_AHEAD: Final = 256
 
 # How often the last seq used is noted in the reservation file (and at close).
 USED_EVERY_S: Final = 60.0
@@ -92,14 +89,18 @@ class Store:
     `page_size` (bytes) and `max_page_count` as for `edge.outbox_file.connect`.
     `alarms` receives the fault alarms, timed by `wall_ns`.  Never raises for a
     fault of the disk: a store that cannot be opened starts closed
-    (`available` False) and `retry()` opens it later.
+    (`available` False) and `retry()` opens it later.  With `post_synced`
+    (the daemon's inbox) commits are synced in a thread (`edge.committer`):
+    `commit()` returns before the fsync, `synced()` takes its word, and
+    `pending()` offers only what is durable.
     """
 
     def __init__(self, path: Path, encode: Encoder, *, max_events: int = 500_000,
                  max_bytes: int = 500_000_000, page_size: int = 1024,
                  max_page_count: int | None = None, min_free_bytes: int = 0,
                  drop_event: DropEvent | None = None, alarms: Alarms | None = None,
-                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 post_synced: Callable[[object], None] | None = None) -> None:
         self.path = path
         self.min_free_bytes = min_free_bytes
         self._write = Writer(encode, drop_event, max_events, max_bytes, wall_ns)
@@ -112,7 +113,7 @@ class Store:
         self._retry_at = 0.0
         # Why the store is closed, raised by commits until retry() reopens it.
         self._closed_because = StoreError("the event store is not open yet")
-        self._tail: dict[int, Pending] = {}
+        self._tail = Tail()
         # A write fault met by a commit is over only when a commit succeeds (a
         # reopen can succeed while the path that failed is still failing).
         self._commit_failing = False
@@ -129,6 +130,7 @@ class Store:
         # after corruption was met, the next open checks the whole file first.
         self._check: BackgroundCheck | None = None
         self._check_whole = False
+        self._durable = Durability(post_synced) if post_synced is not None else None
         self._open()
 
     # -- opening and faults ------------------------------------------------
@@ -151,6 +153,8 @@ class Store:
         return err
 
     def _close_db(self) -> None:
+        if self._durable is not None:  # the last sync first: its writes were this db's
+            self._durable.stop()
         if self._check is not None:
             self._check.cancel()
             self._check = None
@@ -189,6 +193,8 @@ class Store:
             return
         self._db, self._opened = db, opened
         self._write.load(db, opened.last_seq)
+        if self._durable is not None:  # durable by WalSync's fsync, not inside COMMIT
+            self._write.synchronous = self._durable.start(db, self.path, self._write.last_seq)
         row = db.execute("SELECT value FROM meta WHERE name='replaced_seq'").fetchone()
         self.replaced_seq = int(row[0]) if row and self._has(int(row[0])) else None
         if self.replaced_seq is None:
@@ -298,7 +304,21 @@ class Store:
         for code in _WRITE_FAULTS:
             self.alarms.clear(code, "store")
         self._delivered(remove)
-        return result
+        return result if self._durable is None else CommitResult(
+            result.seqs, result.dropped, self._durable.wrote(self._write.last_seq))
+
+    def synced(self, msg: Synced) -> bool | None:
+        """WalSync's word (edge.committer.Durability.synced); a failed sync is an
+        I/O fault: the store closes and reopens."""
+        ok = None if self._durable is None else self._durable.synced(msg)
+        if ok is False:
+            self._commit_failing = True
+            self._fault(StoreIOError(msg.error or "fsync failed"))
+        return ok
+
+    def sync_stalled_s(self) -> float:
+        """How long a commit has waited for its fsync (0: none waits): a hung disk."""
+        return 0.0 if self._durable is None else self._durable.stalled_s()
 
     def _delivered(self, seqs: Sequence[int]) -> None:
         """Delivered seqs are gone from the store: was the replaced store's
@@ -329,8 +349,7 @@ class Store:
             # A batch larger than the limit drops some of its own events.
             if seq > drop.upto:
                 self._tail[seq] = Pending(seq, topic, payload)
-        while len(self._tail) > TAIL_CACHE:
-            del self._tail[next(iter(self._tail))]
+        self._tail.trim()
         return CommitResult(batch.seqs, drop.ranges)
 
     def remove(self, seqs: Sequence[int]) -> None:
@@ -339,7 +358,8 @@ class Store:
         if db is None:
             return  # a closed store sends them again after reopening: deduplicated
         seqs = [*self._unremoved, *seqs]
-        if not seqs:
+        if not seqs or (self._durable is not None and self._durable.owed):
+            self._unremoved = seqs  # not while WalSync may checkpoint: in the next commit
             return
         if not self._write.remove(db, seqs, self.replaced_seq):
             self._unremoved = seqs[-4096:]  # the next commit or removal tries again
@@ -376,30 +396,10 @@ class Store:
     # -- reading ---------------------------------------------------------
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Pending]:
-        """Up to `limit` pending events with seq > after_seq, in seq order
+        """Up to `limit` pending durable events with seq > after_seq, in seq order
         (none while the store is closed)."""
-        if self._db is None:
-            return []
-        if after_seq + 1 in self._tail:
-            out: list[Pending] = []
-            seq = after_seq + 1
-            while len(out) < limit and seq in self._tail:
-                out.append(self._tail[seq])
-                seq += 1
-            return out
-        try:
-            rows = self._db.execute(
-                "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, max(limit, READ_AHEAD))).fetchall()
-        except sqlite3.Error as e:
-            log.warning("reading pending events failed (will retry): %s", e)
-            return []
-        got = [Pending(int(s), str(t), bytes(p)) for s, t, p in rows]
-        for p in got:
-            self._tail[p.seq] = p
-        while len(self._tail) > TAIL_CACHE:
-            del self._tail[next(iter(self._tail))]
-        return got[:limit]
+        top = self._write.last_seq if self._durable is None else self._durable.durable_seq
+        return [] if self._db is None else self._tail.read(self._db, after_seq, limit, top)
 
     def keys(self, source: str) -> list[str]:
         """A source's dedup keys, oldest first (none while the store is closed)."""

@@ -92,6 +92,8 @@ class CommitResult:
     seqs: list[int | None]
     # Ranges (first, last) of seqs dropped to stay within the limits.
     dropped: list[tuple[int, int]]
+    # 0: durable already; else the generation whose `Synced` makes it durable.
+    gen: int = 0
 
 
 Encoder = Callable[[Event, int], tuple[str, bytes]]
@@ -167,6 +169,8 @@ class Writer:
         self.count = self.payload_bytes = 0
         self.drops: dict[str, int] = {}
         self._keys = DedupKeys()
+        # The connection's own setting; NORMAL when a thread syncs (edge.committer).
+        self.synchronous = "FULL"
 
     def load(self, db: sqlite3.Connection, last_seq: int) -> None:
         """Take the figures of a store just opened, whose seq watermark is `last_seq`."""
@@ -342,7 +346,7 @@ class Writer:
             return False
         finally:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("PRAGMA synchronous=FULL")
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
         self.count -= removed
         self.payload_bytes -= removed_bytes
         return True
