@@ -68,6 +68,11 @@ class Intake:
         self._waiting: _Waiting | None = None
         self._held: list[Reading] = []
 
+    @property
+    def settling(self) -> bool:
+        """A commit awaits its fsync, or readings wait for the next commit."""
+        return self._waiting is not None or bool(self._held)
+
     def ingest(self, readings: list[Reading], remove: list[int]) -> bool:
         """Decide, commit (deleting the delivered seqs in `remove` in the same
         transaction) and acknowledge once durable; True if `remove` was carried

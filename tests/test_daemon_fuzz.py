@@ -277,12 +277,14 @@ class Rig:
         return dev
 
     def turn(self) -> None:
-        """Turn the main loop until everything posted to it is handled."""
+        """Turn the main loop until everything posted to it is handled and
+        every commit is durable (its fsync runs on the wal-sync thread, whose
+        Synced comes through the inbox)."""
         deadline = time.monotonic() + 10
         self.daemon.turn(0)
-        while not self.daemon.inbox.empty():
+        while not self.daemon.inbox.empty() or self.daemon.intake.settling:
             assert time.monotonic() < deadline, "the main loop does not drain its inbox"
-            self.daemon.turn(0)
+            self.daemon.turn(0.01)
 
     def new_events(self) -> list[dict[str, Any]]:
         """Events stored since the last call, each checked against the contract."""
