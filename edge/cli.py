@@ -46,8 +46,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(levelname)s %(name)s: %(message)s")
+    from edge.logsafe import log_handler  # noqa: PLC0415
+    logging.basicConfig(level=getattr(logging, args.log_level), handlers=[log_handler()])
     from edge.commands import ControlRequest  # noqa: PLC0415
     from edge.control import ControlServer  # noqa: PLC0415 - keep `check-config` light
     from edge.daemon import Daemon  # noqa: PLC0415

@@ -9,14 +9,49 @@ characters) become `\\uNNNN`; a backslash becomes `\\\\`, so an escape in the
 log always means an escaped character and never one the sender typed.  It is
 cut to `max_len` characters (marked with "...").  Letters of any script stay
 as they are.
+
+`log_handler()` is the daemon's stderr handler: "LEVEL logger: message", and
+when stderr is the journal (systemd's JOURNAL_STREAM names its device and
+inode) each line starts with the syslog priority `<N>` that journald reads
+(sd-daemon(3)), so `journalctl -p warning` finds the warnings.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import unicodedata
 from typing import Final
 
-__all__ = ["printable"]
+__all__ = ["log_handler", "printable"]
+
+# RFC 5424 severities for Python's levels.
+_PRIORITY: Final = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                    (logging.INFO, 6))
+
+
+def _to_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+class _PriorityFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prio = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).split("\n"))
+
+
+def log_handler() -> logging.Handler:
+    """A stderr handler, with journal priorities when stderr is the journal."""
+    handler = logging.StreamHandler()
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(_PriorityFormatter(fmt) if _to_journal() else logging.Formatter(fmt))
+    return handler
 
 _SHORT: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 _ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})

@@ -17,7 +17,13 @@ WHEELS=$HERE/wheels
 ETC=$ROOT/etc/feedback-edge
 
 say() { echo "feedback-edge install: $*"; }
-fail() { echo "feedback-edge install: FAILED: $*" >&2; exit 1; }
+# A failed install leaves no secrets on the FAT partition either (anyone who
+# holds the card can read it); the installer provisions the card again.
+fail() {
+    echo "feedback-edge install: FAILED: $*" >&2
+    rm -rf "$HERE/site"
+    exit 1
+}
 
 say "started $(date -u +%Y-%m-%dT%H:%M:%SZ) from $HERE"
 [ -f "$HERE/site/edge.toml" ] || fail "no site/edge.toml next to this script"

@@ -113,6 +113,8 @@ def test_a_failed_install_says_why_on_the_card_and_boots_on(
     assert "firstrun: the install FAILED; see above" in log, log
     assert card.read("feedback/installed") is None
     assert "systemd.run" not in (card.text("cmdline.txt") or "systemd.run")
+    # The config's secrets left the card although the install failed.
+    assert card.read("feedback/site/edge.toml") is None
     shutil.rmtree(rundir, ignore_errors=True)
 
 
