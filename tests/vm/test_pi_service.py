@@ -371,5 +371,10 @@ desk = "desk-1"
         assert "feedback-edge" in journal
         leaked = [s for s in secrets if s in journal or json.dumps(s)[1:-1] in journal]
         assert not leaked, f"the journal holds {leaked}"
+        # journald took each line's priority: the refusals are warnings, the
+        # rest (devices connected, ...) is not.
+        warnings = g.journal("-u", UNIT, "-b", "-p", "warning")
+        assert "malformed report" in warnings, warnings[-2000:]
+        assert "): connected" not in warnings, warnings[-2000:]  # an INFO line
     finally:
         restart_with(g, good)
