@@ -7,8 +7,6 @@ passed."""
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -20,7 +18,7 @@ import pytest
 from tests.conftest import Broker
 from tests.vm.assets import Assets, UnavailableError, prepare
 from tests.vm.debian import Image, prepare_image
-from tests.vm.machine import Machines
+from tests.vm.machine import Machines, run_dir
 from tests.vm.pi import Installed, PiMachines, first_boot
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -59,9 +57,7 @@ def _prune(runs: Path) -> None:
 
 @pytest.fixture
 def vm(vm_assets: Assets, request: pytest.FixtureRequest) -> Iterator[Machines]:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
-    rundir = vm_assets.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}"
-    rundir.mkdir(parents=True)
+    rundir = run_dir(vm_assets.runs, request.node.name)
     machines = Machines(vm_assets, rundir)
     yield machines
     machines.close()
@@ -103,8 +99,7 @@ def installed_pi(pi_image: Image, site_broker: Broker, vm_assets: Assets) -> Ite
     """A Pi after its first boot: the card provisioned for SITE_CONFIG, booted
     once (firstrun.sh, install.sh, reboot).  Tests boot copies of it
     (`Installed.clone`); the first boot's own record is for test_pi_install."""
-    rundir = vm_assets.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-pi-first-boot"
-    rundir.mkdir(parents=True)
+    rundir = run_dir(vm_assets.runs, "pi-first-boot")
     installed = first_boot(pi_image, rundir, site_broker.port)
     yield installed
     if installed.ok:
@@ -116,9 +111,7 @@ def installed_pi(pi_image: Image, site_broker: Broker, vm_assets: Assets) -> Ite
 @pytest.fixture
 def pi(installed_pi: Installed, request: pytest.FixtureRequest) -> Iterator[PiMachines]:
     """Boots Pis from the installed state for one test and leaves none running."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
-    rundir = installed_pi.rundir.parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}"
-    rundir.mkdir(parents=True)
+    rundir = run_dir(installed_pi.rundir.parent, request.node.name)
     machines = PiMachines(installed_pi, rundir)
     yield machines
     machines.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -44,13 +45,24 @@ from typing import Any, TypeVar
 
 from tests.vm.assets import CHECKOUT, STDLIB, Assets
 
-__all__ = ["DAEMON", "HOST", "SERVICE_USER", "Guest", "GuestError", "Machines", "Result"]
+__all__ = ["DAEMON", "HOST", "SERVICE_USER", "Guest", "GuestError", "Machines", "Result",
+           "run_dir"]
 
 SERVICE_USER = "feedback-edge"
 DAEMON = "/opt/feedback-edge/venv/bin/feedback-edge"
 CONFIG = "/etc/feedback-edge/edge.toml"
 HOST = "10.0.2.2"  # the host's 127.0.0.1, seen from the guest
 T = TypeVar("T")
+
+
+def run_dir(parent: Path, name: str) -> Path:
+    """A new directory for one test's (or fixture's) boots under `parent`,
+    named by time, this process and `name`, so kept failures sort and tell
+    whose they were."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:80]
+    path = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{safe}"
+    path.mkdir(parents=True)
+    return path
 
 
 class GuestError(AssertionError):

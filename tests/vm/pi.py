@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.vm.assets import CHECKOUT, GUEST, SYSTEM_PATH
 from tests.vm.debian import BROKER_NAME, Image
-from tests.vm.machine import Guest, _drive, _q
+from tests.vm.machine import Guest, GuestError, _drive, _q
 
 __all__ = ["CARD_MB", "Card", "Installed", "PiGuest", "PiMachines", "first_boot", "site_config"]
 
@@ -156,24 +156,13 @@ class PiGuest(Guest):
             last = self.show(*want)
             return last if all(last.get(k) == v for k, v in want.items()) else None
 
-        deadline = time.monotonic() + timeout
-        while True:
-            got = check()
-            if got:
-                return got
-            if time.monotonic() > deadline or not self.running:
-                raise AssertionError(f"{what}: {UNIT} has {last}, wanted {want}{self._tail()}")
-            threading_wait(0.5)
+        try:
+            return self.wait_for(check, timeout, what, interval=0.5)
+        except GuestError as e:
+            raise GuestError(f"{what}: {UNIT} has {last}, wanted {want}\n{e}") from None
 
     def journal(self, *args: str) -> str:
         return self.run(["journalctl", "--no-pager", "-o", "cat", *args], timeout=120).stdout
-
-
-def threading_wait(seconds: float) -> None:
-    """A poll interval (not a wait for an outcome: callers loop on a condition)."""
-    import threading
-
-    threading.Event().wait(seconds)
 
 
 # -- the installed Pi ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.conftest import Broker, Subscriber
 from tests.vm.assets import CHECKOUT
 from tests.vm.debian import BROKER_NAME
 from tests.vm.drive import DRIVER
+from tests.vm.machine import run_dir
 from tests.vm.pi import CONSOLE_SERIAL, EDGE, SITE, Installed, PiGuest, PiMachines, site_config
 
 pytestmark = pytest.mark.vm
@@ -48,9 +50,7 @@ WATCHDOG_S = 30  # the unit's WatchdogSec=
 @pytest.fixture(scope="module")
 def up(installed_pi: Installed, site_broker: Broker,
        request: pytest.FixtureRequest) -> Iterator[tuple[PiGuest, Subscriber]]:
-    rundir = installed_pi.rundir.parent / (f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
-                                           "pi-service")
-    rundir.mkdir(parents=True)
+    rundir = run_dir(installed_pi.rundir.parent, "pi-service")
     machines = PiMachines(installed_pi, rundir)
     failed = request.session.testsfailed
     sub = Subscriber(site_broker.port, f"{ROOT}/#", client_id=f"pi-service-{os.getpid()}")
@@ -63,8 +63,6 @@ def up(installed_pi: Installed, site_broker: Broker,
         sub.stop()
         machines.close()
         if request.session.testsfailed == failed:
-            import shutil
-
             shutil.rmtree(rundir, ignore_errors=True)
         else:
             print(f"\nPi run kept: {rundir}")
