@@ -555,6 +555,16 @@ def test_harness_the_firmware_logs_what_each_ack_removed_in_order() -> None:
     assert fw.unacked == 0
 
 
+class _Log:
+    """A stopped daemon as check_invariants reads it: its log."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def log(self) -> str:
+        return self.text
+
+
 class _Stub:
     """What check_invariants reads of a FaultSite, without processes."""
 
@@ -571,6 +581,9 @@ class _Stub:
 
     def _note_exits(self) -> None:
         pass
+
+    def note_logged_alarms(self) -> None:
+        FaultSite.note_logged_alarms(cast(FaultSite, self))
 
     def alive(self) -> bool:
         return True
@@ -628,6 +641,13 @@ def test_harness_check_invariants_catches_each_violation() -> None:
         check_invariants(site, [ok[0], _dropped(3, 1, 1)], _acked(0, 1))
     with pytest.raises(AssertionError, match="invariant 4: alarm store_busy was never"):
         check_invariants(site, ok, _acked(0, 1), "store_busy")
+    # Raised and cleared between two status samples: the daemon's log has it.
+    brief = _Stub(set(), set())
+    brief.daemons = [_Log("WARNING edge.alarms: alarm store_replaced raised: the event "
+                          "store started again\nINFO edge.alarms: alarm store_replaced cleared\n")]
+    check_invariants(cast(FaultSite, brief), ok, _acked(0, 1), "store_replaced")
+    with pytest.raises(AssertionError, match="invariant 4: alarm store_corrupt was never"):
+        check_invariants(cast(FaultSite, brief), ok, _acked(0, 1), "store_corrupt")
     stuck = cast(FaultSite, _Stub({"disk_full"}, {"disk_full"}))
     with pytest.raises(AssertionError, match="invariant 4: alarm disk_full cleared"):
         check_invariants(stuck, ok, _acked(0, 1), "disk_full", clear_timeout=0.2)
