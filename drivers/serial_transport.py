@@ -57,7 +57,11 @@ class SerialTransport(Transport):
     def read(self, timeout_ms: int) -> bytes | None:
         """What arrived within `timeout_ms` (None if nothing), at most READ_MAX bytes."""
         try:
-            self._s.timeout = timeout_ms / 1000
+            timeout = timeout_ms / 1000
+            if self._s.timeout != timeout:
+                # pyserial's setter rewrites the termios settings (tcgetattr and
+                # tcsetattr) even for the same value: once per frame otherwise.
+                self._s.timeout = timeout
             first = self._s.read(1)
             if not first:
                 return None
