@@ -496,6 +496,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="each edge; its broker username defaults to SITE-EDGE")
     acl.add_argument("--collector-user", default="collector")
     acl.set_defaults(func=_cmd_broker_acl)
+    from collector.web.cli import add_parser as add_web  # noqa: PLC0415 - Django stays unloaded
+
+    add_web(sub, DEFAULT_CONFIG)
     return p
 
 

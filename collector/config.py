@@ -29,9 +29,10 @@ Mistakes are `edge.contract.toml.ConfigError`s naming key, value and what is all
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from collector.web_config import WebConfig, parse_web
 from edge.contract.broker import BrokerConfig, parse_broker
 from edge.contract.ids import NAME_RE
 from edge.contract.timefmt import check_zone
@@ -51,6 +52,7 @@ class CollectorConfig:
     tz: str
     stale_after_s: float
     batch: int = 500
+    web: WebConfig = field(default_factory=WebConfig)
 
 
 def parse_collector_config(data: dict[str, object], source: str = "",
@@ -83,8 +85,11 @@ def parse_collector_config(data: dict[str, object], source: str = "",
     cb_t = top.table("callbacks") or Table({}, "callbacks", source, base_dir)
     stale_h = cb_t.number("stale_after_hours", 24.0, 0.1, 24 * 90)
     cb_t.finish()
+    web = parse_web(top.table("web"), path.parent if path is not None else
+                    Path("/var/lib/feedback-collector"))
     top.finish()
-    return CollectorConfig(str(ident), str(group), broker, path, dsn, str(tz), stale_h * 3600)
+    return CollectorConfig(str(ident), str(group), broker, path, dsn, str(tz), stale_h * 3600,
+                           web=web)
 
 
 def load_collector_config(path: Path) -> CollectorConfig:

@@ -1,0 +1,206 @@
+"""The callback workflow's rules, separate from the views: the clock is a
+parameter everywhere (`now`), so tests move time instead of waiting.
+
+- `sync_cases`: every stored answer with Q1 "no" and a phone number becomes a
+  case (collector/reports.py `callback_list` is the same rule).
+- `change_status`, `assign`, `add_note`: the workflow (models.NEXT), each
+  step audited.  Resolving sends the patient an e-mail saying what was done,
+  in the patient's language, when an e-mail was noted.
+- `check_limits`: a case longer in a status than its limit (`[web.limits]`)
+  warns its assignee and the quality managers by e-mail, once per stay.
+- `erase_personal_data`: phone, comment and e-mail of cases closed more than
+  `erase_after_days` ago are erased from the case and the stored event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.db import transaction
+from django.template.loader import render_to_string
+from django.utils import translation
+
+from collector.web.models import NEXT, AuditEntry, Case, Event, Note, Role, Status, User
+
+log = logging.getLogger(__name__)
+
+# Answers whose patient said no and left a phone number.
+_CALLBACK_Q = {"kind": "answer", "q1": "no", "phone__isnull": False}
+
+
+def audit(user: User | None, action: str, case: Case | None, detail: str = "", *,
+          now: datetime) -> None:
+    AuditEntry.objects.create(at=now, username=user.get_username() if user else "(system)",
+                              action=action, case=case, detail=detail[:300])
+
+
+def _lang(payload: str) -> str:
+    try:
+        answer = json.loads(payload).get("answer") or {}
+    except (ValueError, AttributeError):
+        return "en"
+    lang = str(answer.get("lang") or "en").lower()
+    return "ru" if lang.startswith("ru") else "en"
+
+
+def sync_cases(now: datetime) -> int:
+    """Open a case for every callback request that has none; returns how many."""
+    known = set(Case.objects.values_list("site", "edge", "event_id"))
+    new = []
+    for e in Event.objects.filter(**_CALLBACK_Q).exclude(phone="").only(
+            "site", "edge", "event_id", "wall_ms", "corrected_ms", "doctor", "payload"):
+        if (e.site, e.edge, e.event_id) in known:
+            continue
+        ms = e.corrected_ms if e.corrected_ms is not None else e.wall_ms
+        new.append(Case(site=e.site, edge=e.edge, event_id=e.event_id,
+                        answered_at=datetime.fromtimestamp(ms / 1000, UTC),
+                        doctor=e.doctor or "", patient_lang=_lang(e.payload),
+                        status=Status.NEW, status_since=now))
+    # Two app instances may open the same case at once: the constraint keeps one.
+    Case.objects.bulk_create(new, ignore_conflicts=True)
+    return len(new)
+
+
+def event_of(case: Case) -> Event | None:
+    return Event.objects.filter(site=case.site, edge=case.edge,
+                                event_id=case.event_id).first()
+
+
+def visible_cases(user: User) -> Iterable[Case]:
+    """The cases this user's role may work on."""
+    qs = Case.objects.select_related("assignee")
+    if user.role == Role.QUALITY_MANAGER:
+        return qs
+    if user.role == Role.CALLBACK_OFFICER:
+        return qs.filter(assignee=user)
+    return qs.none()
+
+
+def can_work_on(user: User, case: Case) -> bool:
+    return user.role == Role.QUALITY_MANAGER or (
+        user.role == Role.CALLBACK_OFFICER and case.assignee_id == user.pk)
+
+
+class WorkflowError(ValueError):
+    """A step the workflow does not allow (the message says which)."""
+
+
+def change_status(case: Case, status: str, user: User, *, now: datetime,
+                  outcome: str = "") -> None:
+    if status not in NEXT.get(case.status, ()):
+        raise WorkflowError(f"{case.status} cannot become {status}")
+    if status == Status.RESOLVED and not outcome.strip() and not case.outcome:
+        raise WorkflowError("say what was done before resolving")
+    with transaction.atomic():
+        before = case.status
+        case.status, case.status_since, case.warned_status = status, now, ""
+        if outcome.strip():
+            case.outcome = outcome.strip()
+        if status == Status.CLOSED:
+            case.closed_at = now
+        case.save()
+        audit(user, "status", case, f"{before} -> {status}", now=now)
+    if status == Status.RESOLVED and case.patient_email:
+        _send_resolution(case, user, now=now)
+
+
+def _send_resolution(case: Case, user: User, *, now: datetime) -> None:
+    with translation.override(case.patient_lang):
+        subject = render_to_string("web/mail/resolved_subject.txt", {"case": case}).strip()
+        body = render_to_string("web/mail/resolved_body.txt", {"case": case})
+    try:
+        EmailMessage(subject, body, to=[case.patient_email]).send()
+    except OSError as e:
+        log.warning("case #%s: the e-mail to the patient was not sent: %s", case.pk,
+                    type(e).__name__)
+        audit(user, "mail_failed", case, "to the patient", now=now)
+        raise WorkflowError("resolved, but the e-mail to the patient could not be sent; "
+                            "try again later") from e
+    audit(user, "mail_sent", case, f"to the patient ({case.patient_lang})", now=now)
+
+
+def assign(case: Case, assignee: User | None, user: User, *, now: datetime) -> None:
+    if assignee is not None and assignee.role not in (Role.CALLBACK_OFFICER,
+                                                      Role.QUALITY_MANAGER):
+        raise WorkflowError("cases go to callback officers or quality managers")
+    case.assignee = assignee
+    case.save(update_fields=["assignee"])
+    audit(user, "assign", case, assignee.get_username() if assignee else "(nobody)", now=now)
+
+
+def add_note(case: Case, user: User, text: str, minutes: int, *, now: datetime) -> None:
+    if not text.strip() and minutes <= 0:
+        raise WorkflowError("write a comment or the time spent")
+    with transaction.atomic():
+        Note.objects.create(case=case, author=user, at=now, text=text.strip(), minutes=minutes)
+        case.minutes_spent += max(0, minutes)
+        case.save(update_fields=["minutes_spent"])
+        audit(user, "note", case, f"{minutes} min" if minutes else "", now=now)
+
+
+def note_email(case: Case, email: str, lang: str, user: User, *, now: datetime) -> None:
+    case.patient_email, case.patient_lang = email.strip(), lang
+    case.save(update_fields=["patient_email", "patient_lang"])
+    audit(user, "email_noted", case, f"language {lang}", now=now)
+
+
+def check_limits(now: datetime) -> int:
+    """Warn about cases over their status's time limit; returns how many warnings."""
+    limits = settings.CONFIG.web.limits_s
+    managers = list(User.objects.filter(role=Role.QUALITY_MANAGER, is_active=True)
+                    .exclude(email=""))
+    sent = 0
+    for status, seconds in limits.items():
+        late = Case.objects.filter(status=status, status_since__lte=now - timedelta(
+            seconds=seconds)).exclude(warned_status=status).select_related("assignee")
+        for case in late:
+            people = {u.email: u for u in managers}
+            if case.assignee is not None and case.assignee.email:
+                people[case.assignee.email] = case.assignee
+            for person in people.values():
+                with translation.override(person.language or settings.LANGUAGE_CODE):
+                    subject = render_to_string("web/mail/late_subject.txt",
+                                               {"case": case}).strip()
+                    body = render_to_string("web/mail/late_body.txt", {
+                        "case": case, "hours": round(seconds / 3600, 1),
+                        "url": f"{settings.CONFIG.web.base_url}/cases/{case.pk}/"})
+                try:
+                    EmailMessage(subject, body, to=[person.email]).send()
+                except OSError as e:
+                    log.warning("case #%s: the time-limit warning was not sent: %s",
+                                case.pk, type(e).__name__)
+                    continue  # not marked: the next check tries again
+                sent += 1
+            case.warned_status = status
+            case.save(update_fields=["warned_status"])
+            audit(None, "late_warning", case, f"{status} over "
+                  f"{round(seconds / 3600, 1)} h", now=now)
+    return sent
+
+
+def erase_personal_data(now: datetime) -> int:
+    """Erase phone, comment and e-mail of cases closed long enough ago."""
+    before = now - timedelta(days=settings.CONFIG.web.erase_after_days)
+    done = 0
+    for case in Case.objects.filter(status=Status.CLOSED, closed_at__lte=before,
+                                    erased_at__isnull=True):
+        with transaction.atomic():
+            ev = event_of(case)
+            if ev is not None:
+                payload = json.loads(ev.payload)
+                answer = payload.get("answer") or {}
+                for key in ("phone", "comment"):
+                    if key in answer:
+                        answer[key] = None
+                Event.objects.filter(site=ev.site, edge=ev.edge, event_id=ev.event_id).update(
+                    phone=None, comment=None, payload=json.dumps(payload))
+            case.patient_email, case.erased_at = "", now
+            case.save(update_fields=["patient_email", "erased_at"])
+            audit(None, "erased", case, "phone, comment and e-mail", now=now)
+        done += 1
+    return done

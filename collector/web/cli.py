@@ -1,0 +1,144 @@
+"""`feedback-collector web ...`: the web app's commands.
+
+    feedback-collector web migrate  --config collector.toml   # create/upgrade its tables
+    feedback-collector web adduser NAME --role quality_manager [--email E] [--language ru]
+                                                           # password read from stdin
+    feedback-collector web serve    [--bind 127.0.0.1:8000]   # app + a tick every minute
+    feedback-collector web tick     [--now 2026-12-01T10:00:00+00:00]
+                                    # time-limit warnings and erasure once (for a timer)
+
+`serve` is a small threaded WSGI server for one clinic or a demo; behind a
+reverse proxy with several instances, run `gunicorn collector.web.wsgi` (README,
+"The quality manager's web app").
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+log = logging.getLogger("collector.web")
+
+ROLES = ("quality_manager", "callback_officer", "clinic_manager", "administrator")
+
+
+def _setup(config: Path) -> None:
+    os.environ["FEEDBACK_COLLECTOR_CONFIG"] = str(config.resolve())
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "collector.web.settings")
+    import django  # noqa: PLC0415 - the collector's other commands never load Django
+
+    django.setup()
+
+
+def tick(now: datetime) -> tuple[int, int, int]:
+    """Open new cases, send time-limit warnings, erase expired personal data."""
+    from collector.web import cases  # noqa: PLC0415
+
+    return cases.sync_cases(now), cases.check_limits(now), cases.erase_personal_data(now)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        # Request lines carry paths and status codes only (no query values, no bodies).
+        log.info("%s %s", self.address_string(), self.requestline.split(" ")[1].split("?")[0])
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    _setup(args.config)
+    from django.core.management import call_command  # noqa: PLC0415
+    from django.utils import timezone  # noqa: PLC0415
+
+    if args.web_command == "migrate":
+        from collector.config import load_collector_config  # noqa: PLC0415
+        from collector.db import open_database  # noqa: PLC0415
+
+        # The intake's tables first: the app reads `events` from its first page on.
+        cfg = load_collector_config(args.config)
+        open_database(cfg.db_path, cfg.dsn).close()
+        call_command("migrate", interactive=False, verbosity=1)
+        return 0
+    if args.web_command == "adduser":
+        from collector.web.models import User  # noqa: PLC0415
+
+        password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
+            getpass.getpass("password: ")
+        if len(password) < 10:
+            print("feedback-collector web adduser: the password needs 10 characters or more",
+                  file=sys.stderr)
+            return 2
+        user, _ = User.objects.get_or_create(username=args.name)
+        user.role, user.email, user.language = args.role, args.email or "", args.language
+        user.set_password(password)
+        user.save()
+        print(f"{args.name}: {args.role}")
+        return 0
+    if args.web_command == "tick":
+        now = datetime.fromisoformat(args.now) if args.now else timezone.now()
+        opened, warned, erased = tick(now)
+        print(f"cases opened {opened}, warnings sent {warned}, cases erased {erased}")
+        return 0
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from django.contrib.staticfiles.handlers import StaticFilesHandler  # noqa: PLC0415
+    from django.core.wsgi import get_wsgi_application  # noqa: PLC0415
+    from django.utils import timezone  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    host, _, port = args.bind.rpartition(":")
+    app = StaticFilesHandler(get_wsgi_application())
+    server = make_server(host or "127.0.0.1", int(port), app, server_class=_Server,
+                         handler_class=_Quiet)
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.wait(args.tick_s):
+            try:
+                tick(timezone.now())
+            except Exception:
+                log.exception("the periodic tick failed; trying again in %s s", args.tick_s)
+
+    threading.Thread(target=ticker, name="tick", daemon=True).start()
+    print(f"feedback-collector web: http://{host or '127.0.0.1'}:{server.server_port}/",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               default_config: Path) -> None:
+    web = sub.add_parser("web", help="the quality manager's web app")
+    web.add_argument("--config", type=Path, default=default_config)
+    web.set_defaults(func=cmd_web)
+    wsub = web.add_subparsers(dest="web_command", required=True)
+    wsub.add_parser("migrate", help="create or upgrade the app's tables")
+    add = wsub.add_parser("adduser", help="create a user or set a user's role and password "
+                          "(password from standard input)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=ROLES, required=True)
+    add.add_argument("--email")
+    add.add_argument("--language", choices=["", "en", "ru"], default="")
+    serve = wsub.add_parser("serve", help="serve the app (one process, threads)")
+    serve.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free)")
+    serve.add_argument("--tick-s", type=float, default=60.0,
+                       help="seconds between time-limit checks")
+    tk = wsub.add_parser("tick", help="time-limit warnings and erasure, once")
+    tk.add_argument("--now", help="the time to act as of (ISO 8601 with offset), for tests")

@@ -1,0 +1,18 @@
+from django.contrib.auth import views as auth_views
+from django.urls import URLPattern, URLResolver, path
+
+from collector.web import dashboards, views
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("", views.home, name="home"),
+    path("login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("cases/", views.queue, name="queue"),
+    path("cases/rows/", views.queue_rows, name="queue_rows"),
+    path("cases/<int:pk>/", views.case_detail, name="case"),
+    path("cases/<int:pk>/<str:action>/", views.case_action, name="case_action"),
+    path("audit/", views.audit_log, name="audit"),
+    path("users/", views.users, name="users"),
+    path("me/", views.profile, name="profile"),
+    path("reports/", dashboards.dashboard, name="dashboard"),
+]

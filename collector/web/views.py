@@ -1,0 +1,200 @@
+"""The callback workflow's pages.  Every view checks the role on the server
+(roles.role_required) and every case view checks that this user may work on
+that case (cases.can_work_on): a URL alone reveals nothing."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.forms import UserCreationForm
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+from django.views.decorators.http import require_POST
+
+from collector.web import cases
+from collector.web.models import NEXT, AuditEntry, Case, Role, Status, User
+from collector.web.roles import ADMIN, CASES, MANAGE, REPORTS, role_required
+
+
+def _user(request: HttpRequest) -> User:
+    assert isinstance(request.user, User)  # noqa: S101 - role_required ran first
+    return request.user
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    if not user.is_authenticated:
+        return redirect("login")
+    role = getattr(user, "role", None)
+    if role in CASES:
+        return redirect("queue")
+    if role in REPORTS:
+        return redirect("dashboard")
+    return redirect("users")
+
+
+@role_required(*CASES)
+def queue(request: HttpRequest) -> HttpResponse:
+    return render(request, "web/queue.html", _queue_context(request))
+
+
+@role_required(*CASES)
+def queue_rows(request: HttpRequest) -> HttpResponse:
+    """The queue's table body, fetched by the page every few seconds."""
+    return render(request, "web/queue_rows.html", _queue_context(request))
+
+
+def _queue_context(request: HttpRequest) -> dict[str, object]:
+    now = timezone.now()
+    cases.sync_cases(now)
+    user = _user(request)
+    show = request.GET.get("show", "open")
+    qs = cases.visible_cases(user)
+    if show == "open":
+        qs = qs.exclude(status=Status.CLOSED)  # type: ignore[attr-defined]
+    limits = request_limits()
+    rows = [(c, (now - c.status_since).total_seconds() > limits.get(c.status, float("inf")))
+            for c in list(qs[:500])]  # type: ignore[index]
+    return {"rows": rows, "show": show}
+
+
+def request_limits() -> dict[str, float]:
+    from django.conf import settings  # noqa: PLC0415
+
+    return dict(settings.CONFIG.web.limits_s)
+
+
+class NoteForm(forms.Form):
+    text = forms.CharField(label=gettext_lazy("Comment"), required=False,
+                           widget=forms.Textarea(attrs={"rows": 3}), max_length=5000)
+    minutes = forms.IntegerField(label=gettext_lazy("Time spent (minutes)"), min_value=0,
+                                 max_value=24 * 60, initial=0)
+
+
+class EmailForm(forms.Form):
+    email = forms.EmailField(label=gettext_lazy("Patient's e-mail"))
+    lang = forms.ChoiceField(label=gettext_lazy("Patient's language"),
+                             choices=[("en", "English"), ("ru", "Русский")])
+
+
+class StatusForm(forms.Form):
+    status = forms.ChoiceField(choices=Status.choices)
+    outcome = forms.CharField(label=gettext_lazy("What was done (sent to the patient)"),
+                              required=False, widget=forms.Textarea(attrs={"rows": 3}),
+                              max_length=5000)
+
+
+class AssignForm(forms.Form):
+    assignee = forms.ModelChoiceField(
+        label=gettext_lazy("Assignee"), required=False,
+        queryset=User.objects.filter(role__in=CASES, is_active=True).order_by("username"))
+
+
+def _case(request: HttpRequest, pk: int) -> Case:
+    case = get_object_or_404(Case, pk=pk)
+    if not cases.can_work_on(_user(request), case):
+        raise PermissionDenied
+    return case
+
+
+@role_required(*CASES)
+def case_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    case = _case(request, pk)
+    user = _user(request)
+    event = cases.event_of(case)
+    if event is not None and event.phone:
+        # Every view of a phone number is audited: who and when, never the number.
+        cases.audit(user, "phone_viewed", case, now=timezone.now())
+    return render(request, "web/case.html", {
+        "case": case, "event": event, "next": NEXT.get(case.status, ()),
+        "statuses": dict(Status.choices), "notes": case.notes.select_related("author"),
+        "note_form": NoteForm(), "email_form": EmailForm(initial={
+            "email": case.patient_email, "lang": case.patient_lang}),
+        "status_form": StatusForm(initial={"outcome": case.outcome}),
+        "assign_form": AssignForm(initial={"assignee": case.assignee}),
+        "can_assign": user.role == Role.QUALITY_MANAGER,
+        "audit": case.audit.all() if user.role == Role.QUALITY_MANAGER else None})
+
+
+@require_POST
+@role_required(*CASES)
+def case_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    case = _case(request, pk)
+    user, now = _user(request), timezone.now()
+    try:
+        if action == "status":
+            form = StatusForm(request.POST)
+            if not form.is_valid():
+                raise cases.WorkflowError(_("choose a status"))
+            cases.change_status(case, form.cleaned_data["status"], user, now=now,
+                                outcome=form.cleaned_data["outcome"])
+        elif action == "note":
+            nf = NoteForm(request.POST)
+            if not nf.is_valid():
+                raise cases.WorkflowError(_("the comment or the minutes are not valid"))
+            cases.add_note(case, user, nf.cleaned_data["text"], nf.cleaned_data["minutes"],
+                           now=now)
+        elif action == "email":
+            ef = EmailForm(request.POST)
+            if not ef.is_valid():
+                raise cases.WorkflowError(_("that is not an e-mail address"))
+            cases.note_email(case, ef.cleaned_data["email"], ef.cleaned_data["lang"], user,
+                             now=now)
+        elif action == "assign":
+            if user.role != Role.QUALITY_MANAGER:
+                raise PermissionDenied
+            af = AssignForm(request.POST)
+            if not af.is_valid():
+                raise cases.WorkflowError(_("choose a colleague"))
+            cases.assign(case, af.cleaned_data["assignee"], user, now=now)
+        else:
+            raise PermissionDenied
+    except cases.WorkflowError as e:
+        messages.error(request, str(e))
+    else:
+        messages.success(request, _("Saved."))
+    return redirect("case", pk=case.pk)
+
+
+@role_required(*MANAGE)
+def audit_log(request: HttpRequest) -> HttpResponse:
+    entries = AuditEntry.objects.select_related("case").order_by("-at", "-id")[:1000]
+    return render(request, "web/audit.html", {"entries": entries})
+
+
+class NewUserForm(UserCreationForm):  # type: ignore[type-arg]
+    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+        model = User
+        fields = ("username", "email", "role", "language")
+
+
+@role_required(*ADMIN)
+def users(request: HttpRequest) -> HttpResponse:
+    form = NewUserForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        made = form.save()
+        cases.audit(_user(request), "user_created", None, f"{made.username} ({made.role})",
+                    now=timezone.now())
+        messages.success(request, _("User created."))
+        return redirect("users")
+    return render(request, "web/users.html", {
+        "form": form, "users": User.objects.order_by("username")})
+
+
+class ProfileForm(forms.ModelForm):  # type: ignore[type-arg]
+    class Meta:
+        model = User
+        fields = ("language", "email")
+
+
+@role_required(*[r.value for r in Role])
+def profile(request: HttpRequest) -> HttpResponse:
+    form = ProfileForm(request.POST or None, instance=_user(request))
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        return redirect("profile")
+    return render(request, "web/profile.html", {"form": form})
