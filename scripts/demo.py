@@ -61,6 +61,12 @@ class Interrupted(Exception):  # noqa: N818 - it is not an error
     """A stop signal arrived; raised by the demo's own waits, never by the handler."""
 
 
+# The web app's demo users (one per role) and their password: a demo on localhost only.
+WEB_USERS = (("quality", "quality_manager"), ("officer", "callback_officer"),
+             ("manager", "clinic_manager"), ("admin", "administrator"))
+WEB_PASSWORD = "demo-password-1"  # noqa: S105 - printed for the person running the demo
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,6 +140,7 @@ class Demo:
         self.config = run_dir / "edge.toml"
         self.collector_config = run_dir / "collector.toml"
         self.db = run_dir / "collector.sqlite"
+        self.web_port = free_port()
         self.rng = random.Random()
         self.tz = local_zone()
 
@@ -203,6 +210,10 @@ path = "{self.db}"
 
 [reports]
 tz = "{self.tz}"
+
+[web]                       # e-mails go to files in outgoing-mail/ (no [web.smtp] here)
+allowed_hosts = ["127.0.0.1", "localhost"]
+base_url = "http://127.0.0.1:{self.web_port}"
 """)
         (run / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
@@ -278,11 +289,13 @@ tz = "{self.tz}"
                 raise DemoError(f"{what}: not within {timeout:.0f} s (logs in {self.dir})")
             self.pause(0.1)
 
-    def cli(self, *args: str, show: bool = True, ok: tuple[int, ...] = (0,)) -> str:
+    def cli(self, *args: str, show: bool = True, ok: tuple[int, ...] = (0,),
+            stdin: str | None = None) -> str:
         """A one-shot command (its own session too); its output printed in one piece."""
         out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                             cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
-                             timeout=60, check=False)
+                             cwd=ROOT, input=stdin,
+                             stdin=subprocess.DEVNULL if stdin is None else None,
+                             start_new_session=True, timeout=60, check=False)
         text = out.stdout + out.stderr
         if show and text.strip():
             print(text.rstrip("\n"), flush=True)
@@ -293,6 +306,16 @@ tz = "{self.tz}"
         return text
 
     # -- the parts --------------------------------------------------------------------
+
+    def start_web(self) -> None:
+        """The web app's tables, one demo user per role, and its server."""
+        cfg = ("--config", str(self.collector_config))
+        self.cli("collector.cli", "web", *cfg, "migrate", show=False)
+        for name, role in WEB_USERS:
+            self.cli("collector.cli", "web", *cfg, "adduser", name, "--role", role,
+                     show=False, stdin=WEB_PASSWORD + "\n")
+        self.module("web", "collector.cli", "web", *cfg, "serve", "--bind",
+                    f"127.0.0.1:{self.web_port}", "--tick-s", "5")
 
     def start_broker(self) -> None:
         self.spawn("mosquitto", [MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")])
@@ -400,6 +423,7 @@ tz = "{self.tz}"
             "and survey terminal, the daemon")
         self.start_broker()
         self.module("collector", "collector.cli", "run", "--config", str(self.collector_config))
+        self.start_web()
         self.module("console", "firmware_sim.cli", "console", "run", "--socket", str(self.sock))
         self.module("terminal", "firmware_sim.cli", "terminal", "run", "--link", str(self.tty),
                     "--flash", str(self.flash), "--serial", TERMINAL_SERIAL, "--control",
@@ -444,6 +468,9 @@ tz = "{self.tz}"
         self.collector("report", "doctors", "--period", "day")
         self.collector("callbacks")
         self.collector("fleet")
+        say(f"the quality manager's web app: http://127.0.0.1:{self.web_port}/ (users "
+            f"{', '.join(u for u, _ in WEB_USERS)}; password {WEB_PASSWORD}); the patient who "
+            "asked to be called back is case #1 in the callback queue")
 
         if forever:
             venv = ROOT / ".venv" / "bin"

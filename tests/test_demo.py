@@ -128,6 +128,8 @@ def test_the_plain_run_shows_the_whole_thing_and_leaves_nothing_running(run_dir:
     assert "Traceback" not in out
     print(f"demo wall time {wall:.1f} s")
     assert wall < 60, f"the demo took {wall:.0f} s"
+    # The web app was served with its demo users (tests/test_web_workflow.py tests it).
+    assert "the quality manager's web app: http://127.0.0.1:" in out, out
     # Presses and the answer went over the broker; the broker outage was survived.
     assert out.count(" event  seq ") >= 9
     assert "answer   dr-petrov: q1 no, q2 yes, phone left" in out

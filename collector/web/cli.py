@@ -129,16 +129,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     web.add_argument("--config", type=Path, default=default_config)
     web.set_defaults(func=cmd_web)
     wsub = web.add_subparsers(dest="web_command", required=True)
-    wsub.add_parser("migrate", help="create or upgrade the app's tables")
-    add = wsub.add_parser("adduser", help="create a user or set a user's role and password "
+    # --config before or after the subcommand, as in the collector's other commands.
+    again = argparse.ArgumentParser(add_help=False)
+    again.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    wsub.add_parser("migrate", parents=[again], help="create or upgrade the app's tables")
+    add = wsub.add_parser("adduser", parents=[again],
+                          help="create a user or set a user's role and password "
                           "(password from standard input)")
     add.add_argument("name")
     add.add_argument("--role", choices=ROLES, required=True)
     add.add_argument("--email")
     add.add_argument("--language", choices=["", "en", "ru"], default="")
-    serve = wsub.add_parser("serve", help="serve the app (one process, threads)")
+    serve = wsub.add_parser("serve", parents=[again], help="serve the app (one process, threads)")
     serve.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free)")
     serve.add_argument("--tick-s", type=float, default=60.0,
                        help="seconds between time-limit checks")
-    tk = wsub.add_parser("tick", help="time-limit warnings and erasure, once")
+    tk = wsub.add_parser("tick", parents=[again], help="time-limit warnings and erasure, once")
     tk.add_argument("--now", help="the time to act as of (ISO 8601 with offset), for tests")
