@@ -32,9 +32,11 @@ def home(request: HttpRequest) -> HttpResponse:
     role = getattr(user, "role", None)
     if role in CASES:
         return redirect("queue")
+    if role in ADMIN:  # before REPORTS, which the administrator may also see
+        return redirect("users")
     if role in REPORTS:
         return redirect("dashboard")
-    return redirect("users")
+    return redirect("logout")
 
 
 @role_required(*CASES)
@@ -57,7 +59,9 @@ def _queue_context(request: HttpRequest) -> dict[str, object]:
     if show == "open":
         qs = qs.exclude(status=Status.CLOSED)  # type: ignore[attr-defined]
     limits = request_limits()
-    rows = [(c, (now - c.status_since).total_seconds() > limits.get(c.status, float("inf")))
+    # Late: over the limit now, or warned about by a tick (whose clock may differ).
+    rows = [(c, c.warned_status == c.status or (now - c.status_since).total_seconds()
+             > limits.get(c.status, float("inf")))
             for c in list(qs[:500])]  # type: ignore[index]
     return {"rows": rows, "show": show}
 
@@ -120,8 +124,8 @@ def case_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "audit": case.audit.all() if user.role == Role.QUALITY_MANAGER else None})
 
 
+@role_required(*CASES)  # first: other roles get 403 whatever the method
 @require_POST
-@role_required(*CASES)
 def case_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     case = _case(request, pk)
     user, now = _user(request), timezone.now()
