@@ -24,6 +24,7 @@ from django.core.mail import EmailMessage
 from django.db import transaction
 from django.template.loader import render_to_string
 from django.utils import translation
+from django.utils.translation import gettext as _
 
 from collector.web.models import NEXT, AuditEntry, Case, Event, Note, Role, Status, User
 
@@ -93,9 +94,10 @@ class WorkflowError(ValueError):
 def change_status(case: Case, status: str, user: User, *, now: datetime,
                   outcome: str = "") -> None:
     if status not in NEXT.get(case.status, ()):
-        raise WorkflowError(f"{case.status} cannot become {status}")
+        raise WorkflowError(_("a case that is %(old)s cannot become %(new)s") % {
+            "old": Status(case.status).label, "new": Status(status).label})
     if status == Status.RESOLVED and not outcome.strip() and not case.outcome:
-        raise WorkflowError("say what was done before resolving")
+        raise WorkflowError(_("say what was done before resolving"))
     with transaction.atomic():
         before = case.status
         case.status, case.status_since, case.warned_status = status, now, ""
@@ -119,15 +121,15 @@ def _send_resolution(case: Case, user: User, *, now: datetime) -> None:
         log.warning("case #%s: the e-mail to the patient was not sent: %s", case.pk,
                     type(e).__name__)
         audit(user, "mail_failed", case, "to the patient", now=now)
-        raise WorkflowError("resolved, but the e-mail to the patient could not be sent; "
-                            "try again later") from e
+        raise WorkflowError(_("resolved, but the e-mail to the patient could not be sent; "
+                              "try again later")) from e
     audit(user, "mail_sent", case, f"to the patient ({case.patient_lang})", now=now)
 
 
 def assign(case: Case, assignee: User | None, user: User, *, now: datetime) -> None:
     if assignee is not None and assignee.role not in (Role.CALLBACK_OFFICER,
                                                       Role.QUALITY_MANAGER):
-        raise WorkflowError("cases go to callback officers or quality managers")
+        raise WorkflowError(_("cases go to callback officers or quality managers"))
     case.assignee = assignee
     case.save(update_fields=["assignee"])
     audit(user, "assign", case, assignee.get_username() if assignee else "(nobody)", now=now)
@@ -135,7 +137,7 @@ def assign(case: Case, assignee: User | None, user: User, *, now: datetime) -> N
 
 def add_note(case: Case, user: User, text: str, minutes: int, *, now: datetime) -> None:
     if not text.strip() and minutes <= 0:
-        raise WorkflowError("write a comment or the time spent")
+        raise WorkflowError(_("write a comment or the time spent"))
     with transaction.atomic():
         Note.objects.create(case=case, author=user, at=now, text=text.strip(), minutes=minutes)
         case.minutes_spent += max(0, minutes)
@@ -162,6 +164,7 @@ def check_limits(now: datetime) -> int:
             people = {u.email: u for u in managers}
             if case.assignee is not None and case.assignee.email:
                 people[case.assignee.email] = case.assignee
+            failed = False
             for person in people.values():
                 with translation.override(person.language or settings.LANGUAGE_CODE):
                     subject = render_to_string("web/mail/late_subject.txt",
@@ -174,8 +177,11 @@ def check_limits(now: datetime) -> int:
                 except OSError as e:
                     log.warning("case #%s: the time-limit warning was not sent: %s",
                                 case.pk, type(e).__name__)
-                    continue  # not marked: the next check tries again
+                    failed = True
+                    continue
                 sent += 1
+            if failed:
+                continue  # not marked: the next check tries again
             case.warned_status = status
             case.save(update_fields=["warned_status"])
             audit(None, "late_warning", case, f"{status} over "

@@ -36,7 +36,7 @@ def home(request: HttpRequest) -> HttpResponse:
         return redirect("users")
     if role in REPORTS:
         return redirect("dashboard")
-    return redirect("logout")
+    raise PermissionDenied
 
 
 @role_required(*CASES)
