@@ -238,6 +238,13 @@ class Durability:
         self.epoch += 1
         self.durable_seq = last_seq
         try:
+            # After a failed fsync the kernel may have marked the WAL's pages clean
+            # without writing them, and a later fsync returns 0 (fsyncgate): the
+            # WAL is copied into the database file, that file fsynced, and the WAL
+            # emptied, so what this store now holds is written again, not trusted.
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                log.warning("store: the WAL could not be checkpointed at opening (busy)")
             sync_files(path)
             self.sync = WalSync(path, self.epoch, self._post)
         except OSError as e:

@@ -184,6 +184,11 @@ class Store:
             self.alarms.raise_(code, text, now, subject="store")
         try:
             self._settle(opened)
+            self._write.load(db, opened.last_seq)
+            row = db.execute("SELECT value FROM meta WHERE name='replaced_seq'").fetchone()
+            if self._durable is not None:  # durable by WalSync's fsync, not inside COMMIT
+                self._write.synchronous = self._durable.start(db, self.path,
+                                                              self._write.last_seq)
         except (sqlite3.Error, StoreError) as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -192,10 +197,6 @@ class Store:
             self._fault(classify(e, "starting the store"))
             return
         self._db, self._opened = db, opened
-        self._write.load(db, opened.last_seq)
-        if self._durable is not None:  # durable by WalSync's fsync, not inside COMMIT
-            self._write.synchronous = self._durable.start(db, self.path, self._write.last_seq)
-        row = db.execute("SELECT value FROM meta WHERE name='replaced_seq'").fetchone()
         self.replaced_seq = int(row[0]) if row and self._has(int(row[0])) else None
         if self.replaced_seq is None:
             self.alarms.clear("store_replaced")
@@ -373,8 +374,13 @@ class Store:
         """Forget every event with seq <= `seq` (the collector has committed them)."""
         if self._db is None:
             return
-        rows = self._db.execute("SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq", (seq,))
-        self.remove([int(r[0]) for r in rows])
+        try:
+            seqs = [int(r[0]) for r in self._db.execute(
+                "SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq", (seq,))]
+        except sqlite3.Error as e:
+            self._read_failed(e, "reading the delivered events")
+            return
+        self.remove(seqs)
 
     def rewrite_pending(self, fn: Callable[[bytes], bytes | None],
                         skip: set[int] | frozenset[int] = frozenset()) -> int:
@@ -386,7 +392,11 @@ class Store:
         db = self._db
         if db is None:
             return 0
-        changed = self._write.rewrite(db, fn, skip)
+        try:
+            changed = self._write.rewrite(db, fn, skip)
+        except sqlite3.Error as e:
+            self._read_failed(e, "reading the pending events to correct their times")
+            return 0
         for seq, new in changed:
             cached = self._tail.get(seq)
             if cached is not None:
@@ -399,14 +409,30 @@ class Store:
         """Up to `limit` pending durable events with seq > after_seq, in seq order
         (none while the store is closed)."""
         top = self._write.last_seq if self._durable is None else self._durable.durable_seq
-        return [] if self._db is None else self._tail.read(self._db, after_seq, limit, top)
+        try:
+            return [] if self._db is None else self._tail.read(self._db, after_seq, limit, top)
+        except sqlite3.Error as e:
+            self._read_failed(e, "reading pending events")
+            return []
 
     def keys(self, source: str) -> list[str]:
         """A source's dedup keys, oldest first (none while the store is closed)."""
-        if self._db is None:
+        try:
+            return [] if self._db is None else [str(k) for (k,) in self._db.execute(
+                "SELECT key FROM dedup WHERE source=? ORDER BY at", (source,))]
+        except sqlite3.Error as e:
+            self._read_failed(e, "reading dedup keys")
             return []
-        return [str(k) for (k,) in self._db.execute(
-            "SELECT key FROM dedup WHERE source=? ORDER BY at", (source,))]
+
+    def _read_failed(self, e: sqlite3.Error, doing: str) -> None:
+        """A read met damage (a large store opens before its whole check has run:
+        edge/store_check.py) or an I/O error: the store closes, and reopens with the
+        whole check; anything else (busy) is tried again at the next turn."""
+        err = classify(e, doing)
+        if isinstance(err, StoreCorruptError | StoreIOError):
+            self._fault(err)
+        else:
+            log.warning("%s failed (will retry): %s", doing, e)
 
     def disk_free(self) -> int | None:
         """Bytes free to unprivileged users on the store's file system; None if unknown."""
