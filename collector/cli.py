@@ -15,13 +15,14 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from collector import __version__, queries, reports, store
 from collector.config import CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
+from collector.queries import fleet_rows
 from edge.contract import topics
 from edge.contract.ids import DOCTOR_ID_RE, OPERATOR_RULE, valid_operator
 from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, WALL_RANGE, check_zone
@@ -108,41 +109,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 # -- fleet, gaps, quarantine ---------------------------------------------------------------
 
-def _age(ms: int | None, now_ms: int) -> str:
-    if ms is None:
-        return "never"
-    s = max(0, (now_ms - ms) // 1000)
-    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else \
-        f"{s // 3600} h ago"
-
-
 def _utc(ms: int) -> str:
     if not WALL_MIN_MS <= ms <= WALL_MAX_MS:  # a row from before times had a range
         return "?"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
-
-
-def fleet_rows(db: Database, now_ms: int) -> list[dict[str, Any]]:
-    # Events each edge's devices lost in the last 24 h, per device (all reasons).
-    lost: dict[tuple[str, str], dict[str, int]] = {}
-    for d in store.device_losses(db, since_ms=now_ms - 24 * 3600 * 1000):
-        per_device = lost.setdefault((d["site"], d["edge"]), {})
-        per_device[d["device"]] = per_device.get(d["device"], 0) + d["lost"]
-    out = []
-    for e in queries.edges(db):
-        h = e["health"] or {}
-        devices = (e["devices"] or {}).get("devices", [])
-        problems = [f"{d['id']} {d['state']}" for d in devices
-                    if d.get("state") in ("missing", "error")]
-        out.append({
-            "edge": f"{e['site']}/{e['edge']}", "state": e["state"] or "unknown",
-            "last_seen": _age(e["last_seen_ms"], now_ms),
-            "queue": h.get("queue_depth"), "oldest_pending_s": h.get("oldest_pending_age_s"),
-            "devices": problems, "clock_synced": h.get("clock_synced"),
-            "watermark": e["watermark"], "max_seq": e["max_seq"],
-            "version": e["version"],
-            "device_lost_24h": lost.get((e["site"], e["edge"]), {})})
-    return out
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
@@ -223,13 +193,7 @@ def _events(db: Database, kinds: list[str], start: date | None,
     filters by UTC time with a day's margin either side (no zone is 24 h off UTC),
     the report by the local day.  The rows whose time is outside the contract's
     range, which every report leaves out, are counted on standard error."""
-    bounds: tuple[int | None, int | None] = (None, None)
-    if start is not None and end is not None:
-        def utc_ms(day: date) -> int:
-            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
-
-        bounds = (utc_ms(start - timedelta(days=1)), utc_ms(end + timedelta(days=2)))
-    rows = queries.events(db, kinds, *bounds)
+    rows = queries.report_events(db, kinds, start, end)
     skipped = reports.out_of_range(rows)
     if skipped:
         lo, hi = WALL_RANGE

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from collector import store
 from collector.db import EVENT_COLS, Database
 
-__all__ = ["callbacks_state", "edges", "events", "import_visits", "set_callback", "visits"]
+__all__ = ["callbacks_state", "edges", "events", "fleet_rows", "import_visits", "report_events",
+           "set_callback", "visits"]
 
 
 def edges(db: Database) -> list[dict[str, Any]]:
@@ -87,3 +90,57 @@ def import_visits(db: Database, rows: Iterable[tuple[str, str, str, int]]) -> in
 def visits(db: Database) -> list[tuple[str, str, str, int]]:
     return [(str(d), str(s), str(e), int(p)) for d, s, e, p in db.query(
         "SELECT doctor, period_start, period_end, patients FROM visits")]
+
+
+def report_events(db: Database, kinds: Iterable[str], start: date | None,
+                  end: date | None) -> list[dict[str, Any]]:
+    """The events a report of `start`..`end` (local days, both or neither) may count.
+
+    The database filters by UTC time with a day's margin either side, since no
+    zone is 24 h off UTC; the report functions then keep the rows of the local
+    days.  Shared by `feedback-collector report` and the web dashboards, so both
+    count the same rows."""
+    bounds: tuple[int | None, int | None] = (None, None)
+    if start is not None and end is not None:
+        def utc_ms(day: date) -> int:
+            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
+
+        bounds = (utc_ms(start - timedelta(days=1)), utc_ms(end + timedelta(days=2)))
+    return events(db, kinds, *bounds)
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    s = max(0, (now_ms - ms) // 1000)
+    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else \
+        f"{s // 3600} h ago"
+
+
+def fleet_rows(db: Database, now_ms: int) -> list[dict[str, Any]]:
+    """Every edge as `feedback-collector fleet` and the fleet dashboard show it.
+
+    `last_seen` is for a terminal (English); `last_seen_ms` for a page that says
+    it in the reader's language.  `alarms` are the edge's last health report's,
+    "code: text" each."""
+    # Events each edge's devices lost in the last 24 h, per device (all reasons).
+    lost: dict[tuple[str, str], dict[str, int]] = {}
+    for d in store.device_losses(db, since_ms=now_ms - 24 * 3600 * 1000):
+        per_device = lost.setdefault((d["site"], d["edge"]), {})
+        per_device[d["device"]] = per_device.get(d["device"], 0) + d["lost"]
+    out = []
+    for e in edges(db):
+        h = e["health"] or {}
+        devices = (e["devices"] or {}).get("devices", [])
+        problems = [f"{d['id']} {d['state']}" for d in devices
+                    if d.get("state") in ("missing", "error")]
+        out.append({
+            "edge": f"{e['site']}/{e['edge']}", "state": e["state"] or "unknown",
+            "last_seen": _age(e["last_seen_ms"], now_ms), "last_seen_ms": e["last_seen_ms"],
+            "queue": h.get("queue_depth"), "oldest_pending_s": h.get("oldest_pending_age_s"),
+            "devices": problems, "clock_synced": h.get("clock_synced"),
+            "alarms": [str(a) for a in h.get("alarms") or []],
+            "watermark": e["watermark"], "max_seq": e["max_seq"],
+            "version": e["version"],
+            "device_lost_24h": lost.get((e["site"], e["edge"]), {})})
+    return out

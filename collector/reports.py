@@ -73,9 +73,10 @@ from zoneinfo import ZoneInfo
 
 from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS
 
-__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "Text", "answer_rate",
-           "callback_list", "csv_cell", "doctor_index", "loyalty_index", "mood",
-           "out_of_range", "period_key", "period_span", "periods", "text_cell", "write_csv"]
+__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "SlotRow", "Text", "answer_rate",
+           "bad_presses_by_time", "callback_list", "csv_cell", "doctor_index", "loyalty_index",
+           "mood", "out_of_range", "period_bounds", "period_key", "period_span", "periods",
+           "text_cell", "write_csv"]
 
 PERIODS = ("day", "week", "month")
 _MOODS = {"good": "good", "yes": "good", "neutral": "neutral", "bad": "bad", "no": "bad"}
@@ -320,6 +321,43 @@ def answer_rate(rows: Iterable[dict[str, Any]], *, period: str, tz: str,
             a, n = answers.get((g, k), 0), approaches.get((g, k), 0)
             out.append(RateRow(g, k, a, n, None if n == 0 else round(a * 100 / n, 1)))
     return out
+
+
+def period_bounds(key: str, period: str) -> tuple[date, date]:
+    """First and last day of the period a `period_key` names (the days a visits
+    import must give for its count to be a doctor's base)."""
+    return period_span(_first_day(key, period), period)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRow:
+    slot: int  # local hour 0..23, or local weekday 0 (Monday)..6
+    bad: int  # bad presses in the slot
+    presses: int  # every counted press in the slot
+
+    def as_list(self) -> list[Any]:
+        return [self.slot, self.bad, self.presses]
+
+
+def bad_presses_by_time(rows: Iterable[dict[str, Any]], *, tz: str,
+                        start: date | None = None, end: date | None = None,
+                        include_burst: bool = False) -> tuple[list[SlotRow], list[SlotRow]]:
+    """Bad presses by local hour of day (24 rows) and by local weekday (7 rows,
+    Monday first), each beside all the presses counted in that slot.
+
+    The presses and their moods are those of `loyalty_index` (tests, HOLDs and,
+    unless asked for, bursts left out), so the slots of a range add up to its
+    index's presses."""
+    zone = ZoneInfo(tz)
+    hours = [[0, 0] for _ in range(24)]
+    days = [[0, 0] for _ in range(7)]
+    for r, m in _counted_presses(_in_range(rows, tz, start, end), include_burst):
+        t = (_EPOCH + timedelta(milliseconds=event_ms(r))).astimezone(zone)
+        for slot in (hours[t.hour], days[t.weekday()]):
+            slot[0] += m == "bad"
+            slot[1] += 1
+    return ([SlotRow(h, bad, n) for h, (bad, n) in enumerate(hours)],
+            [SlotRow(d, bad, n) for d, (bad, n) in enumerate(days)])
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,4 +15,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("users/", views.users, name="users"),
     path("me/", views.profile, name="profile"),
     path("reports/", dashboards.dashboard, name="dashboard"),
+    path("reports/doctors/", dashboards.doctors, name="dashboard_doctors"),
+    path("reports/fleet/", dashboards.fleet, name="dashboard_fleet"),
 ]
