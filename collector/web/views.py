@@ -143,6 +143,9 @@ def case_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
             cases.add_note(case, user, nf.cleaned_data["text"], nf.cleaned_data["minutes"],
                            now=now)
         elif action == "email":
+            if case.status == Status.CLOSED:
+                # Erasure comes after closing: an address noted now would never be erased.
+                raise PermissionDenied
             ef = EmailForm(request.POST)
             if not ef.is_valid():
                 raise cases.WorkflowError(_("that is not an e-mail address"))
