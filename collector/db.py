@@ -5,7 +5,9 @@ statements for both (written with `?` placeholders; PostgreSQL gets `%s`),
 the few spellings that differ (`GREATEST`/`MAX`, `FOR UPDATE`), creating the
 tables (and adding, on open, the columns a database made by an earlier version
 lacks), and one transaction at a time.  What is stored and how lives in
-`collector.store` (intake) and `collector.queries` (reports and the CLI).
+`collector.store` (intake), `collector.queries` (reports and the CLI) and
+`collector.rollup` (the dashboards' press counts per day: `press_rollup*`,
+`rollup_*`).
 
 Errors are told apart by class.  An outage (`DatabaseError`: the server is
 unreachable, the disk is full or failing, the file is locked, corrupt or
@@ -92,6 +94,21 @@ CREATE TABLE IF NOT EXISTS visits (
     patients INTEGER NOT NULL,
     PRIMARY KEY (doctor, period_start, period_end));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS press_rollup (
+    tz TEXT NOT NULL, day TEXT NOT NULL, site TEXT NOT NULL, desk TEXT NOT NULL,
+    operator_id TEXT NOT NULL, mood TEXT NOT NULL, burst INTEGER NOT NULL, n BIGINT NOT NULL,
+    PRIMARY KEY (tz, day, site, desk, operator_id, mood, burst));
+CREATE TABLE IF NOT EXISTS press_rollup_hours (
+    tz TEXT NOT NULL, day TEXT NOT NULL, hour INTEGER NOT NULL, mood TEXT NOT NULL,
+    burst INTEGER NOT NULL, n BIGINT NOT NULL,
+    PRIMARY KEY (tz, day, hour, mood, burst));
+CREATE TABLE IF NOT EXISTS rollup_days (
+    tz TEXT NOT NULL, day TEXT NOT NULL, presses BIGINT NOT NULL,
+    PRIMARY KEY (tz, day));
+CREATE TABLE IF NOT EXISTS rollup_state (tz TEXT PRIMARY KEY, received_ms BIGINT);
+CREATE TABLE IF NOT EXISTS rollup_anchors (
+    tz TEXT NOT NULL, site TEXT NOT NULL, edge TEXT NOT NULL, boot_id TEXT NOT NULL,
+    PRIMARY KEY (tz, site, edge, boot_id));
 """
 
 # The columns of `events`, in the schema's order.
@@ -120,6 +137,15 @@ EVENT_TYPES: Final = {
 _ADDED_INDEXES: Final = (
     ("quarantine_by_digest", "CREATE UNIQUE INDEX IF NOT EXISTS quarantine_by_digest "
                              "ON quarantine (digest)"),
+    # `collector.rollup`: the events received since its last refresh, and the
+    # presses of a day by corrected time (few rows have one: partial).  On a
+    # database from before they are built once, when it is first opened.
+    ("events_by_received", "CREATE INDEX IF NOT EXISTS events_by_received "
+                           "ON events (received_ms)"),
+    # With `kind` first: SQLite, without statistics, would rather scan every
+    # press by `events_by_time` than use an index on a range alone.
+    ("events_by_corrected", "CREATE INDEX IF NOT EXISTS events_by_corrected "
+                            "ON events (kind, corrected_ms) WHERE corrected_ms IS NOT NULL"),
 )
 
 

@@ -10,8 +10,18 @@ ISO weeks (Monday first) and months are those of the report's time zone.
   yes/no as good/bad; five-point marks 5-4 good, 3 neutral, 2-1 bad; other
   labels by the sign of their score, and not at all without one.  Not counted:
   HOLDs (a long press is not a vote), a HOLD flagged `test` together with the
-  PRESS of the same device and button just before it (an installer's test),
-  and, unless asked for, presses flagged `burst`.
+  PRESS of the same device and button just before it (an installer's test:
+  the last such PRESS by seq within `TEST_PAIR_MS` of the HOLD's time, found
+  among all the rows given, so a pair across midnight or across a report's
+  last day is one test whatever the range), and, unless asked for, presses
+  flagged `burst`.  The pairing only ever looks an hour either way, so a day's
+  presses are decided by the rows within `DAY_MARGIN_MS` of that day: that is
+  what lets `collector.rollup` count each local day once and keep it.
+  The press figures are two steps: `press_counts` (the rules above: which
+  presses count, their mood, local day and hour) and the functions that turn
+  such counts into rows (`loyalty_from_counts`, `bad_by_time_from_counts`);
+  `loyalty_index` and `bad_presses_by_time` are the two applied to raw rows,
+  the web dashboards apply the second to counts kept per day.
 - Client-attractiveness index per doctor: % yes - % no of the Q1 answers.
   The base is the number of answers, or, where a CSV of visits gives the
   number of patients the doctor served in exactly that period, that number.
@@ -66,19 +76,29 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import IO, Any, Final
 from zoneinfo import ZoneInfo
 
 from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS
 
-__all__ = ["PERIODS", "CallbackRow", "IndexRow", "RateRow", "SlotRow", "Text", "answer_rate",
-           "bad_presses_by_time", "callback_list", "csv_cell", "doctor_index", "loyalty_index",
-           "mood", "out_of_range", "period_bounds", "period_key", "period_span", "periods",
+__all__ = ["DAY_MARGIN_MS", "PERIODS", "TEST_PAIR_MS", "CallbackRow", "IndexRow", "PressCounts",
+           "RateRow", "SlotRow", "Text", "answer_rate", "bad_by_time_from_counts",
+           "bad_presses_by_time", "callback_list", "csv_cell", "doctor_index", "event_ms",
+           "local_day", "loyalty_from_counts", "loyalty_index", "mood", "out_of_range",
+           "period_bounds", "period_key", "period_span", "periods", "press_counts",
            "text_cell", "write_csv"]
 
 PERIODS = ("day", "week", "month")
+# How far from an installer's test HOLD the PRESS it cancels may be: the two are
+# one push of a button, seconds apart; an hour is far more than any clock step.
+TEST_PAIR_MS: Final = 3_600_000
+# The rows a local day's press figures depend on: a PRESS is cancelled by a HOLD
+# within TEST_PAIR_MS, chosen among the presses within TEST_PAIR_MS of that HOLD
+# (2 x), and a zone that skips its midnight starts a day up to an hour off the
+# midnight asked for (+ 1 h).
+DAY_MARGIN_MS: Final = 2 * TEST_PAIR_MS + 3_600_000
 _MOODS = {"good": "good", "yes": "good", "neutral": "neutral", "bad": "bad", "no": "bad"}
 
 
@@ -107,6 +127,11 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 def _local(ms: int, tz: str) -> date:
     # Exact integer ms (a float loses them far from 1970); ms in the range only.
     return (_EPOCH + timedelta(milliseconds=ms)).astimezone(ZoneInfo(tz)).date()
+
+
+def local_day(ms: int, tz: str) -> date:
+    """The local day of a time in the contract's range, in zone `tz`."""
+    return _local(ms, tz)
 
 
 def period_key(day: date, period: str) -> str:
@@ -187,31 +212,67 @@ def _flags(row: dict[str, Any]) -> set[str]:
     return set(str(row.get("flags") or "").split())
 
 
-def _counted_presses(rows: Iterable[dict[str, Any]], include_burst: bool
-                     ) -> Iterator[tuple[dict[str, Any], str]]:
-    """Presses that are votes, with their mood."""
+def _counted_presses(rows: Iterable[dict[str, Any]]
+                     ) -> Iterator[tuple[dict[str, Any], str, bool]]:
+    """Presses that are votes (of the usable rows), with their mood and whether
+    they are flagged `burst`."""
     by_device: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["kind"] == "press":
+        if r["kind"] == "press" and _representable(r):
             by_device[(r["site"], r["edge"], r["device_id"])].append(r)
     for presses in by_device.values():
         presses.sort(key=lambda r: r["seq"])
         excluded: set[int] = set()
         for i, r in enumerate(presses):
             if r["hold"] and "test" in _flags(r):
-                # The PRESS of the same button just before the test HOLD.
-                for prev in reversed(presses[:i]):
-                    if not prev["hold"] and prev["button"] == r["button"]:
+                # The PRESS of the same button just before the test HOLD: the
+                # last by seq among those within the hour, so the rows of that
+                # hour decide it (module docstring).
+                t = event_ms(r)
+                for j in range(i - 1, -1, -1):
+                    prev = presses[j]
+                    if not prev["hold"] and prev["button"] == r["button"] \
+                            and abs(event_ms(prev) - t) <= TEST_PAIR_MS:
                         excluded.add(prev["seq"])
                         break
         for r in presses:
             if r["hold"] or r["seq"] in excluded:
                 continue
-            if "burst" in _flags(r) and not include_burst:
-                continue
             m = mood(r["label"], r["score"])
             if m is not None:
-                yield r, m
+                yield r, m, "burst" in _flags(r)
+
+
+@dataclass(slots=True)
+class PressCounts:
+    """Counted presses (`press_counts`), as two tallies of the same presses.
+
+    `groups`: (site, desk, operator id or "", local day, mood, burst) -> presses;
+    `hours`: (local day, local hour, mood, burst) -> presses."""
+
+    groups: dict[tuple[str, str, str, date, str, bool], int] = field(
+        default_factory=lambda: defaultdict(int))
+    hours: dict[tuple[date, int, str, bool], int] = field(
+        default_factory=lambda: defaultdict(int))
+
+
+def press_counts(rows: Iterable[dict[str, Any]], tz: str, start: date | None = None,
+                 end: date | None = None) -> PressCounts:
+    """The presses that count (module docstring), bursts marked, whose local day
+    is from `start` to `end`, tallied by where, who, local day, hour and mood.
+
+    The pairing of test HOLDs with their PRESS uses every row given, in the
+    range or not: give the rows within `DAY_MARGIN_MS` of the days asked for."""
+    zone = ZoneInfo(tz)
+    out = PressCounts()
+    for r, m, burst in _counted_presses(rows):
+        t = (_EPOCH + timedelta(milliseconds=event_ms(r))).astimezone(zone)
+        day = t.date()
+        if (start is not None and day < start) or (end is not None and day > end):
+            continue
+        out.groups[(r["site"], r["desk"], r["operator_id"] or "", day, m, burst)] += 1
+        out.hours[(day, t.hour, m, burst)] += 1
+    return out
 
 
 def _group(row: dict[str, Any], by: str) -> str:
@@ -247,24 +308,45 @@ def _in_range(rows: Iterable[dict[str, Any]], tz: str, start: date | None,
     return out
 
 
-def loyalty_index(rows: Iterable[dict[str, Any]], *, by: str, period: str, tz: str,
-                  start: date | None = None, end: date | None = None,
-                  include_burst: bool = False) -> list[IndexRow]:
-    """% good - % bad per group (operator, desk or site) and period."""
-    counted = [(r, m) for r, m in _counted_presses(_in_range(rows, tz, start, end),
-                                                   include_burst)]
-    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r, m in counted:
-        counts[(_group(r, by), period_key(_local(event_ms(r), tz), period))][m] += 1
-    groups, keys = _keys(counted, by, period, tz=tz, start=start, end=end)
+_GROUPINGS: Final = ("operator", "desk", "site")
+
+
+def loyalty_from_counts(counts: PressCounts, *, by: str, period: str,
+                        start: date | None = None, end: date | None = None,
+                        include_burst: bool = False) -> list[IndexRow]:
+    """% good - % bad per group (operator, desk or site) and period, from the
+    counts of `press_counts` (of the same range)."""
+    if by not in _GROUPINGS:
+        raise ValueError(f"unknown grouping {by!r}")
+    tally: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    keys_seen: set[str] = set()
+    for (site, desk, operator, day, m, burst), n in counts.groups.items():
+        if n <= 0 or (burst and not include_burst):
+            continue
+        group = operator or "(nobody)" if by == "operator" else \
+            f"{site}/{desk}" if by == "desk" else site
+        key = period_key(day, period)
+        keys_seen.add(key)
+        tally[(group, key)][m] += n
+    groups = sorted({g for g, _k in tally})
+    keys = periods(start, end, period) if start is not None and end is not None \
+        else sorted(keys_seen)
     out = []
     for g in groups:
         for k in keys:
-            c = counts.get((g, k), {})
+            c = tally.get((g, k), {})
             good, neutral, bad = c.get("good", 0), c.get("neutral", 0), c.get("bad", 0)
             total = good + neutral + bad
             out.append(IndexRow(g, k, good, neutral, bad, total, _index(good, bad, total)))
     return out
+
+
+def loyalty_index(rows: Iterable[dict[str, Any]], *, by: str, period: str, tz: str,
+                  start: date | None = None, end: date | None = None,
+                  include_burst: bool = False) -> list[IndexRow]:
+    """% good - % bad per group (operator, desk or site) and period."""
+    return loyalty_from_counts(press_counts(rows, tz, start, end), by=by, period=period,
+                               start=start, end=end, include_burst=include_burst)
 
 
 def doctor_index(rows: Iterable[dict[str, Any]], *, period: str, tz: str,
@@ -339,6 +421,21 @@ class SlotRow:
         return [self.slot, self.bad, self.presses]
 
 
+def bad_by_time_from_counts(counts: PressCounts, *, include_burst: bool = False
+                            ) -> tuple[list[SlotRow], list[SlotRow]]:
+    """`bad_presses_by_time`'s rows from the counts of `press_counts`."""
+    hours = [[0, 0] for _ in range(24)]
+    days = [[0, 0] for _ in range(7)]
+    for (day, hour, m, burst), n in counts.hours.items():
+        if burst and not include_burst:
+            continue
+        for slot in (hours[hour], days[day.weekday()]):
+            slot[0] += n if m == "bad" else 0
+            slot[1] += n
+    return ([SlotRow(h, bad, n) for h, (bad, n) in enumerate(hours)],
+            [SlotRow(d, bad, n) for d, (bad, n) in enumerate(days)])
+
+
 def bad_presses_by_time(rows: Iterable[dict[str, Any]], *, tz: str,
                         start: date | None = None, end: date | None = None,
                         include_burst: bool = False) -> tuple[list[SlotRow], list[SlotRow]]:
@@ -348,16 +445,8 @@ def bad_presses_by_time(rows: Iterable[dict[str, Any]], *, tz: str,
     The presses and their moods are those of `loyalty_index` (tests, HOLDs and,
     unless asked for, bursts left out), so the slots of a range add up to its
     index's presses."""
-    zone = ZoneInfo(tz)
-    hours = [[0, 0] for _ in range(24)]
-    days = [[0, 0] for _ in range(7)]
-    for r, m in _counted_presses(_in_range(rows, tz, start, end), include_burst):
-        t = (_EPOCH + timedelta(milliseconds=event_ms(r))).astimezone(zone)
-        for slot in (hours[t.hour], days[t.weekday()]):
-            slot[0] += m == "bad"
-            slot[1] += 1
-    return ([SlotRow(h, bad, n) for h, (bad, n) in enumerate(hours)],
-            [SlotRow(d, bad, n) for d, (bad, n) in enumerate(days)])
+    return bad_by_time_from_counts(press_counts(rows, tz, start, end),
+                                   include_burst=include_burst)
 
 
 @dataclass(frozen=True, slots=True)

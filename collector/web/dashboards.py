@@ -1,11 +1,16 @@
 """Dashboards: the figures of `collector.reports` as charts and tables.
 
-One implementation of the figures: every view reads its rows with
-`queries.report_events` and computes them with the functions of
-`collector.reports`, exactly as `feedback-collector report` does; this module
-only lays them out.  Rows carry phone numbers and comments, but no template is
-handed a row, only figures and names of operators, desks, doctors and devices,
-so a clinic manager never sees either.
+One implementation of the figures: every figure is computed by the functions
+of `collector.reports`, as `feedback-collector report` computes it; this module
+only lays them out.  The press figures come from the counts `collector.rollup`
+keeps per local day (`reports.press_counts` of each day's presses, brought up
+to date before the page is drawn), turned into rows by the same functions the
+CLI applies to the counts of raw rows; a year's range then reads a few
+hundred rows a day instead of every press.  Doctors and answer rates read
+their events with `queries.report_events`: far fewer than presses.  Rows
+carry phone numbers and comments, but no template is handed a row, only
+figures and names of operators, desks, doctors and devices, so a clinic
+manager never sees either.
 
 Charts are pygal's SVG, inlined: no script (pygal's own config script is taken
 out too), nothing fetched from elsewhere; each has a table of its figures.
@@ -35,7 +40,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from pygal.style import Style
 
-from collector import queries, reports
+from collector import queries, reports, rollup
 from collector.db import Database, DatabaseError, open_database
 from collector.web.roles import REPORTS, role_required
 from edge.contract.timefmt import WALL_RANGE
@@ -261,15 +266,15 @@ def _many_note(groups: int) -> str:
              "%(all)d.") % {"n": MAX_SERIES, "all": groups}
 
 
-def loyalty_figures(presses: list[dict[str, Any]], c: Choice) -> list[Figure]:
+def loyalty_figures(presses: reports.PressCounts, c: Choice) -> list[Figure]:
     names = {"operator": _("Receptionist"), "desk": _("Desk"), "site": _("Site")}
     titles = {"operator": _("Loyalty index per receptionist"),
               "desk": _("Loyalty index per desk"), "site": _("Loyalty index per site")}
     keys = reports.periods(c.start, c.end, c.period)
     out = []
     for by in ("operator", "desk", "site"):
-        rows = reports.loyalty_index(presses, by=by, period=c.period, tz=c.tz, start=c.start,
-                                     end=c.end)
+        rows = reports.loyalty_from_counts(presses, by=by, period=c.period, start=c.start,
+                                           end=c.end)
         groups = len({r.group for r in rows})
         out.append(Figure(
             f"loyalty-{by}", titles[by],
@@ -286,8 +291,8 @@ def _period_name(period: str) -> str:
     return str(dict(PERIOD_CHOICES)[period])
 
 
-def bad_time_figures(presses: list[dict[str, Any]], c: Choice) -> list[Figure]:
-    hours, days = reports.bad_presses_by_time(presses, tz=c.tz, start=c.start, end=c.end)
+def bad_time_figures(presses: reports.PressCounts, c: Choice) -> list[Figure]:
+    hours, days = reports.bad_by_time_from_counts(presses)
     out = []
     for fid, title, slot_name, slots, names in (
             ("bad-hour", _("Bad presses by hour of day"), _("Hour"), hours,
@@ -390,8 +395,13 @@ def _unavailable(request: HttpRequest, section: str) -> HttpResponse:
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Loyalty per receptionist, desk and site; bad presses by hour and weekday."""
     form, c = _choice(request)
+
+    def load(db: Database) -> reports.PressCounts:
+        rollup.refresh(db, c.tz)  # only the days stale since the last one
+        return rollup.counts(db, c.tz, c.start, c.end)
+
     try:
-        presses = read(lambda db: queries.report_events(db, ["press"], c.start, c.end))
+        presses = read(load)
     except DatabaseError:
         return _unavailable(request, "dashboard")
     return _page(request, "dashboard", form, c,
