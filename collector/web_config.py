@@ -6,7 +6,9 @@ Example::
     secret_key_file = "web-secret"        # one line; Django's SECRET_KEY (sessions, CSRF)
     allowed_hosts = ["quality.clinic.example"]
     base_url = "https://quality.clinic.example"   # links in e-mails
-    erase_after_days = 30       # phones, comments, e-mails erased this long after a case closed
+    erase_after_days = 30       # phones, comments, e-mails erased this long after a case
+                                # closed (or was left at "could not reach"); also what
+                                # the quarantine and the failed-login records keep
     behind_proxy = true         # trust X-Forwarded-Proto from the reverse proxy
 
     [web.limits]                # hours a case may stay in a status before a warning
@@ -14,6 +16,7 @@ Example::
     in_progress = 24
     investigating = 72
     resolved = 48
+    unreachable = 72            # "could not reach": try again or close
 
     [web.smtp]                  # e-mail to patients and staff
     host = "smtp.clinic.example"
@@ -40,9 +43,11 @@ from edge.contract.toml import MISSING, Table
 __all__ = ["STATUSES_WITH_LIMITS", "SmtpConfig", "WebConfig", "parse_web"]
 
 # Statuses a case can wait in for someone to act; closed and could-not-reach end it.
-STATUSES_WITH_LIMITS: Final = ("new", "in_progress", "investigating", "resolved")
+# "Could not reach" has one too: a case left there is neither called again nor closed.
+STATUSES_WITH_LIMITS: Final = ("new", "in_progress", "investigating", "resolved",
+                               "unreachable")
 _DEFAULT_LIMITS_H: Final = {"new": 4.0, "in_progress": 24.0, "investigating": 72.0,
-                            "resolved": 48.0}
+                            "resolved": 48.0, "unreachable": 72.0}
 _HOST: Final = re.compile(r"^[A-Za-z0-9.\-*:\[\]]{1,253}$")
 
 

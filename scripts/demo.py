@@ -211,7 +211,7 @@ path = "{self.db}"
 [reports]
 tz = "{self.tz}"
 
-[web]                       # e-mails go to files in outgoing-mail/ (no [web.smtp] here)
+[web]                       # no [web.smtp]: nothing is e-mailed in the demo
 allowed_hosts = ["127.0.0.1", "localhost"]
 base_url = "http://127.0.0.1:{self.web_port}"
 """)

@@ -12,9 +12,11 @@ import email
 import email.policy
 import http.cookiejar
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -41,7 +43,12 @@ from tests.collector_fixtures import Backend
 from tests.conftest import Broker, Proc, Subscriber, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOTS = REPO / "docs" / "screenshots"
+# Screenshots go to a temporary directory, or, to refresh the ones the README
+# shows, to docs/screenshots/ with FEEDBACK_SCREENSHOTS=docs/screenshots.
+SCREENSHOTS = Path(os.environ.get("FEEDBACK_SCREENSHOTS") or
+                   Path(tempfile.gettempdir()) / "feedback-web-screenshots")
+if not SCREENSHOTS.is_absolute():
+    SCREENSHOTS = REPO / SCREENSHOTS
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PASSWORD = "a-long-password"
@@ -134,11 +141,16 @@ class WebApp:
         return self.cli("tick", "--now", now.isoformat())
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        db = self.backend.open()
-        try:
-            return db.query(sql, params)
-        finally:
-            db.close()
+        return query(self.backend, sql, params)
+
+
+def query(backend: Backend, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Rows of `sql` on the test's database (its own connection, closed after)."""
+    db = backend.open()
+    try:
+        return db.query(sql, params)
+    finally:
+        db.close()
 
 
 def web_cli(config: Path, *args: str, stdin: str | None = None) -> str:
@@ -184,15 +196,21 @@ def webapp(tmp_path: Path, broker: Broker, backend: Backend, smtp: SmtpSink,
     proc = procs(["collector.cli", "web", "--config", str(cfg), "serve", "--bind",
                   "127.0.0.1:0", "--tick-s", "3600"], log)
 
+    return WebApp(served_url(proc, log), cfg, backend, broker, smtp, 30, proc)
+
+
+def served_url(proc: Proc, log: Path, timeout: float = 60) -> str:
+    """The URL a `feedback-collector web serve` process prints once it listens."""
     def served() -> str | None:
         if proc.proc is not None and proc.proc.poll() is not None:
-            raise AssertionError(f"web serve exited: {proc.log()[-2000:]}")
+            raise AssertionError(f"web serve exited ({proc.proc.returncode}): "
+                                 f"{proc.log()[-2000:]}")
         m = re.search(r"^feedback-collector web: (http://\S+/)$",
                       log.read_text(errors="replace") if log.exists() else "", re.M)
         return m.group(1) if m else None
 
-    url: str = wait_for(served, 30, "the web app's URL")
-    return WebApp(url, cfg, backend, broker, smtp, 30, proc)
+    url: str = wait_for(served, timeout, "the web app's URL")
+    return url
 
 
 # -- answers from a survey terminal, through the broker --------------------------------
@@ -311,7 +329,7 @@ def path_of(driver: Any) -> str:
 
 def screenshot(driver: Any, name: str, scroll_to: str | None = None) -> list[Path]:
     """Save the current page at 1280x900 and at 390x844 (a phone) as
-    docs/screenshots/<name>-1280.png and -390.png, scrolled to the element with id
+    <SCREENSHOTS>/<name>-1280.png and -390.png, scrolled to the element with id
     `scroll_to` if given; the window is restored after."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     saved = []

@@ -5,7 +5,8 @@
                                                            # password read from stdin
     feedback-collector web serve    [--bind 127.0.0.1:8000]   # app + a tick every minute
     feedback-collector web tick     [--now 2026-12-01T10:00:00+00:00]
-                                    # time-limit warnings and erasure once (for a timer)
+                                    # time-limit warnings and erasure once (for a timer),
+                                    # and the dashboards' press counts brought up to date
 
 `serve` is a small threaded WSGI server for one clinic or a demo; behind a
 reverse proxy with several instances, run `gunicorn collector.web.wsgi` (README,
@@ -38,11 +39,23 @@ def _setup(config: Path) -> None:
     django.setup()
 
 
-def tick(now: datetime) -> tuple[int, int, int]:
-    """Open new cases, send time-limit warnings, erase expired personal data."""
-    from collector.web import cases  # noqa: PLC0415
+def tick(now: datetime) -> dict[str, int]:
+    """Open new cases, send time-limit warnings, erase expired personal data,
+    bring the dashboards' press counts up to date (days computed), so a page
+    load rarely has more than a minute's presses to count.  Each step runs even
+    when another failed (its figure is then -1; the failure is logged)."""
+    from django.conf import settings  # noqa: PLC0415
 
-    return cases.sync_cases(now), cases.check_limits(now), cases.erase_personal_data(now)
+    from collector import rollup  # noqa: PLC0415
+    from collector.web import cases, dashboards  # noqa: PLC0415
+
+    def press_counts(_now: datetime) -> int:
+        return dashboards.read(lambda db: rollup.refresh(db, settings.CONFIG.tz))
+
+    return cases.run_tick(now, ("cases opened", cases.sync_cases),
+                          ("warnings sent", cases.check_limits),
+                          ("cases erased", cases.erase_personal_data),
+                          ("days of press counts computed", press_counts))
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -78,6 +91,17 @@ def cmd_web(args: argparse.Namespace) -> int:
             print("feedback-collector web adduser: the password needs 10 characters or more",
                   file=sys.stderr)
             return 2
+        if args.email:
+            from django.core.exceptions import ValidationError  # noqa: PLC0415
+
+            from collector.web.views import plain_email  # noqa: PLC0415
+
+            try:
+                plain_email(args.email)
+            except ValidationError:
+                print("feedback-collector web adduser: --email must be a plain address like "
+                      "name@example.org", file=sys.stderr)
+                return 2
         user, _ = User.objects.get_or_create(username=args.name)
         user.role, user.email, user.language = args.role, args.email or "", args.language
         user.set_password(password)
@@ -86,9 +110,10 @@ def cmd_web(args: argparse.Namespace) -> int:
         return 0
     if args.web_command == "tick":
         now = datetime.fromisoformat(args.now) if args.now else timezone.now()
-        opened, warned, erased = tick(now)
-        print(f"cases opened {opened}, warnings sent {warned}, cases erased {erased}")
-        return 0
+        done = tick(now)
+        print(", ".join(f"{name} {n if n >= 0 else 'FAILED (see the log)'}"
+                        for name, n in done.items()))
+        return 1 if any(n < 0 for n in done.values()) else 0
     return _serve(args)
 
 
@@ -106,10 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ticker() -> None:
         while not stop.wait(args.tick_s):
-            try:
-                tick(timezone.now())
-            except Exception:
-                log.exception("the periodic tick failed; trying again in %s s", args.tick_s)
+            tick(timezone.now())  # each step logs its own failure (by type: no values)
 
     threading.Thread(target=ticker, name="tick", daemon=True).start()
     print(f"feedback-collector web: http://{host or '127.0.0.1'}:{server.server_port}/",
@@ -144,5 +166,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     serve.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free)")
     serve.add_argument("--tick-s", type=float, default=60.0,
                        help="seconds between time-limit checks")
-    tk = wsub.add_parser("tick", parents=[again], help="time-limit warnings and erasure, once")
+    tk = wsub.add_parser("tick", parents=[again],
+                         help="time-limit warnings and erasure, and the dashboards' press "
+                         "counts, once")
     tk.add_argument("--now", help="the time to act as of (ISO 8601 with offset), for tests")

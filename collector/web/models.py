@@ -123,14 +123,31 @@ class Note(models.Model):
         ordering: ClassVar[list[str]] = ["at"]
 
 
+class AppendOnly(models.QuerySet["AuditEntry"]):
+    """Refuses bulk changes; the database's triggers refuse them too (migration 0002)."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise ValueError("the audit is append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise ValueError("the audit is append-only")
+
+
 class AuditEntry(models.Model):
-    """Who did what, when: never the value of a phone, comment or e-mail."""
+    """Who did what, when: never the value of a phone, comment or e-mail.
+
+    Append-only three times over: save() of a stored row, delete() and the
+    queryset's update()/delete() raise, and triggers in the database refuse
+    UPDATE and DELETE (migration 0002); a case with audit rows cannot be deleted.
+    """
 
     at = models.DateTimeField(db_index=True)
     username = models.CharField(max_length=150)
     action = models.CharField(max_length=32)
-    case = models.ForeignKey(Case, null=True, on_delete=models.SET_NULL, related_name="audit")
+    case = models.ForeignKey(Case, null=True, on_delete=models.PROTECT, related_name="audit")
     detail = models.CharField(max_length=300, blank=True, default="")
+
+    objects = AppendOnly.as_manager()
 
     class Meta:
         ordering: ClassVar[list[str]] = ["at", "id"]
@@ -142,3 +159,23 @@ class AuditEntry(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise ValueError("the audit is append-only")
+
+
+class LimitWarning(models.Model):
+    """One time-limit warning to one colleague for one stay of a case in a status.
+
+    The row is written (claimed) before the e-mail goes out, so two ticks at
+    once (two app instances) never both send it; a failed send deletes its
+    claim and the next tick tries that colleague again, and only that one.
+    """
+
+    case = models.ForeignKey(Case, on_delete=models.PROTECT, related_name="warnings")
+    status = models.CharField(max_length=16)
+    status_since = models.DateTimeField()
+    email = models.CharField(max_length=254)
+    claimed_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True)
+
+    class Meta:
+        constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
+            fields=["case", "status", "status_since", "email"], name="one_warning_each")]

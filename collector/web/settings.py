@@ -122,6 +122,17 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "web/locked_out.html"
 AXES_VERBOSE = False  # its log lines would carry user names
+# The address a login comes from (django-ipware through axes): behind the
+# reverse proxy the last X-Forwarded-For hop, the one the proxy itself added;
+# otherwise the connection's own, whatever headers the client sends.
+if CONFIG.web.behind_proxy:
+    # The right-most entry: a client may send its own X-Forwarded-For, to which
+    # the proxy appends the address it saw.
+    AXES_IPWARE_PROXY_ORDER = "right-most"
+    AXES_IPWARE_META_PRECEDENCE_ORDER: tuple[str, ...] = ("HTTP_X_FORWARDED_FOR",
+                                                          "REMOTE_ADDR")
+else:
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ("REMOTE_ADDR",)
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -164,9 +175,9 @@ if CONFIG.web.smtp is not None:
     EMAIL_TIMEOUT = 20
     DEFAULT_FROM_EMAIL = CONFIG.web.smtp.sender
 else:
-    # No SMTP configured: e-mails are written to the log directory's files, never lost.
-    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
-    EMAIL_FILE_PATH = str((CONFIG.web.state_dir or Path(".")) / "outgoing-mail")
+    # No SMTP configured: nothing is e-mailed (the app says so where it matters),
+    # and no file anywhere keeps a patient's address.
+    EMAIL_BACKEND = "django.core.mail.backends.dummy.EmailBackend"
     DEFAULT_FROM_EMAIL = "feedback-collector@localhost"
 
 # Personal data never goes into logs: Django's request logging shows paths

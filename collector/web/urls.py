@@ -7,6 +7,12 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("", views.home, name="home"),
     path("login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # A new colleague's own password, from the link an administrator's "new user" sent.
+    path("password/<uidb64>/<token>/", auth_views.PasswordResetConfirmView.as_view(
+        template_name="web/password_set.html", success_url="/password/done/",
+        post_reset_login=False), name="password_set"),
+    path("password/done/", auth_views.PasswordResetCompleteView.as_view(
+        template_name="web/password_done.html"), name="password_done"),
     path("cases/", views.queue, name="queue"),
     path("cases/rows/", views.queue_rows, name="queue_rows"),
     path("cases/<int:pk>/", views.case_detail, name="case"),

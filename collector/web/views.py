@@ -4,13 +4,24 @@ that case (cases.can_work_on): a URL alone reveals nothing."""
 
 from __future__ import annotations
 
+import logging
+import re
+import unicodedata
+from typing import Any
+
 from django import forms
+from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.forms import UserCreationForm
-from django.core.exceptions import PermissionDenied
+from django.contrib.auth.tokens import default_token_generator
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.mail import EmailMessage
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils import timezone
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils import timezone, translation
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
@@ -18,6 +29,8 @@ from django.views.decorators.http import require_POST
 from collector.web import cases
 from collector.web.models import NEXT, AuditEntry, Case, Role, Status, User
 from collector.web.roles import ADMIN, CASES, MANAGE, REPORTS, role_required
+
+log = logging.getLogger(__name__)
 
 
 def _user(request: HttpRequest) -> User:
@@ -79,8 +92,28 @@ class NoteForm(forms.Form):
                                  max_value=24 * 60, initial=0)
 
 
+# What an address may hold beyond Django's EmailValidator: no quoted local part,
+# no whitespace or control character (Python's e-mail package refuses such a
+# header, and the address would end up in an error's text), no separators.
+_PLAIN_EMAIL = re.compile(r"[^\s\"\\<>(),;:@\[\]]+@[^\s\"\\<>(),;:@\[\]]+")
+
+
+def plain_email(value: str) -> None:
+    """Raises ValidationError for an address that could not go into a To: header as is."""
+    if not _PLAIN_EMAIL.fullmatch(value) or any(
+            unicodedata.category(c)[0] in "CZ" for c in value):
+        raise ValidationError(_("write the address plainly, like name@example.org"),
+                              code="invalid")
+
+
+class PlainEmailField(forms.EmailField):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.validators.append(plain_email)
+
+
 class EmailForm(forms.Form):
-    email = forms.EmailField(label=gettext_lazy("Patient's e-mail"))
+    email = PlainEmailField(label=gettext_lazy("Patient's e-mail"))
     lang = forms.ChoiceField(label=gettext_lazy("Patient's language"),
                              choices=[("en", "English"), ("ru", "Русский")])
 
@@ -151,6 +184,10 @@ def case_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
                 raise cases.WorkflowError(_("that is not an e-mail address"))
             cases.note_email(case, ef.cleaned_data["email"], ef.cleaned_data["lang"], user,
                              now=now)
+        elif action == "send_outcome":
+            if case.status != Status.RESOLVED or not case.patient_email:
+                raise PermissionDenied
+            cases.send_outcome(case, user, now=now)
         elif action == "assign":
             if user.role != Role.QUALITY_MANAGER:
                 raise PermissionDenied
@@ -173,8 +210,13 @@ def audit_log(request: HttpRequest) -> HttpResponse:
     return render(request, "web/audit.html", {"entries": entries})
 
 
-class NewUserForm(UserCreationForm):  # type: ignore[type-arg]
-    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+class NewUserForm(forms.ModelForm):  # type: ignore[type-arg]
+    """A new colleague: no password here; they set their own from an e-mailed
+    link, so an administrator never knows a password that reads phone numbers."""
+
+    email = PlainEmailField(label=gettext_lazy("E-mail"))
+
+    class Meta:
         model = User
         fields = ("username", "email", "role", "language")
 
@@ -183,16 +225,43 @@ class NewUserForm(UserCreationForm):  # type: ignore[type-arg]
 def users(request: HttpRequest) -> HttpResponse:
     form = NewUserForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        made = form.save()
+        made = form.save(commit=False)
+        made.set_unusable_password()
+        made.save()
         cases.audit(_user(request), "user_created", None, f"{made.username} ({made.role})",
                     now=timezone.now())
-        messages.success(request, _("User created."))
+        if _send_welcome(request, made):
+            messages.success(request, _("User created; they were e-mailed a link to set "
+                                        "their password."))
+        else:
+            messages.error(request, _("User created, but no e-mail could be sent: give them "
+                                      "a password on the server with `feedback-collector "
+                                      "web adduser`."))
         return redirect("users")
     return render(request, "web/users.html", {
         "form": form, "users": User.objects.order_by("username")})
 
 
+def _send_welcome(request: HttpRequest, user: User) -> bool:
+    if not cases.mail_configured():
+        return False
+    link = request.build_absolute_uri(reverse("password_set", kwargs={
+        "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
+        "token": default_token_generator.make_token(user)}))
+    with translation.override(user.language or settings.LANGUAGE_CODE):
+        subject = render_to_string("web/mail/welcome_subject.txt", {"user": user}).strip()
+        body = render_to_string("web/mail/welcome_body.txt", {"user": user, "link": link})
+    try:
+        EmailMessage(subject, body, to=[user.email]).send()
+    except cases.MAIL_ERRORS as e:
+        log.warning("the set-password e-mail was not sent: %s", type(e).__name__)
+        return False
+    return True
+
+
 class ProfileForm(forms.ModelForm):  # type: ignore[type-arg]
+    email = PlainEmailField(label=gettext_lazy("E-mail"), required=False)
+
     class Meta:
         model = User
         fields = ("language", "email")
