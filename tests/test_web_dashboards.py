@@ -18,7 +18,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
@@ -43,6 +43,9 @@ from edge.events import (
 )
 from tests.collector_fixtures import Backend, press_event
 from tests.conftest import wait_for
+from tests.web_fixtures import browser, leave_page, login, path_of, screenshot
+
+__all__ = ["browser"]  # a fixture, used by name
 
 TZ = "Europe/Berlin"
 PASSWORD = "correct-horse-battery"
@@ -486,3 +489,32 @@ def test_anonymous_users_are_sent_to_the_login_page(tmp_path: Path, serve: Any) 
         page = anon.request(path)
         assert page.status == 302, path
         assert page.location == "/login/?next=" + urllib.parse.quote(path), page.location
+
+
+def test_the_dashboards_in_a_browser_in_russian_at_desktop_and_phone_width(
+        tmp_path: Path, serve: Any, browser: Callable[[], Any]) -> None:
+    """Six weeks of data, a clinic manager who chose Russian: every reports page
+    draws its charts, in Russian, no wider than a 390 px phone, without a phone
+    number; screenshots of each (tests/web_fixtures.py `screenshot`)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    backend = Backend("sqlite", tmp_path, None)
+    sample_data(backend, _today())
+    app = serve(backend)
+    d = browser()
+    login(d, app.base + "/", "clinic-manager", PASSWORD)
+    assert path_of(d) == "/reports/"
+    d.get(app.base + "/me/")
+    Select(d.find_element(By.NAME, "language")).select_by_value("ru")
+    leave_page(d, lambda: d.find_element(By.CSS_SELECTOR, "#profile button").click())
+    for path, name, charts in (("/reports/", "reports", 5), ("/reports/doctors/",
+                               "reports-doctors", 2), ("/reports/fleet/", "reports-fleet", 0)):
+        d.get(app.base + path)
+        assert d.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru"
+        page = d.page_source
+        assert len(d.find_elements(By.CSS_SELECTOR, "svg")) >= charts, name
+        assert not any(p in page for p in (*PHONES, *COMMENTS)), f"{name}: personal data"
+        screenshot(d, name)
+    d.get(app.base + "/reports/")
+    assert "Индекс лояльности по администраторам" in d.find_element(By.TAG_NAME, "main").text

@@ -117,7 +117,7 @@ def test_each_role_lands_on_its_page_and_five_wrong_passwords_lock_out_only_that
     assert path_of(d) == "/login/"
     screenshot(d, "login")
     for user, page, shot in (("quality", "/cases/", None), ("officer", "/cases/", None),
-                             ("manager", "/reports/", "reports"),
+                             ("manager", "/reports/", "reports-no-data"),
                              ("admin", "/users/", "users")):
         login(d, webapp.url, user)
         assert path_of(d) == page, user

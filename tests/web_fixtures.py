@@ -345,6 +345,9 @@ def screenshot(driver: Any, name: str, scroll_to: str | None = None) -> list[Pat
             "requestAnimationFrame(function () { requestAnimationFrame(done); });")
         path = SCREENSHOTS / f"{name}-{width}.png"
         assert driver.save_screenshot(str(path)), f"screenshot {path}"
+        # Nothing wider than the screen: wide tables scroll inside their own box.
+        page_width = driver.execute_script("return document.documentElement.scrollWidth")
+        assert page_width <= width, f"{name} at {width} px is {page_width} px wide ({path})"
         saved.append(path)
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return saved
