@@ -94,6 +94,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(levelname)s %(name)s: %(message)s")
     intake = Intake(cfg, _db(cfg))
+    if cfg.metrics is not None:
+        from collector.metrics import serve  # noqa: PLC0415 - only with [metrics]
+
+        serve(cfg, intake)
 
     def stop(_sig: int, _frame: object) -> None:
         intake.stop_event.set()

@@ -23,11 +23,15 @@ Example::
     [callbacks]
     stale_after_hours = 24      # a callback still `new` after this long is flagged
 
+    [metrics]                   # optional: `run` serves Prometheus metrics at /metrics
+    listen = "127.0.0.1:9108"   # host:port ([::1]:9108 for IPv6); no personal data there
+
 Mistakes are `edge.contract.toml.ConfigError`s naming key, value and what is allowed.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +42,19 @@ from edge.contract.ids import NAME_RE
 from edge.contract.timefmt import check_zone
 from edge.contract.toml import ConfigError, Table
 
-__all__ = ["CollectorConfig", "load_collector_config", "parse_collector_config"]
+__all__ = ["CollectorConfig", "MetricsConfig", "load_collector_config",
+           "parse_collector_config"]
 
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 address.
+_LISTEN = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):[0-9]{1,5}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Where `feedback-collector run` serves /metrics (collector/metrics.py)."""
+
+    host: str
+    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +68,7 @@ class CollectorConfig:
     stale_after_s: float
     batch: int = 500
     web: WebConfig = field(default_factory=WebConfig)
+    metrics: MetricsConfig | None = None  # None: no /metrics
 
 
 def parse_collector_config(data: dict[str, object], source: str = "",
@@ -87,9 +103,23 @@ def parse_collector_config(data: dict[str, object], source: str = "",
     cb_t.finish()
     web = parse_web(top.table("web"), path.parent if path is not None else
                     Path("/var/lib/feedback-collector"))
+    metrics_t = top.table("metrics")
+    metrics = _parse_metrics(metrics_t) if metrics_t is not None else None
     top.finish()
     return CollectorConfig(str(ident), str(group), broker, path, dsn, str(tz), stale_h * 3600,
-                           web=web)
+                           web=web, metrics=metrics)
+
+
+def _parse_metrics(t: Table) -> MetricsConfig:
+    allowed = "host:port, e.g. 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108"
+    listen = t.required_string("listen", pattern=_LISTEN, allowed=allowed)
+    host, port_text = listen.rsplit(":", 1)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise t.error("listen", listen, "the port must be from 0 to 65535")
+    t.finish()
+    # The brackets only delimit an IPv6 address in the text; the socket takes it bare.
+    return MetricsConfig(host.removeprefix("[").removesuffix("]"), port)
 
 
 def load_collector_config(path: Path) -> CollectorConfig:

@@ -63,9 +63,9 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema_rs
 import paho.mqtt.client as mqtt
@@ -85,7 +85,7 @@ from edge.contract.ids import NAME_RE, event_id_fault
 from edge.contract.payloads import EVENT_SCHEMA, load_schema
 from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, format_wall
 
-__all__ = ["MAX_PAYLOAD_BYTES", "Intake", "classify", "log_result"]
+__all__ = ["MAX_PAYLOAD_BYTES", "BatchObserver", "Intake", "classify", "log_result"]
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +307,19 @@ class _Delivery:
     connection: int
 
 
+class BatchObserver(Protocol):
+    """Told of every committed batch, once per batch (collector/metrics.py counts)."""
+
+    def batch(self, items: Sequence[Item], res: IngestResult, commit_s: float) -> None: ...
+
+
 class Intake:
     def __init__(self, cfg: CollectorConfig, db: Database) -> None:
         self.cfg = cfg
         self.db = db
+        # Metrics, when [metrics] is configured: called per batch, never per message.
+        self.observer: BatchObserver | None = None
+        self._commit_s = 0.0  # how long the last successful commit took
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.stop_event = threading.Event()
         # Duplicates and quarantined payloads are counted in the database;
@@ -416,6 +425,8 @@ class Intake:
         res = self._commit(items) if items else IngestResult()
         if res is None:
             return  # stopping before the commit: unacknowledged, so delivered again
+        if self.observer is not None and items:
+            self.observer.batch(items, res, self._commit_s)
         self._ack(deliveries)
         log_result(res)
         self._publish_watermarks(res.watermarks)
@@ -439,8 +450,10 @@ class Intake:
     def _commit(self, items: list[Item]) -> IngestResult | None:
         delay = 0.5
         while True:
+            # Only the attempt that worked is timed: an outage's waits are not commits.
+            started = time.perf_counter()
             try:
-                return store.ingest(self.db, items)
+                res = store.ingest(self.db, items)
             except DatabaseError as e:
                 self.db_errors += 1
                 log.error("database: %s; the batch is not acknowledged, retrying in %.1f s "
@@ -449,6 +462,9 @@ class Intake:
                 if self.stop_event.wait(delay):
                     return None
                 delay = min(delay * 2, 30.0)
+            else:
+                self._commit_s = time.perf_counter() - started
+                return res
 
     def _sweep(self) -> None:
         try:

@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         try:
             page = StatusPage(cfg.web.host, cfg.web.port, lambda box, request: daemon.inbox.put(
-                ControlRequest(box, request)), cfg.web.token)
+                ControlRequest(box, request)), cfg.web.token, metrics=cfg.web.metrics)
             page.start()
         except OSError as e:
             # The daemon matters more than its page: run without it, loudly.

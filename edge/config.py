@@ -52,6 +52,10 @@ Example::
     doctors_file = "/etc/feedback-edge/doctors.json"   # {"rev": 3, "doctors": [...]}
     send_personal_data = true  # phone and comment go to the collector (the callback list)
 
+    [web]                      # the installer's status page
+    listen = "127.0.0.1:8480"  # another address needs token_file = "..."
+    metrics = true             # also serve /metrics (Prometheus) there; default false
+
     [delivery]
     mode = "collector"         # keep events until the collector's ack watermark covers them;
                                # "broker" (default): until the broker's PUBACK
@@ -126,6 +130,7 @@ class WebConfig:
     host: str
     port: int
     token: str | None = field(repr=False)
+    metrics: bool = False  # /metrics (Prometheus) on the same server, behind the same token
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +299,14 @@ def _parse_web(t: Table) -> WebConfig:
     if not is_loopback(host) and not token:
         raise t.error("listen", listen, "a page reachable from the LAN needs token_file "
                       "(the page shows who is on duty)")
+    metrics = t.get("metrics")
+    if metrics is not MISSING and not isinstance(metrics, bool):
+        raise t.error("metrics", metrics, "must be true or false")
+    if metrics is True and enabled is False:
+        raise t.error("metrics", metrics, "needs the status page's server: enabled = true "
+                      "(/metrics is served there)")
     t.finish()
-    return WebConfig(enabled is not False, host, port, token)
+    return WebConfig(enabled is not False, host, port, token, metrics is True)
 
 
 def _parse_guards(t: Table) -> GuardsConfig:

@@ -7,7 +7,9 @@ It never shows personal data: no phone numbers, comments or badge numbers;
 answers show only the doctor and the Q1 answer.
 
 The page polls /api/status once a second; the handler asks the daemon's main
-loop for the snapshot, like the control socket does.
+loop for the snapshot, like the control socket does.  With `metrics=True`
+/metrics serves the same snapshot in Prometheus' text format (edge/metrics.py),
+behind the same token.
 """
 
 from __future__ import annotations
@@ -171,12 +173,35 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def _metrics_page(snapshot: Callable[[], dict[str, Any]]
+                  ) -> Callable[[], tuple[int, str, bytes]]:
+    """/metrics: (HTTP status, content type, body).  prometheus_client is imported
+    only here, so a daemon without the option never loads it."""
+    try:
+        from prometheus_client.exposition import generate_latest  # noqa: PLC0415
+
+        from edge.metrics import registry  # noqa: PLC0415
+    except ImportError as e:
+        # The page and the presses matter more than metrics: say why, serve the rest.
+        log.error("web: /metrics unavailable: %s", e)
+        why = f"/metrics is unavailable: {e}".encode()
+        return lambda: (503, "text/plain; charset=utf-8", why)
+    reg = registry(snapshot)
+    # The classic text format (0.0.4), which every Prometheus server reads;
+    # generate_latest's default escaping writes exactly that.
+    return lambda: (200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(reg))
+
+
 class StatusPage:
-    def __init__(self, host: str, port: int, ask: Ask, token: str | None = None) -> None:
+    def __init__(self, host: str, port: int, ask: Ask, token: str | None = None, *,
+                 metrics: bool = False) -> None:
         if not is_loopback(host) and not token:
             raise ValueError("a status page on the LAN needs a token (web.token_file)")
         self._ask = ask
         self._token = token
+        self._metrics: Callable[[], tuple[int, str, bytes]] | None = None
+        if metrics:
+            self._metrics = _metrics_page(self.snapshot)
         page = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,6 +221,8 @@ class StatusPage:
                     self._send(200, "text/html; charset=utf-8", PAGE.encode())
                 elif url.path == "/api/status":
                     self._send(200, "application/json", json.dumps(page.snapshot()).encode())
+                elif url.path == "/metrics" and page._metrics is not None:
+                    self._send(*page._metrics())
                 else:
                     self._send(404, "text/plain", b"not found")
 

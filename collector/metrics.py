@@ -1,0 +1,232 @@
+"""Prometheus metrics of `feedback-collector run`, at /metrics when collector.toml
+has `[metrics] listen = "host:port"`.
+
+Two sources, so that intake's per-message path gains nothing:
+
+- This instance's intake, told once per committed batch (`Intake.observer`):
+  batches and their commit time, messages by kind, valid events by event kind
+  (duplicates included), events stored (new rows), and its database errors.
+  These are per process and start at 0, as Prometheus counters do.
+- The database, read at each scrape: what intake already counts there
+  (`counters`: quarantined by reason, duplicates, for the whole database and
+  every instance since it was created, so with several instances take max(),
+  not sum()), each edge's watermark, highest seq and their lag, edges by their
+  last presence state, and open alerts when the web app's alert table
+  exists (`alerts_alert`, or `alerts_episode` as its models have it now).
+
+Label values are bounded: kinds and reasons are the code's own words (a
+quarantine reason's first word: `json`, `schema`, `size`, `invalid`,
+`topic`, `store`), sites and edges those stored (bounded by the fleet, names
+checked against the contract's grammar).  Nothing from a payload's free text.
+
+It is served by prometheus_client's WSGI app on wsgiref's one-thread server,
+on a daemon thread: scrapes come one at a time, so the scrape side's database
+connection (its own; intake's belongs to intake's thread) has one user.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from prometheus_client import Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from collector import store
+from collector.db import Database, DatabaseError, open_database
+from collector.store import IngestResult, Item
+from edge.contract.ids import NAME_RE
+
+if TYPE_CHECKING:
+    from collector.config import CollectorConfig
+    from collector.intake import Intake
+
+__all__ = ["BatchMetrics", "DatabaseCollector", "serve"]
+
+log = logging.getLogger(__name__)
+
+# Item kinds (collector.store.Item): every one is exported from the start.
+_ITEM_KINDS = ("event", "status", "devices", "health", "timesync", "quarantine")
+# Commit times of a batch: a few ms for SQLite's 500 events, up to seconds on a
+# loaded PostgreSQL.
+_COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0)
+# The web app's alert table (Django app `alerts`), being built: the name asked
+# for, and the one its models have now (Episode).  A row is open while it has
+# been opened (`opened_at`, when there is one: null while a rule still holds)
+# and has no `resolved_at`.  Without such a table or column: no figure.
+_ALERT_TABLES = ("alerts_alert", "alerts_episode")
+
+
+class BatchMetrics:
+    """`Intake.observer`: counts per committed batch, into `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batches = Counter("feedback_collector_batches", "batches committed by this "
+                               "instance", registry=registry)
+        self.commit = Histogram("feedback_collector_batch_commit_seconds", "time to commit "
+                                "one batch (its successful attempt)", buckets=_COMMIT_BUCKETS,
+                                registry=registry)
+        self.messages = Counter("feedback_collector_messages", "messages this instance "
+                                "committed, by kind (quarantine: kept aside)", ["kind"],
+                                registry=registry)
+        self.received = Counter("feedback_collector_events_received", "schema-valid events "
+                                "this instance committed, by event kind, duplicates "
+                                "included", ["kind"], registry=registry)
+        self.stored = Counter("feedback_collector_events_stored", "events this instance "
+                              "stored (new rows; duplicates not)", registry=registry)
+        for kind in _ITEM_KINDS:
+            self.messages.labels(kind)
+
+    def batch(self, items: Sequence[Item], res: IngestResult, commit_s: float) -> None:
+        self.batches.inc()
+        self.commit.observe(commit_s)
+        for kind, n in collections.Counter(it.kind for it in items).items():
+            self.messages.labels(kind).inc(n)
+        # classify let only schema-valid events through: their kind is the schema's enum.
+        for kind, n in collections.Counter(it.body["kind"] for it in items
+                                           if it.kind == "event").items():
+            self.received.labels(kind).inc(n)
+        if res.stored:
+            self.stored.inc(res.stored)
+
+
+class DatabaseCollector(Collector):
+    """What the database says, at each scrape; intake's database errors too."""
+
+    def __init__(self, open_db: Callable[[], Database], intake: Intake) -> None:
+        self._open = open_db
+        self._db: Database | None = None
+        self._intake = intake
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("feedback_collector_database_errors", "database outages "
+                                  "this instance's intake met (each holds a batch back)",
+                                  value=self._intake.db_errors)
+        up = GaugeMetricFamily("feedback_collector_database_up", "1 if this scrape could read "
+                               "the database; 0 and no figure from it if not")
+        try:
+            if self._db is None:
+                self._db = self._open()
+            figures = list(self._figures(self._db))
+        except DatabaseError as e:
+            log.warning("metrics: the database cannot be read: %s", e)
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        yield from figures
+
+    def _figures(self, db: Database) -> Iterable[Metric]:
+        counts = store.counters(db)
+        quarantined = CounterMetricFamily(
+            "feedback_collector_quarantined", "messages quarantined, by the reason's first word "
+            "(whole database, every instance)", labels=["reason"])
+        for name, n in sorted(counts.items()):
+            if name.startswith("quarantined:"):
+                quarantined.add_metric([name.partition(":")[2]], float(n))
+        yield quarantined
+        yield CounterMetricFamily("feedback_collector_duplicates", "messages already stored "
+                                  "that came again (whole database, every instance)",
+                                  value=counts.get("duplicates", 0))
+        labels = ["site", "edge"]
+        mark = GaugeMetricFamily("feedback_collector_watermark", "each edge's watermark: every "
+                                 "seq up to it is stored or declared dropped", labels=labels)
+        top = GaugeMetricFamily("feedback_collector_max_seq", "the highest seq stored of each "
+                                "edge", labels=labels)
+        lag = GaugeMetricFamily("feedback_collector_watermark_lag", "max_seq - watermark: seqs "
+                                "above the watermark not yet stored (a gap while > 0)",
+                                labels=labels)
+        online = GaugeMetricFamily("feedback_collector_edge_online", "1 if the edge's last "
+                                   "presence message said online", labels=labels)
+        states = dict.fromkeys(("online", "offline", "unknown"), 0)
+        for site, edge, wm, mx, state in db.query(
+                "SELECT site, edge, watermark, max_seq, state FROM edges ORDER BY site, edge"):
+            if not (NAME_RE.match(str(site)) and NAME_RE.match(str(edge))):
+                continue  # a row from before quarantines stopped creating edges
+            key = [str(site), str(edge)]
+            mark.add_metric(key, float(wm))
+            top.add_metric(key, float(mx))
+            lag.add_metric(key, float(max(0, int(mx) - int(wm))))
+            online.add_metric(key, 1.0 if state == "online" else 0.0)
+            states[state if state in ("online", "offline") else "unknown"] += 1
+        yield from (mark, top, lag, online)
+        edges = GaugeMetricFamily("feedback_collector_edges", "edges by their last presence "
+                                  "state (unknown: none received yet)", labels=["state"])
+        for state, n in states.items():
+            edges.add_metric([state], float(n))
+        yield edges
+        alerts = _open_alerts(db)
+        if alerts is not None:
+            yield GaugeMetricFamily("feedback_collector_alerts_open", "open alerts of the web "
+                                    "app (alerts_alert)", value=alerts)
+
+
+def _open_alerts(db: Database) -> int | None:
+    """Open alerts of the web app, or None without its table (see _ALERT_TABLES)."""
+    for table in _ALERT_TABLES:
+        if db.dialect == "sqlite":
+            columns = {str(r[1]) for r in db.query(f"PRAGMA table_info({table})")}
+        else:
+            columns = {str(r[0]) for r in db.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND table_name = ?", (table,))}
+        if "resolved_at" not in columns:
+            continue
+        opened = " AND opened_at IS NOT NULL" if "opened_at" in columns else ""
+        # The table name is one of the constants above, never the database's text.
+        sql = f"SELECT count(*) FROM {table} WHERE resolved_at IS NULL{opened}"  # noqa: S608
+        return int(db.query(sql)[0][0])
+    return None
+
+
+class _Quiet(WSGIRequestHandler):
+    # A scraper that connects and never sends gives up the one thread after this long.
+    timeout = 10
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics: %s", format % args)
+
+
+def _only_metrics(app: WSGIApplication) -> WSGIApplication:
+    """prometheus_client's app answers on every path; /metrics is the one documented."""
+    def wrapped(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: the metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return wrapped
+
+
+def serve(cfg: CollectorConfig, intake: Intake) -> WSGIServer | None:
+    """Count `intake`'s batches and serve /metrics on a daemon thread; None (logged)
+    if the address cannot be bound: intake matters more than its metrics."""
+    assert cfg.metrics is not None  # noqa: S101 - the caller checks [metrics]
+    registry = CollectorRegistry(auto_describe=False)
+    batches = BatchMetrics(registry)
+    registry.register(DatabaseCollector(lambda: open_database(cfg.db_path, cfg.dsn), intake))
+    host, port = cfg.metrics.host, cfg.metrics.port
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    app = _only_metrics(cast(WSGIApplication, make_wsgi_app(registry)))
+    try:
+        server = make_server(host, port, app, server_class=Server, handler_class=_Quiet)
+    except OSError as e:
+        log.error("metrics: cannot listen on %s:%d (%s); running without /metrics", host, port,
+                  e.strerror or e)
+        return None
+    intake.observer = batches
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics: http://%s:%d/metrics", host, server.server_port)
+    return server
