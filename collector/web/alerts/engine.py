@@ -1,0 +1,391 @@
+"""Evaluating the rules and delivering the alerts, on an injected clock.
+
+`evaluate(now)`: for each rule, the subjects (a desk, a site, an edge, an
+edge's alarm code, a case) where its condition holds now.  A subject that
+starts to hold gets an `Episode` (`since`); once it has held for the rule's
+duration (at once for negative presses and late callbacks) it is raised
+(`opened_at`) and an "opened" message is queued for each channel; when it no
+longer holds it is resolved and a "resolved" message queued.  One episode per
+rule and subject is open at a time (a partial unique index), and raising and
+resolving are conditional UPDATEs: two ticks at once queue each message once.
+A disabled rule holds nowhere, so its open alerts resolve.
+
+`deliver(now)`: every queued message that is due, oldest first; a
+"resolved" waits for its "opened" on the same channel.  Each try is claimed
+(an `Attempt` row, unique per delivery and try) before it is sent; a failure
+is retried after 1, 2, 4 ... minutes (at most an hour apart) up to
+`MAX_ATTEMPTS`.  Quiet hours hold messages, not evaluation.
+
+Press rules count presses as the reports do (`reports._counted_presses`:
+no HOLDs, no installer's tests, no bursts; the mood rules of `reports.mood`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+
+from collector import queries, reports
+from collector.web.alerts import channels
+from collector.web.alerts.models import (
+    CODE_RE,
+    Attempt,
+    Delivery,
+    DeliveryKind,
+    Episode,
+    Kind,
+    Per,
+    Rule,
+    State,
+)
+from collector.web.cases import mail_configured
+from collector.web.models import Case, Status, User
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS: Final = 12  # 1 + 2 + 4 ... + 60 x 6: about seven hours of tries
+MAX_BACKOFF: Final = timedelta(hours=1)
+# A claimed attempt with no result after this was left by a tick that died.
+STALE_CLAIM: Final = timedelta(minutes=10)
+# Desks the silence rule watches: those with a press in this long.
+DESK_MEMORY: Final = timedelta(days=14)
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    value: str
+    since: datetime | None = None  # None: from when a tick first saw it
+
+
+def _ms(t: datetime) -> int:
+    return int((t - _EPOCH) // timedelta(milliseconds=1))
+
+
+def _at(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _zone() -> ZoneInfo:
+    return ZoneInfo(settings.CONFIG.tz)
+
+
+def _read(fn: Callable[[Any], Any]) -> Any:
+    from collector.web import dashboards  # noqa: PLC0415 - pygal only when a rule reads
+
+    return dashboards.read(fn)
+
+
+# -- conditions -----------------------------------------------------------------------------
+
+def _in_scope(rule: Rule, site: str, edge: str | None = None, desk: str | None = None) -> bool:
+    return (not rule.site or rule.site == site) and (
+        not rule.edge or edge is None or rule.edge == edge) and (
+        not rule.desk or desk is None or rule.desk == desk)
+
+
+def _press_tally(rule: Rule, now: datetime) -> dict[str, dict[str, int]]:
+    """Counted presses of the rule's last `window_min` minutes per desk or site:
+    group -> mood -> presses."""
+    start = now - timedelta(minutes=rule.window_min)
+    # An installer's test HOLD cancels the PRESS up to an hour before it: the
+    # hour before the window is read too, so the pairing is the reports' own.
+    rows = _read(lambda db: queries.events(
+        db, ["press"], _ms(start) - reports.TEST_PAIR_MS, _ms(now) + 1))
+    tally: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r, mood, burst in reports._counted_presses(rows):  # the reports' own rules
+        t = reports.event_ms(r)
+        if burst or not _ms(start) < t <= _ms(now):
+            continue
+        if not _in_scope(rule, r["site"], r["edge"], r["desk"]):
+            continue
+        group = f"{r['site']}/{r['desk']}" if rule.per == Per.DESK else str(r["site"])
+        tally[group][mood] += 1
+    return tally
+
+
+def _negative(rule: Rule, now: datetime) -> dict[str, Finding]:
+    out = {}
+    for group, moods in _press_tally(rule, now).items():
+        bad, total = moods.get("bad", 0), sum(moods.values())
+        holds = bad >= rule.threshold if rule.share_pct is None else \
+            total >= rule.threshold and bad * 100 >= rule.share_pct * total
+        if holds:
+            out[group] = Finding(f"{bad} bad of {total} in {rule.window_min} min")
+    return out
+
+
+def _loyalty(rule: Rule, now: datetime) -> dict[str, Finding]:
+    out = {}
+    for group, moods in _press_tally(rule, now).items():
+        total = sum(moods.values())
+        if total < max(1, rule.min_count):
+            continue
+        index = (moods.get("good", 0) - moods.get("bad", 0)) * 100 / total
+        if index < rule.threshold:
+            out[group] = Finding(f"index {index:.1f} of {total} presses in "
+                                 f"{rule.window_min} min")
+    return out
+
+
+def _fleet(rule: Rule, now: datetime) -> list[dict[str, Any]]:
+    rows = _read(lambda db: queries.fleet_rows(db, _ms(now)))
+    return [r for r in rows if _in_scope(rule, *r["edge"].split("/", 1))]
+
+
+def _offline(rule: Rule, now: datetime) -> dict[str, Finding]:
+    """Offline (its will, or its own goodbye) or silent for the rule's duration;
+    either way since its last message."""
+    out = {}
+    for r in _fleet(rule, now):
+        seen = r["last_seen_ms"]
+        if seen is None:
+            continue
+        silent = now - _at(seen) >= timedelta(minutes=rule.duration_min)
+        if r["state"] == "offline" or silent:
+            out[r["edge"]] = Finding(f"{r['state']}, silent since {_at(seen):%Y-%m-%d %H:%M} UTC",
+                                     since=_at(seen))
+    return out
+
+
+def _health(rule: Rule, now: datetime) -> dict[str, Finding]:
+    """An alarm code in the edge's last health report.  Only the code leaves
+    here: an alarm's text may name devices (and is the edge's, not ours)."""
+    out = {}
+    for r in _fleet(rule, now):
+        for alarm in r["alarms"]:
+            code = alarm.split(":", 1)[0].strip()
+            code = code if CODE_RE.match(code) else "alarm"
+            if not rule.code or rule.code == code:
+                out[f"{r['edge']} {code}"] = Finding(code)
+    return out
+
+
+def _opening(rule: Rule, now: datetime) -> datetime | None:
+    """When today's opening hours began, if `now` is within them."""
+    # Rule.clean requires both for this kind.
+    assert rule.open_from is not None  # noqa: S101
+    assert rule.open_to is not None  # noqa: S101
+    local = now.astimezone(_zone())
+    start = datetime.combine(local.date(), rule.open_from, _zone())
+    end = datetime.combine(local.date(), rule.open_to, _zone())
+    return start if start <= local < end else None
+
+
+def _silence(rule: Rule, now: datetime) -> dict[str, Finding]:
+    """No press at a desk for the rule's duration within opening hours: a dead
+    console looks like a quiet desk.  The desks are those with a press in the
+    last two weeks; the silence counts from the last press or the opening,
+    whichever is later, and ends (resolves) at closing time."""
+    opened = _opening(rule, now)
+    if opened is None:
+        return {}
+    with connection.cursor() as cur:
+        cur.execute("SELECT site, edge, desk, MAX(COALESCE(corrected_ms, wall_ms)) FROM events "
+                    "WHERE kind = 'press' AND wall_ms >= %s AND wall_ms <= %s "
+                    "GROUP BY site, edge, desk", [_ms(now - DESK_MEMORY), _ms(now)])
+        rows = cur.fetchall()
+    last: dict[str, int] = {}
+    for site, edge, desk, t in rows:
+        if _in_scope(rule, site, edge, desk):
+            key = f"{site}/{desk}"
+            last[key] = max(last.get(key, 0), int(t))
+    out = {}
+    for key, t in last.items():
+        since = max(_at(t), opened)
+        if now - since >= timedelta(minutes=rule.duration_min):
+            out[key] = Finding(f"no presses since {since.astimezone(_zone()):%H:%M}", since)
+    return out
+
+
+def _callback(rule: Rule, now: datetime) -> dict[str, Finding]:
+    """A callback case longer in its status than `[web.limits]` allows."""
+    out = {}
+    for status, seconds in settings.CONFIG.web.limits_s.items():
+        for pk, site, since in Case.objects.filter(
+                status=status, status_since__lte=now - timedelta(seconds=seconds)).exclude(
+                status=Status.CLOSED).values_list("pk", "site", "status_since"):
+            if not rule.site or rule.site == site:
+                out[f"case #{pk}"] = Finding(f"{status} for over {round(seconds / 3600, 1)} h",
+                                             since + timedelta(seconds=seconds))
+    return out
+
+
+CONDITIONS: dict[str, Callable[[Rule, datetime], dict[str, Finding]]] = {
+    Kind.NEGATIVE: _negative, Kind.OFFLINE: _offline, Kind.HEALTH: _health,
+    Kind.SILENCE: _silence, Kind.CALLBACK: _callback, Kind.LOYALTY: _loyalty}
+
+
+def _duration(rule: Rule) -> timedelta:
+    if rule.kind in (Kind.NEGATIVE, Kind.CALLBACK):
+        return timedelta(0)
+    return timedelta(minutes=rule.duration_min)
+
+
+# -- episodes --------------------------------------------------------------------------------
+
+def evaluate(now: datetime) -> int:
+    """Open, raise and resolve episodes as of `now`; returns how many were raised
+    or resolved by this call."""
+    changed = 0
+    for rule in Rule.objects.all():
+        try:
+            found = CONDITIONS[rule.kind](rule, now) if rule.enabled else {}
+        except Exception as e:  # noqa: BLE001 - one rule's fault must not stop the others
+            log.error("alerts: rule %s could not be evaluated: %s", rule.pk, type(e).__name__)
+            continue
+        changed += _apply(rule, found, now)
+    return changed
+
+
+def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
+    changed = 0
+    current = {e.subject: e for e in Episode.objects.filter(rule=rule, resolved_at__isnull=True)}
+    for subject, f in found.items():
+        ep = current.get(subject)
+        if ep is None:
+            try:
+                with transaction.atomic():
+                    ep = Episode.objects.create(rule=rule, subject=subject, since=f.since or now,
+                                                value=f.value[:200])
+            except IntegrityError:
+                continue  # another tick opened it just now; it goes on from there
+        elif ep.value != f.value[:200]:
+            Episode.objects.filter(pk=ep.pk).update(value=f.value[:200])
+            ep.value = f.value[:200]
+        if ep.opened_at is None and now - ep.since >= _duration(rule):
+            with transaction.atomic():
+                if Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).update(
+                        opened_at=now):
+                    ep.opened_at = now
+                    _queue(ep, DeliveryKind.OPENED, now)
+                    changed += 1
+    for subject, ep in current.items():
+        if subject in found:
+            continue
+        if ep.opened_at is None:
+            # Cleared before it had held long enough: never an alert.
+            Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).delete()
+            continue
+        with transaction.atomic():
+            if Episode.objects.filter(pk=ep.pk, resolved_at__isnull=True).update(
+                    resolved_at=now):
+                ep.resolved_at = now
+                _queue(ep, DeliveryKind.RESOLVED, now)
+                changed += 1
+    return changed
+
+
+def _queue(ep: Episode, kind: str, now: datetime) -> None:
+    rule = ep.rule
+    due = quiet_until(rule, now) or now
+    langs = {u.email.lower(): u.language for u in User.objects.filter(is_active=True)
+             .exclude(email="")}
+    rows = [Delivery(episode=ep, kind=kind, channel=f"mail:{address}",
+                     language=langs.get(address.lower()) or rule.language,
+                     created_at=now, next_attempt_at=due) for address in rule.recipients()]
+    if rule.webhook_url:
+        rows.append(Delivery(episode=ep, kind=kind, channel="webhook", created_at=now,
+                             next_attempt_at=due))
+    Delivery.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+# -- quiet hours -----------------------------------------------------------------------------
+
+def quiet_until(rule: Rule, now: datetime) -> datetime | None:
+    """The end of the quiet period `now` is in (local time), or None."""
+    start, end = rule.quiet_start, rule.quiet_end
+    if start is None or end is None or start == end:
+        return None
+    zone = _zone()
+    local = now.astimezone(zone)
+    t = local.time().replace(tzinfo=None)
+    inside = start <= t < end if start < end else (t >= start or t < end)
+    if not inside:
+        return None
+    day = local.date() if t < end else local.date() + timedelta(days=1)
+    return datetime.combine(day, end, zone).astimezone(UTC)
+
+
+def _backoff(n: int) -> timedelta:
+    return min(timedelta(minutes=2 ** min(n - 1, 10)), MAX_BACKOFF)
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+def deliver(now: datetime) -> int:
+    """Send what is due; returns how many messages went out."""
+    _release_stale_claims(now)
+    sent = 0
+    due = (Delivery.objects.filter(state=State.PENDING, next_attempt_at__lte=now)
+           .select_related("episode__rule").order_by("created_at", "id"))
+    for d in due:
+        rule = d.episode.rule
+        quiet = quiet_until(rule, now)
+        if quiet is not None:
+            Delivery.objects.filter(pk=d.pk, state=State.PENDING).update(next_attempt_at=quiet)
+            continue
+        if d.kind == DeliveryKind.RESOLVED and Delivery.objects.filter(
+                episode=d.episode, kind=DeliveryKind.OPENED, channel=d.channel,
+                state=State.PENDING).exists():
+            continue  # "resolved" never arrives before its "opened"
+        sent += _try(d, now)
+    return sent
+
+
+def _try(d: Delivery, now: datetime) -> int:
+    n = d.attempts + 1
+    try:
+        with transaction.atomic():
+            claim = Attempt.objects.create(delivery=d, n=n, at=now)
+    except IntegrityError:
+        return 0  # another tick has this try
+    ep = d.episode
+    if d.channel == "webhook":
+        ok, result = channels.send_webhook(ep, d.kind)
+    elif not mail_configured():
+        ok, result = False, "no [web.smtp] configured"
+    else:
+        ok, result = channels.send_mail(ep, d.kind, d.channel.removeprefix("mail:"), d.language)
+    Attempt.objects.filter(pk=claim.pk).update(result=result[:200], ok=ok)
+    if ok:
+        Delivery.objects.filter(pk=d.pk).update(state=State.SENT, attempts=n, sent_at=now)
+        return 1
+    give_up = n >= MAX_ATTEMPTS or result.startswith("no [web.smtp]")
+    Delivery.objects.filter(pk=d.pk).update(
+        attempts=n, state=State.FAILED if give_up else State.PENDING,
+        next_attempt_at=now + _backoff(n))
+    # The channel's kind and the result only: never an address or a secret.
+    log.warning("alerts: %s of alert %s (%s) not delivered, try %d: %s", d.kind,
+                ep.alert_id, "webhook" if d.channel == "webhook" else "e-mail", n, result)
+    return 0
+
+
+def _release_stale_claims(now: datetime) -> None:
+    """A tick that died between claiming and recording leaves a claim with no
+    result: its try counts as failed and the next one is due now (the message
+    may have gone out: the receiver knows it by its alert id and kind)."""
+    for a in Attempt.objects.filter(result="", at__lt=now - STALE_CLAIM).select_related(
+            "delivery"):
+        with transaction.atomic():
+            if Attempt.objects.filter(pk=a.pk, result="").update(
+                    result="no result recorded (the tick stopped)", ok=False):
+                Delivery.objects.filter(pk=a.delivery_id, state=State.PENDING,
+                                        attempts__lt=a.n).update(attempts=a.n,
+                                                                 next_attempt_at=now)
+
+
+def run(now: datetime) -> int:
+    """The tick's step: evaluate, then deliver; returns the messages sent."""
+    evaluate(now)
+    return deliver(now)
+

@@ -1,0 +1,203 @@
+"""Alert rules, their episodes and every delivery attempt.
+
+An `Episode` is one alert: its condition held from `since`; it was raised
+(`opened_at`) once it had held long enough (a rule's `duration_min`, 0 for
+rules without one) and `resolved_at` when it no longer held.  Each raised
+episode has one `Delivery` per channel and kind (opened, resolved), and each
+try of a delivery is an `Attempt`, written (claimed) before the message goes
+out: two ticks at once never send the same attempt twice.
+
+Nothing here holds personal data: subjects are site, desk and edge
+identifiers, values are counts, states and alarm codes.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, ClassVar
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+# Site, edge and desk identifiers as the contract allows them (edge/contract/ids.py).
+_SITE_RE = re.compile(r"^[a-z0-9-]{1,32}$")
+_DESK_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# An alarm code: the part of a health alarm before ": " (the rest may name devices).
+CODE_RE = re.compile(r"^[a-z_]{1,32}$")
+
+
+class Kind(models.TextChoices):
+    NEGATIVE = "negative", _("Negative presses")
+    OFFLINE = "offline", _("Edge offline")
+    HEALTH = "health", _("Edge health alarm")
+    SILENCE = "silence", _("No presses during opening hours")
+    CALLBACK = "callback", _("Callback past its time limit")
+    LOYALTY = "loyalty", _("Loyalty index below a threshold")
+
+
+class Per(models.TextChoices):
+    DESK = "desk", _("per desk")
+    SITE = "site", _("per site")
+
+
+# Which fields each kind reads (the others are ignored), for the form and `clean`.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    Kind.NEGATIVE: ("per", "threshold", "window_min", "share_pct"),
+    Kind.OFFLINE: ("duration_min",),
+    Kind.HEALTH: ("code", "duration_min"),
+    Kind.SILENCE: ("duration_min", "open_from", "open_to"),
+    Kind.CALLBACK: (),
+    Kind.LOYALTY: ("per", "threshold", "window_min", "duration_min", "min_count"),
+}
+
+
+class Rule(models.Model):
+    name = models.CharField(_("name"), max_length=100)
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices)
+    enabled = models.BooleanField(_("enabled"), default=True)
+    # Scope: empty is every site / desk / edge.
+    site = models.CharField(_("site"), max_length=32, blank=True, default="")
+    desk = models.CharField(_("desk"), max_length=64, blank=True, default="")
+    edge = models.CharField(_("edge"), max_length=32, blank=True, default="")
+    per = models.CharField(_("counted"), max_length=8, choices=Per.choices, default=Per.DESK)
+    # Negative presses: at least `threshold` bad in `window_min` minutes, or, with
+    # `share_pct`, that share of bad among at least `threshold` presses.
+    # Loyalty: the index (% good - % bad) of `window_min` minutes below `threshold`
+    # (of at least `min_count` presses) for `duration_min` minutes.
+    threshold = models.IntegerField(_("threshold"), default=5)
+    window_min = models.PositiveIntegerField(_("window (minutes)"), default=60)
+    share_pct = models.PositiveSmallIntegerField(_("share of bad (%)"), null=True, blank=True)
+    min_count = models.PositiveIntegerField(_("minimum presses"), default=10)
+    # How long a condition must hold before it is an alert (offline, health,
+    # silence, loyalty).
+    duration_min = models.PositiveIntegerField(_("for at least (minutes)"), default=15)
+    code = models.CharField(_("alarm code (empty: any)"), max_length=32, blank=True,
+                            default="")
+    open_from = models.TimeField(_("opens at"), null=True, blank=True)
+    open_to = models.TimeField(_("closes at"), null=True, blank=True)
+    # Channels.
+    emails = models.TextField(_("e-mail recipients (one a line)"), blank=True, default="")
+    language = models.CharField(_("language of e-mails to addresses without an account"),
+                                max_length=8, default="en",
+                                choices=[("en", "English"), ("ru", "Русский")])
+    webhook_url = models.URLField(_("webhook URL"), max_length=500, blank=True, default="")
+    webhook_secret = models.CharField(_("webhook secret"), max_length=200, blank=True,
+                                      default="")
+    # Quiet hours (local time, [reports] tz): messages wait until they end;
+    # evaluation goes on.  start > end spans midnight.
+    quiet_start = models.TimeField(_("quiet from"), null=True, blank=True)
+    quiet_end = models.TimeField(_("quiet until"), null=True, blank=True)
+
+    class Meta:
+        ordering: ClassVar[list[str]] = ["name", "id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def recipients(self) -> list[str]:
+        return [a.strip() for a in re.split(r"[\s,;]+", self.emails) if a.strip()]
+
+    def clean(self) -> None:
+        errors: dict[str, Any] = {}
+        if self.site and not _SITE_RE.match(self.site):
+            errors["site"] = _("a site identifier: a-z, 0-9 and -")
+        if self.edge and not _SITE_RE.match(self.edge):
+            errors["edge"] = _("an edge identifier: a-z, 0-9 and -")
+        if self.desk and not _DESK_RE.match(self.desk):
+            errors["desk"] = _("a desk identifier: letters, digits, _ . -")
+        if self.code and not CODE_RE.match(self.code):
+            errors["code"] = _("an alarm code: a-z and _")
+        for address in self.recipients():
+            try:
+                validate_email(address)
+            except ValidationError:
+                errors["emails"] = _("one plain address a line")
+            # Control characters and quoting would reach the mail headers.
+            if any(c in address for c in "\"'<>\\") or not address.isprintable():
+                errors["emails"] = _("one plain address a line")
+        if self.webhook_url and not self.webhook_url.startswith(("https://", "http://")):
+            errors["webhook_url"] = _("an http:// or https:// URL")
+        if self.webhook_url and not self.webhook_secret:
+            errors["webhook_secret"] = _("a webhook needs a secret to sign with")
+        if not self.recipients() and not self.webhook_url:
+            errors["emails"] = _("give e-mail recipients, a webhook, or both")
+        if self.kind in (Kind.NEGATIVE, Kind.LOYALTY) and self.window_min < 1:
+            errors["window_min"] = _("at least a minute")
+        if self.kind == Kind.NEGATIVE and self.threshold < 1:
+            errors["threshold"] = _("at least 1")
+        if self.share_pct is not None and not 1 <= self.share_pct <= 100:
+            errors["share_pct"] = _("from 1 to 100")
+        if self.kind == Kind.SILENCE and (self.open_from is None or self.open_to is None):
+            errors["open_from"] = _("give the opening hours")
+        if (self.quiet_start is None) != (self.quiet_end is None):
+            errors["quiet_start"] = _("give both ends of the quiet hours, or neither")
+        if errors:
+            raise ValidationError(errors)
+
+
+class Episode(models.Model):
+    """One alert of a rule for one subject; at most one unresolved at a time."""
+
+    rule = models.ForeignKey(Rule, on_delete=models.PROTECT, related_name="episodes")
+    subject = models.CharField(max_length=200)
+    alert_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    since = models.DateTimeField()
+    opened_at = models.DateTimeField(null=True)  # null: holding, not long enough yet
+    resolved_at = models.DateTimeField(null=True)
+    value = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
+            fields=["rule", "subject"], condition=models.Q(resolved_at__isnull=True),
+            name="one_open_episode")]
+        ordering: ClassVar[list[str]] = ["-since", "-id"]
+
+
+class DeliveryKind(models.TextChoices):
+    OPENED = "opened", _("opened")
+    RESOLVED = "resolved", _("resolved")
+
+
+class State(models.TextChoices):
+    PENDING = "pending", _("pending")
+    SENT = "sent", _("sent")
+    FAILED = "failed", _("given up")
+
+
+class Delivery(models.Model):
+    """One message (opened or resolved) of an episode to one channel:
+    `mail:<address>` or `webhook`."""
+
+    episode = models.ForeignKey(Episode, on_delete=models.PROTECT, related_name="deliveries")
+    kind = models.CharField(max_length=8, choices=DeliveryKind.choices)
+    channel = models.CharField(max_length=300)
+    language = models.CharField(max_length=8, default="en")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField()
+    next_attempt_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True)
+
+    class Meta:
+        constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
+            fields=["episode", "kind", "channel"], name="one_delivery_each")]
+        indexes: ClassVar[list[Any]] = [models.Index(fields=["state", "next_attempt_at"])]
+        ordering: ClassVar[list[str]] = ["created_at", "id"]
+
+
+class Attempt(models.Model):
+    """One try of a delivery, claimed (`result` empty) before sending."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="tries")
+    n = models.PositiveIntegerField()
+    at = models.DateTimeField()
+    result = models.CharField(max_length=200, blank=True, default="")
+    ok = models.BooleanField(null=True)
+
+    class Meta:
+        constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
+            fields=["delivery", "n"], name="one_attempt_each")]
+        ordering: ClassVar[list[str]] = ["n"]

@@ -1,0 +1,80 @@
+"""The quality manager's alert pages: rules (list, create, edit, enable or
+disable) and alerts with every delivery attempt.  A webhook's secret is
+write-only: the form never shows it back, and an empty field keeps it."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django import forms
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from collector.web.alerts.models import Episode, Rule
+from collector.web.roles import MANAGE, role_required
+
+
+class RuleForm(forms.ModelForm):  # type: ignore[type-arg]  # no runtime generics (no django-stubs-ext)
+    webhook_secret = forms.CharField(
+        label=_("webhook secret"), required=False, max_length=200,
+        widget=forms.PasswordInput(render_value=False),
+        help_text=_("kept as it is when left empty"))
+
+    class Meta:
+        model = Rule
+        fields: ClassVar[list[str]] = [
+            "name", "kind", "enabled", "site", "desk", "edge", "per", "threshold",
+            "window_min", "share_pct", "min_count", "duration_min", "code", "open_from",
+            "open_to", "emails", "language", "webhook_url", "webhook_secret", "quiet_start",
+            "quiet_end"]
+        widgets: ClassVar[dict[str, Any]] = {
+            "open_from": forms.TimeInput(attrs={"type": "time"}),
+            "open_to": forms.TimeInput(attrs={"type": "time"}),
+            "quiet_start": forms.TimeInput(attrs={"type": "time"}),
+            "quiet_end": forms.TimeInput(attrs={"type": "time"}),
+            "emails": forms.Textarea(attrs={"rows": 3})}
+
+    def clean_webhook_secret(self) -> str:
+        secret = str(self.cleaned_data.get("webhook_secret") or "")
+        return secret or (self.instance.webhook_secret if self.instance.pk else "")
+
+
+@role_required(*MANAGE)
+def rules(request: HttpRequest) -> HttpResponse:
+    return render(request, "alerts/rules.html", {"rules": Rule.objects.all()})
+
+
+@role_required(*MANAGE)
+def rule_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+    rule = get_object_or_404(Rule, pk=pk) if pk is not None else None
+    form = RuleForm(request.POST or None, instance=rule)
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, _("The rule is saved."))
+        return redirect("alerts:rules")
+    return render(request, "alerts/rule_edit.html", {"form": form, "rule": rule})
+
+
+@role_required(*MANAGE)
+@require_POST
+def rule_toggle(request: HttpRequest, pk: int) -> HttpResponse:
+    rule = get_object_or_404(Rule, pk=pk)
+    Rule.objects.filter(pk=pk).update(enabled=not rule.enabled)
+    return redirect("alerts:rules")
+
+
+@role_required(*MANAGE)
+def alerts(request: HttpRequest) -> HttpResponse:
+    episodes = (Episode.objects.filter(opened_at__isnull=False).select_related("rule")
+                .prefetch_related("deliveries")[:300])
+    return render(request, "alerts/alerts.html", {"episodes": episodes})
+
+
+@role_required(*MANAGE)
+def alert_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    ep = get_object_or_404(Episode.objects.select_related("rule"), pk=pk)
+    deliveries = ep.deliveries.prefetch_related("tries")
+    return render(request, "alerts/alert.html", {"e": ep, "deliveries": deliveries})

@@ -1,0 +1,412 @@
+"""Alerts (issue 19): rules evaluated by `feedback-collector web tick --now T`
+on injected time, delivered to a real SMTP server (aiosmtpd) and to a real
+HTTP server started here, each message once per episode.
+
+Events enter through the collector's own intake path (`classify` +
+`store.ingest`); the offline test kills a real MQTT client whose will the
+real collector stores from a real Mosquitto.  Personal data here is made up
+and never printed: failures name the field, never its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from collector import store
+from collector.intake import classify
+from tests.collector_fixtures import Backend, press_event
+from tests.conftest import Broker, Proc, Subscriber, wait_for
+from tests.web_fixtures import SmtpSink, answer_message, query, smtp, web_cli
+
+__all__ = ["smtp"]  # a fixture, used by name
+
+TZ = "Europe/Berlin"
+SECRET = "hook-secret-3f9a"
+PHONE = "+4917055598761"
+COMMENT = "ZQX the desk ignored me ZQX"
+QM = "quality@clinic.example"
+
+
+# -- a webhook receiver ------------------------------------------------------------------
+
+@dataclass
+class Hook:
+    """A real HTTP server answering each POST with the next status of `statuses`
+    (then 200), keeping every request's headers and body."""
+
+    statuses: list[int] = field(default_factory=list)
+    got: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def delivered(self) -> list[dict[str, Any]]:
+        """Bodies of the requests answered 2xx, each checked against its signature."""
+        out = []
+        with self.lock:
+            got = list(self.got)
+        for status, headers, body in got:
+            want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["X-Feedback-Signature"], want), "bad signature"
+            doc = json.loads(body)
+            assert headers["X-Feedback-Alert-Id"] == doc["alert_id"]
+            if 200 <= status < 300:
+                out.append(doc)
+        return out
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    h = Hook()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with h.lock:
+                status = h.statuses.pop(0) if h.statuses else 200
+                h.got.append((status, dict(self.headers.items()), body))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    h.url = f"http://127.0.0.1:{server.server_port}/hook"
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield h
+    server.shutdown()
+    server.server_close()
+
+
+# -- the app -----------------------------------------------------------------------------
+
+@dataclass
+class App:
+    config: Path
+    backend: Backend
+    tmp: Path
+    seq: dict[str, int] = field(default_factory=dict)
+
+    def cli(self, *args: str, stdin: str | None = None) -> str:
+        return web_cli(self.config, *args, stdin=stdin)
+
+    def tick(self, now: datetime) -> str:
+        out = self.cli("tick", "--now", now.isoformat())
+        assert "alerts FAILED" not in out, out
+        return out
+
+    def rule(self, *args: str) -> int:
+        secret = self.tmp / "hook.secret"
+        secret.write_text(SECRET + "\n")
+        return int(self.cli("alert-rule", "add", *args, "--webhook-secret-file",
+                            str(secret)).strip())
+
+    def ingest(self, msgs: list[tuple[str, bytes]]) -> None:
+        items = [classify(t, p) for t, p in msgs]
+        assert all(i is not None and i.kind != "quarantine" for i in items)
+        db = self.backend.open()
+        try:
+            store.ingest(db, [i for i in items if i is not None])
+        finally:
+            db.close()
+
+    def press(self, at: datetime, *, desk: str, label: str) -> None:
+        n = self.seq["p"] = self.seq.get("p", 0) + 1
+        score = {"good": 1, "neutral": 0, "bad": -1}[label]
+        self.ingest([press_event(n, desk=desk, label=label, score=score,
+                                 wall_ns=int(at.timestamp()) * 10**9, boot_id="boot-p")])
+
+    def answer(self, at: datetime) -> None:
+        """A callback request with a phone and a comment (which no alert may carry)."""
+        n = self.seq["a"] = self.seq.get("a", 0) + 1
+        self.ingest([answer_message(n, phone=PHONE, comment=COMMENT, wall=at)])
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return query(self.backend, sql, params)
+
+
+def _config(path: Path, backend: Backend, smtp: SmtpSink, broker_port: int = 1883) -> Path:
+    path.write_text(
+        f'id = "central-1"\n\n[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
+        f"reconnect_min_s = 0.1\nreconnect_max_s = 1\n\n{backend.toml()}\n"
+        f'[reports]\ntz = "{TZ}"\n\n'
+        f'[web]\nstate_dir = "{path.parent}"\nbase_url = "http://127.0.0.1"\n\n'
+        f'[web.smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nsecurity = "none"\n'
+        'from = "Quality team <quality-team@clinic.example>"\n')
+    return path
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, smtp: SmtpSink) -> Callable[..., App]:
+    def make(backend: Backend | None = None, broker_port: int = 1883) -> App:
+        backend = backend or Backend("sqlite", tmp_path, None)
+        cfg = _config(tmp_path / "collector.toml", backend, smtp, broker_port)
+        web_cli(cfg, "migrate")
+        web_cli(cfg, "adduser", "quality", "--role", "quality_manager", "--email", QM,
+                "--language", "ru", stdin="a-long-password\n")
+        return App(cfg, backend, tmp_path)
+
+    return make
+
+
+def _base() -> datetime:
+    """Today's 13:00 in the clinic's zone, or yesterday's if that is still ahead
+    (event times must not be in the future of the real clock's day)."""
+    now = datetime.now(ZoneInfo(TZ))
+    t = now.replace(hour=13, minute=0, second=0, microsecond=0)
+    return (t if t <= now else t - timedelta(days=1)).astimezone(UTC)
+
+
+def _no_personal_data(smtp: SmtpSink, hook: Hook) -> None:
+    texts = [m.subject + m.body for m in smtp.messages] + \
+        [body.decode() for _, _, body in hook.got]
+    for name, value in (("phone", PHONE), ("comment", COMMENT)):
+        leaked = [i for i, t in enumerate(texts) if value in t]
+        assert not leaked, f"alert messages {leaked} carry the {name}"
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_an_afternoon_of_bad_presses_alerts_once_and_resolves_once(
+        kind: str, make_app: Callable[..., App], smtp: SmtpSink, hook: Hook, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    pg = request.getfixturevalue("postgres") if kind == "postgres" else None
+    app = make_app(Backend(kind, tmp_path, pg))
+    app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--site", "clinic-3",
+             "--threshold", "3", "--window-min", "30", "--email", QM,
+             "--webhook-url", hook.url)
+    t0 = _base()
+
+    def at(minutes: float) -> datetime:
+        return t0 + timedelta(minutes=minutes)
+
+    # 13:00-13:05: a calm start; two bad presses at desk-2 stay below the threshold.
+    for m, desk, label in ((0, "desk-1", "good"), (1, "desk-2", "bad"), (2, "desk-1", "good"),
+                           (3, "desk-2", "bad"), (4, "desk-1", "neutral")):
+        app.press(at(m), desk=desk, label=label)
+    app.tick(at(5))
+    assert smtp.count() == 0
+    assert hook.got == []
+    # 13:10-13:14: desk-1 turns bad (and a patient leaves a phone and a comment).
+    app.answer(at(10))
+    for m in (10, 12, 14):
+        app.press(at(m), desk="desk-1", label="bad")
+    app.tick(at(15))
+    assert smtp.count() == 1, "one e-mail for the alert"
+    opened = hook.delivered()
+    assert [d["kind"] for d in opened] == ["opened"]
+    assert opened[0]["subject"] == "clinic-3/desk-1"
+    # Bad presses go on: the alert stays open, nothing is sent again.
+    for m in (16, 20, 25):
+        app.press(at(m), desk="desk-1", label="bad")
+        app.tick(at(m + 1))
+    assert smtp.count() == 1
+    assert len(hook.got) == 1
+    # Good presses from 13:30; at 13:40 five bad ones are still within the last
+    # 30 minutes, at 13:50 only one (13:25) is.
+    for m in (30, 35, 40):
+        app.press(at(m), desk="desk-1", label="good")
+    app.tick(at(40))
+    assert smtp.count() == 1, "resolved too early"
+    app.tick(at(50))
+    app.tick(at(70))
+    assert smtp.count() == 2, "one e-mail for the alert, one for its resolution"
+    done = hook.delivered()
+    assert [d["kind"] for d in done] == ["opened", "resolved"]
+    assert done[0]["alert_id"] == done[1]["alert_id"]
+    first, second = smtp.to(QM)
+    # The quality manager reads Russian (her account's language).
+    assert "clinic-3/desk-1" in first.subject
+    assert first.subject.strip().startswith("Оповещение:"), "not in Russian"
+    assert second.subject.strip().startswith("Снято:"), "not in Russian"
+    assert done[0]["alert_id"] in first.body
+    assert done[1]["alert_id"] in second.body
+    _no_personal_data(smtp, hook)
+    ((n,),) = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
+    assert n == 1
+
+
+def test_a_failing_webhook_gets_the_alert_on_the_third_try_with_the_same_id(
+        make_app: Callable[..., App], hook: Hook) -> None:
+    app = make_app()
+    app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
+             "--window-min", "30", "--webhook-url", hook.url)
+    hook.statuses = [500, 500]
+    t0 = _base()
+    for m in (0, 1, 2):
+        app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
+    app.tick(t0 + timedelta(minutes=3))
+    assert len(hook.got) == 1
+    app.tick(t0 + timedelta(minutes=3, seconds=30))  # before the 1-minute back-off
+    assert len(hook.got) == 1
+    app.tick(t0 + timedelta(minutes=4))
+    assert len(hook.got) == 2
+    app.tick(t0 + timedelta(minutes=5))  # the second back-off is 2 minutes
+    assert len(hook.got) == 2
+    app.tick(t0 + timedelta(minutes=6))
+    assert [s for s, _, _ in hook.got] == [500, 500, 200]
+    bodies = {body for _, _, body in hook.got}
+    assert len(bodies) == 1, "every try sends the same body"
+    (doc,) = hook.delivered()
+    assert doc["kind"] == "opened"
+    results = [r[0] for r in app.query(
+        "SELECT result FROM alerts_attempt ORDER BY n")]
+    assert results == ["HTTP 500", "HTTP 500", "HTTP 200"]
+    app.tick(t0 + timedelta(minutes=20))
+    assert len(hook.got) == 3
+
+
+_EDGE = """
+import json, sys, time
+import paho.mqtt.client as mqtt
+port = int(sys.argv[1])
+topic = "feedback/v1/clinic-3/reception-1/status"
+now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+def status(state):
+    return json.dumps({"state": state, "since": now, "version": "0.1.0", "boot_id": "boot-e"})
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-reception-1")
+c.will_set(topic, status("offline"), qos=1, retain=True)
+c.connect("127.0.0.1", port)
+c.loop_start()
+c.publish(topic, status("online"), qos=1, retain=True).wait_for_publish(10)
+print("online", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_edge_killed_raises_offline_after_n_minutes_and_not_before(
+        make_app: Callable[..., App], smtp: SmtpSink, broker: Broker,
+        procs: Callable[[list[str], Path], Proc], subscribe: Callable[[str], Subscriber],
+        tmp_path: Path) -> None:
+    app = make_app(broker_port=broker.port)
+    app.rule("--name", "Edge offline", "--kind", "offline", "--duration-min", "10",
+             "--email", QM)
+    states = subscribe("feedback/v1/collector/state")
+    procs(["collector.cli", "run", "--config", str(app.config)], tmp_path / "collector.log")
+    wait_for(lambda: any(m.json().get("state") == "online" for m in states.snapshot()), 30,
+             "the collector online")
+    script = tmp_path / "edge.py"
+    script.write_text(_EDGE)
+    edge = subprocess.Popen([sys.executable, str(script), str(broker.port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert edge.stdout is not None
+        assert edge.stdout.readline().strip() == "online"
+
+        def state() -> str | None:
+            rows = app.query("SELECT state FROM edges WHERE site = 'clinic-3'")
+            return str(rows[0][0]) if rows and rows[0][0] else None
+
+        wait_for(lambda: state() == "online", 30, "the edge online at the collector")
+        edge.kill()  # SIGKILL: no goodbye; the broker publishes the will
+        edge.wait(10)
+    finally:
+        if edge.poll() is None:
+            edge.kill()
+            edge.wait(10)
+        if edge.stdout is not None:
+            edge.stdout.close()
+    wait_for(lambda: state() == "offline", 30, "the edge's will stored")
+    ((seen_ms,),) = app.query("SELECT last_seen_ms FROM edges WHERE site = 'clinic-3'")
+    went = datetime.fromtimestamp(seen_ms / 1000, UTC)
+    app.tick(went + timedelta(minutes=5))
+    app.tick(went + timedelta(minutes=9, seconds=50))
+    assert smtp.count() == 0, "offline alert before its 10 minutes"
+    app.tick(went + timedelta(minutes=10, seconds=10))
+    (mail,) = smtp.to(QM)
+    assert "clinic-3/reception-1" in mail.subject
+    app.tick(went + timedelta(minutes=30))
+    assert smtp.count() == 1
+
+
+def test_quiet_hours_hold_a_health_alarm_until_they_end(
+        make_app: Callable[..., App], smtp: SmtpSink, hook: Hook) -> None:
+    """A health alarm lasting 10 minutes, raised during quiet hours: nothing is
+    sent until they end, then the e-mail and the webhook go; only the alarm's
+    code leaves, never its text (which may name a device)."""
+    app = make_app()
+    t0 = _base()
+    local = t0.astimezone(ZoneInfo(TZ))
+    quiet = f"{(local - timedelta(hours=1)):%H:%M}-{(local + timedelta(minutes=30)):%H:%M}"
+    app.rule("--name", "Edge alarm", "--kind", "health", "--duration-min", "10",
+             "--email", QM, "--webhook-url", hook.url, "--quiet", quiet)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    app.ingest([
+        ("feedback/v1/clinic-3/reception-1/status", json.dumps(
+            {"state": "online", "since": now, "version": "0.1.0",
+             "boot_id": "boot-a"}).encode()),
+        ("feedback/v1/clinic-3/reception-1/health", json.dumps(
+            {"queue_depth": 0, "oldest_pending_age_s": 0.0, "store_bytes": 4096,
+             "disk_free_bytes": 10**9, "drops": {}, "decode_errors": {},
+             "clock_synced": True, "uptime_s": 100.0,
+             "alarms": ["device_missing: console ZQX-DEVICE at desk desk-1"],
+             "delivery": {"mode": "collector", "collector_online": True, "watermark": 0,
+                          "resent": 0}}).encode())])
+    app.tick(t0)
+    app.tick(t0 + timedelta(minutes=11))
+    ((opened,),) = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
+    assert opened == 1, "evaluation goes on in quiet hours"
+    app.tick(t0 + timedelta(minutes=20))
+    assert smtp.count() == 0
+    assert hook.got == []
+    app.tick(t0 + timedelta(minutes=31))
+    (mail,) = smtp.to(QM)
+    (doc,) = hook.delivered()
+    assert doc["subject"] == "clinic-3/reception-1 device_missing"
+    assert doc["value"] == "device_missing"
+    for text in (mail.subject + mail.body, json.dumps(doc)):
+        assert "ZQX-DEVICE" not in text, "an alarm's text left in an alert"
+
+
+def test_the_quality_manager_manages_rules_and_sees_alerts_others_do_not(
+        make_app: Callable[..., App], procs: Callable[[list[str], Path], Proc],
+        tmp_path: Path) -> None:
+    from tests.web_fixtures import HttpSession, served_url
+
+    app = make_app()
+    app.cli("adduser", "manager", "--role", "clinic_manager", "--language", "en",
+            stdin="a-long-password\n")
+    log = tmp_path / "web.log"
+    proc = procs(["collector.cli", "web", "--config", str(app.config), "serve", "--bind",
+                  "127.0.0.1:0", "--tick-s", "3600"], log)
+    url = served_url(proc, log)
+    qm = HttpSession(url)
+    qm.login("quality", "a-long-password")
+    qm.request("alerts/rules/new/")
+    status, location, _ = qm.request("alerts/rules/new/", {
+        "csrfmiddlewaretoken": qm.csrf(), "name": "Site unhappy", "kind": "negative",
+        "enabled": "on", "per": "site", "threshold": "4", "window_min": "60",
+        "min_count": "10", "duration_min": "15", "emails": QM, "language": "en",
+        "webhook_url": "https://hooks.example/feedback", "webhook_secret": SECRET})
+    assert (status, location) == (302, "/alerts/rules/")
+    status, _, page = qm.request("alerts/rules/")
+    assert status == 200
+    assert "Site unhappy" in page
+    assert SECRET not in qm.request("alerts/rules/1/")[2], "the secret shown back"
+    assert qm.request("alerts/")[0] == 200
+    assert "Site unhappy" in app.cli("alert-rule", "list")
+    app.cli("alert-rule", "disable", "1")
+    ((enabled, secret),) = app.query("SELECT enabled, webhook_secret FROM alerts_rule")
+    assert not enabled
+    assert secret == SECRET
+    other = HttpSession(url)
+    other.login("manager", "a-long-password")
+    assert other.request("alerts/rules/")[0] == 403
+    assert other.request("alerts/")[0] == 403
