@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class ApiConfig(AppConfig):
+    name = "collector.web.api"
+    label = "api"
+    verbose_name = "Read API"
+    default_auto_field = "django.db.models.BigAutoField"
