@@ -280,7 +280,9 @@ def test_a_callback_case_from_the_terminal_to_its_erasure(
 
     # 6. The audit has every step, and no phone, comment or e-mail address.
     qm.get(base + "audit/")
-    steps = [tuple(td.text for td in tr.find_elements(By.TAG_NAME, "td"))
+    # The action's code is in data-action; people read its translated label.
+    steps = [tuple(td.get_attribute("data-action") or td.text
+                   for td in tr.find_elements(By.TAG_NAME, "td"))
              for tr in qm.find_elements(By.CSS_SELECTOR, "#audit tbody tr")]
     mine = [(who, what, detail) for _, who, what, case, detail in steps
             if case == f"#{case_id}"]

@@ -355,11 +355,19 @@ def screenshot(driver: Any, name: str, scroll_to: str | None = None) -> list[Pat
 
 def url_patterns(config: Path) -> list[tuple[str, str]]:
     """(name, route) of every URL in the app's urlconf, read by Django itself."""
+    # Included urlconfs (the alerts app's) are walked, their prefixes joined.
     code = ("import json, pathlib, sys\n"
             "from collector.web.cli import _setup\n"
             "_setup(pathlib.Path(sys.argv[1]))\n"
+            "from django.urls import URLResolver\n"
             "from collector.web.urls import urlpatterns\n"
-            "print(json.dumps([(p.name, str(p.pattern)) for p in urlpatterns]))\n")
+            "def walk(ps, prefix):\n"
+            "    for p in ps:\n"
+            "        if isinstance(p, URLResolver):\n"
+            "            yield from walk(p.url_patterns, prefix + str(p.pattern))\n"
+            "        else:\n"
+            "            yield (p.name, prefix + str(p.pattern))\n"
+            "print(json.dumps(list(walk(urlpatterns, ''))))\n")
     r = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True,
                        text=True, check=True, timeout=60)
     return [(str(n), str(p)) for n, p in json.loads(r.stdout)]

@@ -7,6 +7,9 @@
     feedback-collector web tick     [--now 2026-12-01T10:00:00+00:00]
                                     # time-limit warnings and erasure once (for a timer),
                                     # and the dashboards' press counts brought up to date
+    feedback-collector web token create NAME [--personal-data] [--rate 10] [--burst 20]
+                                    # a read-API token (printed once); token revoke NAME,
+                                    # token list
 
 `serve` is a small threaded WSGI server for one clinic or a demo; behind a
 reverse proxy with several instances, run `gunicorn collector.web.wsgi` (README,
@@ -24,6 +27,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 log = logging.getLogger("collector.web")
@@ -32,10 +36,26 @@ ROLES = ("quality_manager", "callback_officer", "clinic_manager", "administrator
 
 
 def _setup(config: Path) -> None:
+    """Django configured from `config`; a config mistake or a missing `web` extra
+    ends the command with one line saying what to do (exit 2), as the collector's
+    other commands do."""
+    from collector.config import load_collector_config  # noqa: PLC0415
+    from edge.contract.toml import ConfigError  # noqa: PLC0415
+
+    try:
+        load_collector_config(config)
+    except ConfigError as e:
+        print(f"feedback-collector: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     os.environ["FEEDBACK_COLLECTOR_CONFIG"] = str(config.resolve())
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "collector.web.settings")
-    import django  # noqa: PLC0415 - the collector's other commands never load Django
-
+    try:
+        import django  # noqa: PLC0415 - the collector's other commands never load Django
+    except ImportError:
+        print("feedback-collector web: Django is not installed; install the web app's "
+              "extra: pip install 'feedback-edge[web]' (or '.[web,postgres]' from a checkout)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     django.setup()
 
 
@@ -48,6 +68,7 @@ def tick(now: datetime) -> dict[str, int]:
 
     from collector import rollup  # noqa: PLC0415
     from collector.web import cases, dashboards  # noqa: PLC0415
+    from collector.web.alerts import engine as alerts  # noqa: PLC0415
 
     def press_counts(_now: datetime) -> int:
         return dashboards.read(lambda db: rollup.refresh(db, settings.CONFIG.tz))
@@ -55,11 +76,22 @@ def tick(now: datetime) -> dict[str, int]:
     return cases.run_tick(now, ("cases opened", cases.sync_cases),
                           ("warnings sent", cases.check_limits),
                           ("cases erased", cases.erase_personal_data),
-                          ("days of press counts computed", press_counts))
+                          ("days of press counts computed", press_counts),
+                          ("alerts", alerts.run))
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # A thread per request: its database connection goes with it, or each
+        # request would leave one open (PostgreSQL runs out of connections).
+        from django.db import connections  # noqa: PLC0415
+
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            connections.close_all()
 
 
 class _Quiet(WSGIRequestHandler):
@@ -87,6 +119,10 @@ def cmd_web(args: argparse.Namespace) -> int:
 
         password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
             getpass.getpass("password: ")
+        if not password:
+            print("feedback-collector web adduser: no password on standard input (give it on "
+                  "the first line)", file=sys.stderr)
+            return 2
         if len(password) < 10:
             print("feedback-collector web adduser: the password needs 10 characters or more",
                   file=sys.stderr)
@@ -102,12 +138,29 @@ def cmd_web(args: argparse.Namespace) -> int:
                 print("feedback-collector web adduser: --email must be a plain address like "
                       "name@example.org", file=sys.stderr)
                 return 2
-        user, _ = User.objects.get_or_create(username=args.name)
-        user.role, user.email, user.language = args.role, args.email or "", args.language
+        user, made = User.objects.get_or_create(username=args.name)
+        # An existing user keeps what this command was not given.
+        user.role = args.role
+        if args.email is not None:
+            user.email = args.email
+        if args.language is not None:
+            user.language = args.language
         user.set_password(password)
         user.save()
-        print(f"{args.name}: {args.role}")
+        # A new password also lifts a lockout after wrong passwords.
+        call_command("axes_reset_username", args.name, verbosity=0)
+        print(f"{args.name}: {args.role} ({'created' if made else 'updated'})")
         return 0
+    if args.web_command == "unlock":
+        call_command("axes_reset_username", args.name, verbosity=0)
+        print(f"{args.name}: failed logins forgotten; they may log in again")
+        return 0
+    if args.web_command == "token":
+        return _token(args)
+    if args.web_command == "alert-rule":
+        from collector.web.alerts import cli as alerts_cli  # noqa: PLC0415
+
+        return alerts_cli.cmd(args)
     if args.web_command == "tick":
         now = datetime.fromisoformat(args.now) if args.now else timezone.now()
         done = tick(now)
@@ -115,6 +168,40 @@ def cmd_web(args: argparse.Namespace) -> int:
                         for name, n in done.items()))
         return 1 if any(n < 0 for n in done.values()) else 0
     return _serve(args)
+
+
+def _token(args: argparse.Namespace) -> int:
+    """The read API's tokens (collector/web/api/tokens.py), audited as "(command
+    line)".  A new token is printed once, on standard output only."""
+    from django.utils import timezone  # noqa: PLC0415
+
+    from collector.web.api import tokens  # noqa: PLC0415
+    from collector.web.api.models import ApiToken  # noqa: PLC0415
+
+    if args.action == "create":
+        try:
+            _made, text = tokens.create(args.name, personal_data=args.personal_data, user=None,
+                                        now=timezone.now(), rate_per_s=args.rate,
+                                        burst=args.burst)
+        except tokens.TokenError as e:
+            print(f"feedback-collector web token: {e}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
+    if args.action == "revoke":
+        live = ApiToken.objects.filter(name=args.name, revoked_at__isnull=True).first()
+        if live is None or not tokens.revoke(live, user=None, now=timezone.now()):
+            print(f"feedback-collector web token: no live token is named {args.name}",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.name}: revoked")
+        return 0
+    for t in ApiToken.objects.order_by("name", "-created_at"):
+        state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "live"
+        used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+        print(f"{t.name}\t{t.prefix}\tpersonal data: {'yes' if t.personal_data else 'no'}\t"
+              f"{t.rate_per_s:g}/s burst {t.burst}\tlast used: {used}\t{state}")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -161,12 +248,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     add.add_argument("name")
     add.add_argument("--role", choices=ROLES, required=True)
     add.add_argument("--email")
-    add.add_argument("--language", choices=["", "en", "ru"], default="")
+    add.add_argument("--language", choices=["", "en", "ru"],
+                     help="empty: as the browser (kept when not given)")
+    unlock = wsub.add_parser("unlock", parents=[again],
+                             help="lift a lockout after wrong passwords")
+    unlock.add_argument("name")
     serve = wsub.add_parser("serve", parents=[again], help="serve the app (one process, threads)")
     serve.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free)")
     serve.add_argument("--tick-s", type=float, default=60.0,
                        help="seconds between time-limit checks")
+    from collector.web.alerts import cli as alerts_cli  # noqa: PLC0415 - Django-free at import
+
+    alerts_cli.add_parser(wsub, again)
     tk = wsub.add_parser("tick", parents=[again],
                          help="time-limit warnings and erasure, and the dashboards' press "
                          "counts, once")
     tk.add_argument("--now", help="the time to act as of (ISO 8601 with offset), for tests")
+    tok = wsub.add_parser("token", parents=[again], help="read-API tokens: create, revoke, list")
+    toks = tok.add_subparsers(dest="action", required=True)
+    mk = toks.add_parser("create", parents=[again], help="a new token, printed once")
+    mk.add_argument("name")
+    mk.add_argument("--personal-data", action="store_true",
+                    help="may read phone numbers and comments (each read audited)")
+    mk.add_argument("--rate", type=float, help="requests per second (default 10)")
+    mk.add_argument("--burst", type=int, help="requests at once (default 20)")
+    toks.add_parser("revoke", parents=[again], help="revoke the live token NAME"
+                    ).add_argument("name")
+    toks.add_parser("list", parents=[again], help="every token (never a secret)")

@@ -91,6 +91,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "axes",
     "collector.web.apps.WebConfig",
+    "collector.web.alerts.apps.AlertsConfig",
+    "collector.web.api.apps.ApiConfig",
 ]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

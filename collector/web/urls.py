@@ -1,7 +1,8 @@
 from django.contrib.auth import views as auth_views
-from django.urls import URLPattern, URLResolver, path
+from django.urls import URLPattern, URLResolver, include, path
 
 from collector.web import dashboards, views
+from collector.web.api import urls as api_urls
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("", views.home, name="home"),
@@ -23,4 +24,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("reports/", dashboards.dashboard, name="dashboard"),
     path("reports/doctors/", dashboards.doctors, name="dashboard_doctors"),
     path("reports/fleet/", dashboards.fleet, name="dashboard_fleet"),
+    path("alerts/", include("collector.web.alerts.urls")),
+    *api_urls.urlpatterns,  # the read API (/api/v1/...) and its token page (/api-tokens/)
 ]

@@ -154,6 +154,7 @@ def case_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "status_form": StatusForm(initial={"outcome": case.outcome}),
         "assign_form": AssignForm(initial={"assignee": case.assignee}),
         "can_assign": user.role == Role.QUALITY_MANAGER,
+        "mail_configured": cases.mail_configured(),
         "audit": case.audit.all() if user.role == Role.QUALITY_MANAGER else None})
 
 
@@ -272,5 +273,6 @@ def profile(request: HttpRequest) -> HttpResponse:
     form = ProfileForm(request.POST or None, instance=_user(request))
     if request.method == "POST" and form.is_valid():
         form.save()
+        messages.success(request, _("Saved."))
         return redirect("profile")
     return render(request, "web/profile.html", {"form": form})

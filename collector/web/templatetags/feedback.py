@@ -1,0 +1,21 @@
+"""Template filters of the web app."""
+
+from django import template
+from django.utils.translation import gettext_lazy as _
+
+register = template.Library()
+
+# The audit's action codes as people read them (the code stays in data-action).
+ACTIONS = {
+    "assign": _("assigned"), "phone_viewed": _("viewed the phone number"),
+    "email_noted": _("noted the patient's e-mail"), "note": _("added a comment"),
+    "status": _("changed the status"), "mail_sent": _("e-mailed the patient"),
+    "mail_failed": _("the e-mail to the patient failed"),
+    "mail_not_sent": _("no e-mail configured"), "late_warning": _("time-limit warning"),
+    "erased": _("erased personal data"), "user_created": _("created a user"),
+}
+
+
+@register.filter
+def action_label(code: str) -> str:
+    return str(ACTIONS.get(code, code))
