@@ -10,6 +10,9 @@
     feedback-collector web token create NAME [--personal-data] [--rate 10] [--burst 20]
                                     # a read-API token (printed once); token revoke NAME,
                                     # token list
+    feedback-collector web names import FILE   # the clinic's names: CSV kind,key,name
+                                    # (UTF-8), or a doctor list's JSON (.json)
+    feedback-collector web names export        # the names as that CSV, on standard output
 
 `serve` is a small threaded WSGI server for one clinic or a demo; behind a
 reverse proxy with several instances, run `gunicorn collector.web.wsgi` (README,
@@ -157,6 +160,8 @@ def cmd_web(args: argparse.Namespace) -> int:
         return 0
     if args.web_command == "token":
         return _token(args)
+    if args.web_command == "names":
+        return _names(args)
     if args.web_command == "alert-rule":
         from collector.web.alerts import cli as alerts_cli  # noqa: PLC0415
 
@@ -201,6 +206,29 @@ def _token(args: argparse.Namespace) -> int:
         used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
         print(f"{t.name}\t{t.prefix}\tpersonal data: {'yes' if t.personal_data else 'no'}\t"
               f"{t.rate_per_s:g}/s burst {t.burst}\tlast used: {used}\t{state}")
+    return 0
+
+
+def _names(args: argparse.Namespace) -> int:
+    """The clinic's names for sites, desks, receptionists and doctors
+    (collector/web/names.py); every change audited as "(system)"."""
+    from collector.web import names  # noqa: PLC0415
+
+    if args.action == "export":
+        # UTF-8 whatever the locale: the names are the clinic's own spelling.
+        sys.stdout.buffer.write(names.export_csv().encode())
+        sys.stdout.flush()
+        return 0
+    try:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark.
+        text = Path(args.file).read_text(encoding="utf-8-sig")
+        rows = names.parse_doctors(text) if args.file.suffix.lower() == ".json" else \
+            names.parse_csv(text)
+    except (OSError, UnicodeDecodeError, names.NameRefusedError) as e:
+        print(f"feedback-collector web names: {args.file}: {e}", file=sys.stderr)
+        return 2
+    changed = names.import_names(rows, None)
+    print(f"{len(rows)} names read, {changed} changed")
     return 0
 
 
@@ -275,3 +303,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     toks.add_parser("revoke", parents=[again], help="revoke the live token NAME"
                     ).add_argument("name")
     toks.add_parser("list", parents=[again], help="every token (never a secret)")
+    nm = wsub.add_parser("names", parents=[again],
+                         help="the clinic's names for sites, desks, receptionists, doctors")
+    nms = nm.add_subparsers(dest="action", required=True)
+    nms.add_parser("import", parents=[again], help="set names from a CSV kind,key,name "
+                   "(an empty name clears) or a doctor list (.json)"
+                   ).add_argument("file", type=Path)
+    nms.add_parser("export", parents=[again], help="every name as CSV kind,key,name")

@@ -42,6 +42,7 @@ from pygal.style import Style
 
 from collector import queries, reports, rollup
 from collector.db import Database, DatabaseError, open_database
+from collector.web.names import Names, NoNames
 from collector.web.roles import REPORTS, role_required
 from edge.contract.timefmt import WALL_RANGE
 
@@ -248,14 +249,45 @@ def _group_name(name: str) -> str:
     return {"(nobody)": _("(nobody)"), "(unknown)": _("(unknown)")}.get(name, name)
 
 
-def _index_series(rows: Sequence[reports.IndexRow], keys: list[str]
-                  ) -> dict[str, list[float | None]]:
+class Named(str):
+    """A table cell holding the clinic's name for an identifier; the template
+    puts the identifier in its title, so two people of one name stay apart."""
+
+    key: str
+
+    def __new__(cls, text: str, key: str) -> Named:
+        cell = super().__new__(cls, text)
+        cell.key = key
+        return cell
+
+
+def _label(names: Names, kind: str, group: str) -> str:
+    """A group's name as people read it: the clinic's name, else the identifier
+    (so with no names set the tables equal `feedback-collector report --csv`)."""
+    if group in ("(nobody)", "(unknown)"):
+        return _group_name(group)
+    text = names.terminal(group) if kind == "terminal" else names.label(kind, group)
+    return text if text == group else Named(text, group)
+
+
+def _legend(labels: dict[str, str]) -> dict[str, str]:
+    """group -> its label in a chart, with the identifier added where two groups
+    share a name (a chart has no title attribute to tell them apart)."""
+    count: dict[str, int] = {}
+    for text in labels.values():
+        count[text] = count.get(text, 0) + 1
+    return {g: f"{t} ({g})" if count[t] > 1 else t for g, t in labels.items()}
+
+
+def _index_series(rows: Sequence[reports.IndexRow], keys: list[str],
+                  label: Callable[[str], str] = _group_name) -> dict[str, list[float | None]]:
     """The busiest groups' index per period, for a chart of a readable size."""
     by_group: dict[str, dict[str, reports.IndexRow]] = {}
     for r in rows:
         by_group.setdefault(r.group, {})[r.period] = r
     busiest = sorted(by_group, key=lambda g: -sum(r.base for r in by_group[g].values()))
-    return {_group_name(g): [by_group[g][k].index if k in by_group[g] else None for k in keys]
+    legend = _legend({g: str(label(g)) for g in busiest[:MAX_SERIES]})
+    return {legend[g]: [by_group[g][k].index if k in by_group[g] else None for k in keys]
             for g in busiest[:MAX_SERIES]}
 
 
@@ -266,23 +298,28 @@ def _many_note(groups: int) -> str:
              "%(all)d.") % {"n": MAX_SERIES, "all": groups}
 
 
-def loyalty_figures(presses: reports.PressCounts, c: Choice) -> list[Figure]:
-    names = {"operator": _("Receptionist"), "desk": _("Desk"), "site": _("Site")}
+def loyalty_figures(presses: reports.PressCounts, c: Choice,
+                    names: Names | None = None) -> list[Figure]:
+    columns = {"operator": _("Receptionist"), "desk": _("Desk"), "site": _("Site")}
     titles = {"operator": _("Loyalty index per receptionist"),
               "desk": _("Loyalty index per desk"), "site": _("Loyalty index per site")}
     keys = reports.periods(c.start, c.end, c.period)
+    clinic = names or NoNames()
     out = []
     for by in ("operator", "desk", "site"):
+        def label(group: str, by: str = by) -> str:
+            return _label(clinic, by, group)
+
         rows = reports.loyalty_from_counts(presses, by=by, period=c.period, start=c.start,
                                            end=c.end)
         groups = len({r.group for r in rows})
         out.append(Figure(
             f"loyalty-{by}", titles[by],
-            [names[by], _period_name(c.period), _("Good"), _("Neutral"), _("Bad"),
+            [columns[by], _period_name(c.period), _("Good"), _("Neutral"), _("Bad"),
              _("Presses"), _("Index")],
-            [[_group_name(r.group), r.period, str(r.plus), str(r.neutral), str(r.minus),
+            [[label(r.group), r.period, str(r.plus), str(r.neutral), str(r.minus),
               str(r.base), _number(r.index)] for r in rows],
-            _trend_svg(titles[by], keys, _index_series(rows, keys), lo=-100, hi=100),
+            _trend_svg(titles[by], keys, _index_series(rows, keys, label), lo=-100, hi=100),
             _many_note(groups)))
     return out
 
@@ -308,10 +345,15 @@ def bad_time_figures(presses: reports.PressCounts, c: Choice) -> list[Figure]:
 
 
 def doctor_figures(answers: list[dict[str, Any]],
-                   visits: list[tuple[str, str, str, int]], c: Choice) -> list[Figure]:
+                   visits: list[tuple[str, str, str, int]], c: Choice,
+                   names: Names | None = None) -> list[Figure]:
     rows = reports.doctor_index(answers, period=c.period, tz=c.tz, start=c.start, end=c.end,
                                 visits=visits)
     imported = {(d, a, b) for d, a, b, _n in visits}
+    names = names or NoNames()
+
+    def label(group: str) -> str:
+        return _label(names, "doctor", group)
 
     def base_kind(r: reports.IndexRow) -> str:
         a, b = reports.period_bounds(r.period, c.period)
@@ -330,9 +372,10 @@ def doctor_figures(answers: list[dict[str, Any]],
     ranking = Figure(
         "doctor-ranking", rank_title,
         [_("Rank"), _("Doctor"), _("Index"), _("Answers"), _("Base"), _("Base is")],
-        [[str(i), _group_name(r.group), _number(r.index), str(r.plus + r.neutral + r.minus),
+        [[str(i), label(r.group), _number(r.index), str(r.plus + r.neutral + r.minus),
           str(r.base), base_kind(r)] for i, r in enumerate(ranked, 1)],
-        _bar_svg(rank_title, [_group_name(r.group) for r in ranked[:MAX_BARS]],
+        _bar_svg(rank_title, list(_legend({r.group: str(label(r.group))
+                                           for r in ranked[:MAX_BARS]}).values()),
                  [r.index for r in ranked[:MAX_BARS]], horizontal=True, lo=-100, hi=100),
         _("The base is the doctor's answers, or the patients they saw in exactly that "
           "period where a visits file gave the number."))
@@ -341,14 +384,15 @@ def doctor_figures(answers: list[dict[str, Any]],
         "doctors", trend_title,
         [_("Doctor"), _period_name(c.period), _("Yes"), _("Unsure"), _("No"), _("Base"),
          _("Index"), _("Base is")],
-        [[_group_name(r.group), r.period, str(r.plus), str(r.neutral), str(r.minus),
+        [[label(r.group), r.period, str(r.plus), str(r.neutral), str(r.minus),
           str(r.base), _number(r.index), base_kind(r)] for r in rows],
-        _trend_svg(trend_title, keys, _index_series(rows, keys), lo=-100, hi=100),
+        _trend_svg(trend_title, keys, _index_series(rows, keys, label), lo=-100, hi=100),
         _many_note(len({r.group for r in rows})))
     return [ranking, trend]
 
 
-def answer_rate_figure(events: list[dict[str, Any]], c: Choice) -> Figure:
+def answer_rate_figure(events: list[dict[str, Any]], c: Choice,
+                       names: Names | None = None) -> Figure:
     rows = reports.answer_rate(events, period=c.period, tz=c.tz, start=c.start, end=c.end)
     keys = reports.periods(c.start, c.end, c.period)
     series: dict[str, dict[str, float | None]] = {}
@@ -357,14 +401,16 @@ def answer_rate_figure(events: list[dict[str, Any]], c: Choice) -> Figure:
         series.setdefault(r.terminal, {})[r.period] = r.rate
         weight[r.terminal] = weight.get(r.terminal, 0) + r.approaches
     busiest = sorted(series, key=lambda t: -weight[t])[:MAX_SERIES]
+    names = names or NoNames()
+    legend = _legend({t: str(_label(names, "terminal", t)) for t in busiest})
     title = _("Answer rate per terminal (answers / approaches, %)")
     top = max([100.0, *(r.rate for r in rows if r.rate is not None)])
     return Figure(
         "answer-rate", title,
         [_("Terminal"), _period_name(c.period), _("Answers"), _("Approaches"), _("Rate %")],
-        [[r.terminal, r.period, str(r.answers), str(r.approaches), _number(r.rate)]
-         for r in rows],
-        _trend_svg(title, keys, {t: [series[t].get(k) for k in keys] for t in busiest},
+        [[_label(names, "terminal", r.terminal), r.period, str(r.answers),
+          str(r.approaches), _number(r.rate)] for r in rows],
+        _trend_svg(title, keys, {legend[t]: [series[t].get(k) for k in keys] for t in busiest},
                    lo=0, hi=top),
         _many_note(len(series)))
 
@@ -405,7 +451,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     except DatabaseError:
         return _unavailable(request, "dashboard")
     return _page(request, "dashboard", form, c,
-                 [*loyalty_figures(presses, c), *bad_time_figures(presses, c)])
+                 [*loyalty_figures(presses, c, Names()), *bad_time_figures(presses, c)])
 
 
 @role_required(*REPORTS)
@@ -423,7 +469,8 @@ def doctors(request: HttpRequest) -> HttpResponse:
         return _unavailable(request, "dashboard_doctors")
     answers = [r for r in events if r["kind"] == "answer"]
     return _page(request, "dashboard_doctors", form, c,
-                 [*doctor_figures(answers, visits, c), answer_rate_figure(events, c)])
+                 [*doctor_figures(answers, visits, c, names := Names()),
+                  answer_rate_figure(events, c, names)])
 
 
 def _local_time(ms: int | None) -> str:
@@ -434,15 +481,17 @@ def _local_time(ms: int | None) -> str:
                                          "age": timesince(when)}
 
 
-def fleet_figure(rows: Iterable[dict[str, Any]]) -> Figure:
+def fleet_figure(rows: Iterable[dict[str, Any]], names: Names | None = None) -> Figure:
     states = {"online": _("online"), "offline": _("offline"), "unknown": _("unknown")}
     clock = {True: _("synced"), False: _("not synced"), None: "—"}
+    names = names or NoNames()
     table = []
     for r in rows:
         # Alarm codes only: their texts name badges and files, nothing a report needs.
         alarms = sorted({a.split(":", 1)[0] for a in r["alarms"]})
         table.append([
-            r["edge"], states.get(r["state"], r["state"]), _local_time(r["last_seen_ms"]),
+            _label(names, "terminal", r["edge"]), states.get(r["state"], r["state"]),
+            _local_time(r["last_seen_ms"]),
             "—" if r["queue"] is None else str(r["queue"]),
             "—" if r["oldest_pending_s"] is None else
             _("%(s)d s") % {"s": int(r["oldest_pending_s"])},
@@ -463,7 +512,7 @@ def fleet(request: HttpRequest) -> HttpResponse:
     except DatabaseError:
         return _unavailable(request, "dashboard_fleet")
     online = sum(1 for r in rows if r["state"] == "online")
-    return _page(request, "dashboard_fleet", None, None, [fleet_figure(rows)],
+    return _page(request, "dashboard_fleet", None, None, [fleet_figure(rows, Names())],
                  summary=_("%(online)d of %(all)d edges online") % {"online": online,
                                                                    "all": len(rows)},
                  problems=sum(1 for r in rows if r["devices"] or r["alarms"]

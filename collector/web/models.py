@@ -179,3 +179,32 @@ class LimitWarning(models.Model):
     class Meta:
         constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
             fields=["case", "status", "status_since", "email"], name="one_warning_each")]
+
+
+class NameKind(models.TextChoices):
+    SITE = "site", _("Site")
+    DESK = "desk", _("Desk")
+    OPERATOR = "operator", _("Receptionist")
+    DOCTOR = "doctor", _("Doctor")
+
+
+class DisplayName(models.Model):
+    """A name as the clinic writes it for an identifier the events carry.
+
+    `key` is the identifier exactly as the reports group by it: a site id, a
+    desk as "site/desk" (desks are named per site: two sites both have a
+    "desk-1"), an operator id, a doctor id.  `name` is kept as typed (any
+    Unicode); the pages escape it like any other text.
+    """
+
+    kind = models.CharField(_("kind"), max_length=16, choices=NameKind.choices)
+    key = models.CharField(_("identifier"), max_length=255)
+    name = models.CharField(_("name"), max_length=200)
+
+    class Meta:
+        constraints: ClassVar[list[Any]] = [
+            models.UniqueConstraint(fields=["kind", "key"], name="one_name_per_identifier")]
+        ordering: ClassVar[list[str]] = ["kind", "key"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key}"

@@ -21,6 +21,8 @@ REPORTS = (Role.QUALITY_MANAGER, Role.CLINIC_MANAGER, Role.ADMINISTRATOR)
 CASES = (Role.QUALITY_MANAGER, Role.CALLBACK_OFFICER)
 ADMIN = (Role.ADMINISTRATOR,)
 MANAGE = (Role.QUALITY_MANAGER,)
+# The clinic's names for sites, desks, receptionists and doctors (/names/).
+NAMES = (Role.QUALITY_MANAGER, Role.ADMINISTRATOR)
 
 
 def role_required(*roles: str) -> Callable[[View], View]:

@@ -21,6 +21,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("audit/", views.audit_log, name="audit"),
     path("users/", views.users, name="users"),
     path("me/", views.profile, name="profile"),
+    path("names/", views.display_names, name="names"),
     path("reports/", dashboards.dashboard, name="dashboard"),
     path("reports/doctors/", dashboards.doctors, name="dashboard_doctors"),
     path("reports/fleet/", dashboards.fleet, name="dashboard_fleet"),

@@ -26,9 +26,10 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from collector.web import cases
-from collector.web.models import NEXT, AuditEntry, Case, Role, Status, User
-from collector.web.roles import ADMIN, CASES, MANAGE, REPORTS, role_required
+from collector.db import DatabaseError
+from collector.web import cases, dashboards, names
+from collector.web.models import NEXT, AuditEntry, Case, NameKind, Role, Status, User
+from collector.web.roles import ADMIN, CASES, MANAGE, NAMES, REPORTS, role_required
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,11 @@ def _queue_context(request: HttpRequest) -> dict[str, object]:
     rows = [(c, c.warned_status == c.status or (now - c.status_since).total_seconds()
              > limits.get(c.status, float("inf")))
             for c in list(qs[:500])]  # type: ignore[index]
-    return {"rows": rows, "show": show}
+    # The clinic's names for sites and doctors: one query each for the whole table.
+    clinic = names.Names()
+    return {"rows": [(c, late, clinic.label("site", c.site),
+                      clinic.label("doctor", c.doctor) if c.doctor else "")
+                     for c, late in rows], "show": show}
 
 
 def request_limits() -> dict[str, float]:
@@ -155,7 +160,20 @@ def case_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "assign_form": AssignForm(initial={"assignee": case.assignee}),
         "can_assign": user.role == Role.QUALITY_MANAGER,
         "mail_configured": cases.mail_configured(),
-        "audit": case.audit.all() if user.role == Role.QUALITY_MANAGER else None})
+        "audit": case.audit.all() if user.role == Role.QUALITY_MANAGER else None,
+        **_case_labels(case, event)})
+
+
+def _case_labels(case: Case, event: Any) -> dict[str, str]:
+    """The clinic's names for the case's site, desk and doctor ("" for none)."""
+    clinic = names.Names()
+    desk = getattr(event, "desk", None) or ""
+    # A desk is named per site ("site/desk"); unnamed, it reads as before: its own id.
+    desk_name = clinic.of("desk").get(f"{case.site}/{desk}") if desk else None
+    return {"site_label": clinic.label("site", case.site),
+            "desk_label": desk_name or desk,
+            "desk_title": f"{case.site}/{desk}" if desk_name else "",
+            "doctor_label": clinic.label("doctor", case.doctor) if case.doctor else ""}
 
 
 @role_required(*CASES)  # first: other roles get 403 whatever the method
@@ -276,3 +294,48 @@ def profile(request: HttpRequest) -> HttpResponse:
         messages.success(request, _("Saved."))
         return redirect("profile")
     return render(request, "web/profile.html", {"form": form})
+
+
+class NameForm(forms.Form):
+    """One name to set; an empty name clears it.  Neither field is stripped: the
+    identifier must equal the events', the name is stored as typed."""
+
+    kind = forms.ChoiceField(label=gettext_lazy("Kind"), choices=NameKind.choices)
+    key = forms.CharField(label=gettext_lazy("Identifier"), max_length=names.MAX_KEY,
+                          strip=False)
+    name = forms.CharField(label=gettext_lazy("Name"), max_length=names.MAX_NAME,
+                           required=False, strip=False)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if not self.errors:
+            try:
+                names.check(data["kind"], data["key"], data.get("name") or "")
+            except names.NameRefusedError:
+                raise ValidationError(_("That cannot be stored: an identifier without spaces "
+                                        "around it, a name without line breaks.")) from None
+        return data
+
+
+@role_required(*NAMES)
+def display_names(request: HttpRequest) -> HttpResponse:
+    """The identifiers the data holds and the clinic's names for them; a form per row."""
+    form = NameForm(request.POST or None)
+    if request.method == "POST":
+        if form.is_valid():
+            d = form.cleaned_data
+            if names.set_name(d["kind"], d["key"], d["name"] or "", _user(request)):
+                messages.success(request, _("Saved."))
+            return redirect("names")
+        messages.error(request, " ".join(str(e) for e in form.errors.get("__all__", [])) or
+                       _("Choose a kind, and give an identifier and a name of at most "
+                         "200 characters."))
+    try:
+        seen = dashboards.read(names.seen)
+    except DatabaseError:
+        seen = []
+        messages.error(request, _("The collector's database cannot be reached: only the "
+                                  "names already set are listed."))
+    listing = names.listing(seen)
+    return render(request, "web/names.html", {
+        "form": form, "kinds": [(k, label, listing[k]) for k, label in NameKind.choices]})

@@ -13,6 +13,9 @@ ACTIONS = {
     "mail_failed": _("the e-mail to the patient failed"),
     "mail_not_sent": _("no e-mail configured"), "late_warning": _("time-limit warning"),
     "erased": _("erased personal data"), "user_created": _("created a user"),
+    "name_set": _("named an identifier"), "api_token_created": _("created an API token"),
+    "api_token_revoked": _("revoked an API token"),
+    "api_personal_data": _("an API token read personal data"),
 }
 
 
