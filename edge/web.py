@@ -215,7 +215,9 @@ class StatusPage:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 given = parse_qs(url.query).get("token", [""])[0]
-                if page._token and not hmac.compare_digest(given, page._token):
+                # Bytes: compare_digest refuses a str with non-ASCII characters.
+                if page._token and not hmac.compare_digest(
+                        given.encode("utf-8", "surrogateescape"), page._token.encode()):
                     self._send(403, "text/plain", b"a token is needed: ?token=...")
                 elif url.path in ("/", "/index.html"):
                     self._send(200, "text/html; charset=utf-8", PAGE.encode())

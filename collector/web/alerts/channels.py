@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -50,24 +51,53 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def send_webhook(episode: Episode, kind: str) -> tuple[bool, str]:
-    """(delivered, what happened: an HTTP status or an error type)."""
-    rule = episode.rule
-    body = body_bytes(episode, kind)
-    req = urllib.request.Request(rule.webhook_url, data=body, method="POST", headers={  # noqa: S310 - the scheme is checked in Rule.clean (http/https)
-        "Content-Type": "application/json", "User-Agent": USER_AGENT,
-        "X-Feedback-Alert-Id": str(episode.alert_id), "X-Feedback-Alert-Kind": kind,
-        "X-Feedback-Signature": signature(rule.webhook_secret, body)})
-    if not rule.webhook_url.startswith(("https://", "http://")):
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is not a delivery: urllib would follow it as a GET without the
+    body, to wherever it points (an internal address), with the signature."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
+def send_webhook(url: str, secret: str, body: bytes, alert_id: str,
+                 kind: str) -> tuple[bool, str]:
+    """POST `body` to `url` (delivered, what happened: an HTTP status or an error
+    type).  At most WEBHOOK_TIMEOUT_S in all: urllib's timeout is per socket
+    read, which a receiver sending a byte at a time stretches without end, so the
+    request runs in a thread the tick stops waiting for."""
+    if not url.startswith(("https://", "http://")):
         return False, "refused: not an http(s) URL"
     try:
-        with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT_S) as r:  # noqa: S310 - as above
-            status = int(r.status)
-    except urllib.error.HTTPError as e:
-        return False, f"HTTP {e.code}"
-    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
-        return False, type(e).__name__
-    return 200 <= status < 300, f"HTTP {status}"
+        req = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310 - http(s) only, checked above
+            "Content-Type": "application/json", "User-Agent": USER_AGENT,
+            "X-Feedback-Alert-Id": alert_id, "X-Feedback-Alert-Kind": kind,
+            "X-Feedback-Signature": signature(secret, body)})
+    except ValueError as e:
+        return False, f"refused: {type(e).__name__}"
+    result: list[tuple[bool, str]] = []
+
+    def post() -> None:
+        try:
+            with _OPENER.open(req, timeout=WEBHOOK_TIMEOUT_S) as r:
+                status = int(r.status)
+        except urllib.error.HTTPError as e:
+            result.append((False, f"HTTP {e.code}"))
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+            result.append((False, type(e).__name__))
+        else:
+            result.append((200 <= status < 300, f"HTTP {status}"))
+
+    worker = threading.Thread(target=post, name="webhook", daemon=True)
+    worker.start()
+    worker.join(WEBHOOK_TIMEOUT_S)
+    if not result:
+        # Abandoned, not killed: if it completes, the receiver gets the same alert
+        # id and kind again at the next try, which it knows to ignore.
+        return False, "timed out"
+    return result[0]
 
 
 def send_mail(episode: Episode, kind: str, address: str, language: str) -> tuple[bool, str]:

@@ -296,6 +296,12 @@ def _queue(ep: Episode, kind: str, now: datetime) -> None:
     if rule.webhook_url:
         rows.append(Delivery(episode=ep, kind=kind, channel="webhook", created_at=now,
                              next_attempt_at=due))
+    if kind == DeliveryKind.RESOLVED:
+        # Only where the opening went (or is going): a recipient added meanwhile
+        # would get a resolution of an alert they never heard of.
+        opened = set(Delivery.objects.filter(episode=ep, kind=DeliveryKind.OPENED)
+                     .exclude(state=State.FAILED).values_list("channel", flat=True))
+        rows = [r for r in rows if r.channel in opened]
     Delivery.objects.bulk_create(rows, ignore_conflicts=True)
 
 
@@ -350,8 +356,23 @@ def _try(d: Delivery, now: datetime) -> int:
     except IntegrityError:
         return 0  # another tick has this try
     ep = d.episode
+    rule = ep.rule
+    gone = (not rule.webhook_url if d.channel == "webhook" else
+            d.channel.removeprefix("mail:").lower() not in
+            {a.lower() for a in rule.recipients()})
+    if gone:
+        # The rule no longer has this channel: stop, rather than send to an
+        # address someone removed (or crash on an empty URL).
+        Attempt.objects.filter(pk=claim.pk).update(result="channel removed from the rule",
+                                                   ok=False)
+        Delivery.objects.filter(pk=d.pk).update(attempts=n, state=State.FAILED)
+        return 0
     if d.channel == "webhook":
-        ok, result = channels.send_webhook(ep, d.kind)
+        if not d.body:
+            d.body = channels.body_bytes(ep, d.kind).decode()
+            Delivery.objects.filter(pk=d.pk).update(body=d.body)
+        ok, result = channels.send_webhook(rule.webhook_url, rule.webhook_secret,
+                                           d.body.encode(), str(ep.alert_id), d.kind)
     elif not mail_configured():
         ok, result = False, "no [web.smtp] configured"
     else:

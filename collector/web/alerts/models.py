@@ -180,6 +180,9 @@ class Delivery(models.Model):
     created_at = models.DateTimeField()
     next_attempt_at = models.DateTimeField()
     sent_at = models.DateTimeField(null=True)
+    # A webhook's body as first sent: every retry sends these bytes (and this
+    # signature), though the episode's value may have moved on meanwhile.
+    body = models.TextField(blank=True, default="")
 
     class Meta:
         constraints: ClassVar[list[Any]] = [models.UniqueConstraint(

@@ -33,6 +33,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from collector import queries, reports, rollup
@@ -79,9 +80,19 @@ class BadRequestError(ValueError):
 
 
 def api_view(view: ApiView) -> ApiView:
-    """GET only, a live bearer token, within its rate limit."""
+    """GET (and HEAD, without a body) only, a live bearer token, within its rate
+    limit.  Exempt from CSRF: a bearer token is no cookie a browser sends by
+    itself, and a write method gets the documented 405, not the CSRF page."""
+    @csrf_exempt
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = _answer(request, *args, **kwargs)
+        if request.method == "HEAD":
+            # wsgiref (`web serve`) sends whatever body it is given.
+            response.content = b""
+        return response
+
+    def _answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if request.method not in ("GET", "HEAD"):
             return error(405, "read-only: GET only", Allow="GET")
         try:
@@ -173,7 +184,7 @@ def _limit(request: HttpRequest) -> int:
     text = _param(request, "limit")
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise BadRequestError(f"limit is 1 to {MAX_LIMIT}")
     return int(text)
 
@@ -189,7 +200,12 @@ def decode_cursor(text: str) -> tuple[str, str, int, str]:
         if not (isinstance(site, str) and isinstance(edge, str) and isinstance(event_id, str)
                 and isinstance(seq, int) and not isinstance(seq, bool)):
             raise TypeError
-    except (ValueError, TypeError, binascii.Error):
+        # What the databases can hold: a BIGINT seq, text that encodes as UTF-8.
+        if not -2**63 <= seq < 2**63:
+            raise ValueError
+        for text_value in (site, edge, event_id):
+            text_value.encode()
+    except (ValueError, TypeError, binascii.Error, UnicodeError):
         raise BadRequestError("cursor is not one this API gave") from None
     return site, edge, seq, event_id
 
@@ -353,9 +369,11 @@ def _report(request: HttpRequest, what: str) -> tuple[list[str], list[list[Any]]
     rows: list[list[Any]]
     if what == "loyalty":
         meta.update(by=by, include_burst=burst)
-        if start is not None and end is not None:
+        if start is not None and end is not None and tz == settings.CONFIG.tz:
             # The counts kept per day, as the dashboards read them (collector.rollup:
-            # the same rules, tested equal to the CLI's figures).
+            # the same rules, tested equal to the CLI's figures).  Only the report
+            # zone's: a token naming another zone gets the raw computation, never
+            # a whole year counted and kept for a zone nobody configured.
             def load(db: Database) -> reports.PressCounts:
                 rollup.refresh(db, tz)
                 return rollup.counts(db, tz, start, end)
@@ -363,10 +381,10 @@ def _report(request: HttpRequest, what: str) -> tuple[list[str], list[list[Any]]
                                                 end=end, include_burst=burst)
             meta["left_out"] = 0
         else:
-            events = read(lambda db: queries.report_events(db, ["press"], None, None))
+            events = read(lambda db: queries.report_events(db, ["press"], start, end))
             meta["left_out"] = reports.out_of_range(events)
             index = reports.loyalty_index(events, by=by, period=period, tz=tz,
-                                          include_burst=burst)
+                                          start=start, end=end, include_burst=burst)
         header = [by, period, "good", "neutral", "bad", "presses", "index"]
         rows = [r.as_list() for r in index]
     elif what == "doctors":
@@ -429,7 +447,7 @@ def alerts(request: HttpRequest, token: ApiToken) -> HttpResponse:
     del token
     limit = _limit(request)
     after = _param(request, "after")
-    if after is not None and not after.isdigit():
+    if after is not None and not (after.isascii() and after.isdigit() and len(after) < 19):
         raise BadRequestError("after is an alert's id")
     rows = list(Episode.objects.filter(opened_at__isnull=False, pk__gt=int(after or 0))
                 .select_related("rule").order_by("pk")[:limit + 1])
