@@ -274,7 +274,7 @@ def test_a_failing_webhook_gets_the_alert_on_the_third_try_with_the_same_id(
 
 
 _EDGE = """
-import json, sys, time
+import json, signal, sys, time
 import paho.mqtt.client as mqtt
 port = int(sys.argv[1])
 topic = "feedback/v1/clinic-3/reception-1/status"
@@ -287,7 +287,7 @@ c.connect("127.0.0.1", port)
 c.loop_start()
 c.publish(topic, status("online"), qos=1, retain=True).wait_for_publish(10)
 print("online", flush=True)
-time.sleep(600)
+signal.pause()  # connected until the test kills it (SIGKILL: no goodbye)
 """
 
 
