@@ -11,25 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from edge import outbox_file
-from edge.store import Append, Store
-from tests.test_store import make_event, open_store
-from tests.test_store_open import _damage_a_middle_leaf
-
-
-def _damaged_large_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(outbox_file, "SYNC_CHECK_BYTES", 0)  # every store counts as large
-    path = tmp_path / "o.sqlite"
-    s = open_store(path)
-    s.commit([Append(make_event()) for _ in range(300)])
-    middle = s.pending(150, 1)[0].payload
-    assert s._db is not None
-    s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    s.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    _damage_a_middle_leaf(path, middle)
-    return path
+from edge.store import Store
+from tests.test_store import open_store
+from tests.test_store_open import damaged_large_store
 
 
 def _opened_unchecked(path: Path) -> Store:
@@ -42,7 +26,7 @@ def test_clock_sync_rewrite_on_a_damaged_large_store_does_not_raise(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """daemon._check_clock calls rewrite_pending when the clock becomes
     synchronised (a Pi without RTC, seconds after boot) with no try around it."""
-    s = _opened_unchecked(_damaged_large_store(tmp_path, monkeypatch))
+    s = _opened_unchecked(damaged_large_store(tmp_path, monkeypatch))
     try:
         s.rewrite_pending(lambda b: b.replace(b'"synced":true', b'"synced":false '))
     except sqlite3.DatabaseError as e:
@@ -55,7 +39,7 @@ def test_clock_sync_rewrite_on_a_damaged_large_store_does_not_raise(
 def test_collector_watermark_on_a_damaged_large_store_does_not_raise(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """daemon._on_inbound calls remove_through(watermark) with no try around it."""
-    s = _opened_unchecked(_damaged_large_store(tmp_path, monkeypatch))
+    s = _opened_unchecked(damaged_large_store(tmp_path, monkeypatch))
     try:
         s.remove_through(250)
     except sqlite3.DatabaseError as e:
@@ -67,7 +51,7 @@ def test_collector_watermark_on_a_damaged_large_store_does_not_raise(
 
 def test_after_the_background_check_the_damaged_store_is_moved_aside(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = _opened_unchecked(_damaged_large_store(tmp_path, monkeypatch))
+    s = _opened_unchecked(damaged_large_store(tmp_path, monkeypatch))
     assert s.checked(30)
     s.retry(time.monotonic())
     codes = sorted({a.code for a in s.alarms.active(time.time_ns())})
@@ -101,10 +85,10 @@ class _HeldCheck(BackgroundCheck):
         super()._run(path)
 
 
-def test_daemon_survives_the_collector_watermark_on_a_damaged_large_store(
+def test_daemon_survives_the_collector_watermark_on_adamaged_large_store(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: Broker,
         subscribe: Callable[[str], Subscriber]) -> None:
-    path = _damaged_large_store(tmp_path, monkeypatch)
+    path = damaged_large_store(tmp_path, monkeypatch)
     monkeypatch.setattr(store_mod, "BackgroundCheck", _HeldCheck)
     _HeldCheck.release.clear()
     sub = subscribe("feedback/#")

@@ -90,8 +90,9 @@ def _damage_a_middle_leaf(path: Path, payload: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_large_store_opens_without_the_whole_check_and_corruption_is_still_moved_aside(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def damaged_large_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A store of 300 events, counted as large (opened after the partial check
+    only), with a leaf page in its middle damaged and no WAL beside it."""
     monkeypatch.setattr(outbox_file, "SYNC_CHECK_BYTES", 0)  # every store counts as large
     path = tmp_path / "o.sqlite"
     s = open_store(path)
@@ -103,6 +104,12 @@ def test_a_large_store_opens_without_the_whole_check_and_corruption_is_still_mov
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
     _damage_a_middle_leaf(path, middle)
+    return path
+
+
+def test_a_large_store_opens_without_the_whole_check_and_corruption_is_still_moved_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = damaged_large_store(tmp_path, monkeypatch)
     s = open_store(path, announce=True)
     # Open at once: the damage is where only the whole check looks.
     assert s.available
