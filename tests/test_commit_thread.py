@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -205,3 +206,18 @@ def test_a_failed_fsync_acknowledges_nothing_and_the_press_comes_again(
         seqs = [e["seq"] for e in sub.events()]
         assert seqs[0] == 1
         assert seqs[1] > 1
+        if seqs[1] == 2:
+            # The resend was taken as a duplicate of the row written before the
+            # failed fsync: only right if reopening wrote that row again, into the
+            # database file (checkpointed there and fsynced), not left in the WAL
+            # whose fsync failed (a later fsync may return 0 without writing it).
+            copy = tmp_path / "db-file-only.sqlite"
+            copy.write_bytes(r.daemon.store.path.read_bytes())
+            c = sqlite3.connect(copy)
+            try:
+                in_file = {int(q) for (q,) in c.execute("SELECT seq FROM outbox")}
+            finally:
+                c.close()
+            assert 2 in in_file, (
+                "seq 2 was ACKed as the resend's duplicate but is only in the WAL whose "
+                f"fsync failed (the database file holds {sorted(in_file)})")
