@@ -263,12 +263,7 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
             Episode.objects.filter(pk=ep.pk).update(value=f.value[:200])
             ep.value = f.value[:200]
         if ep.opened_at is None and now - ep.since >= _duration(rule):
-            with transaction.atomic():
-                if Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).update(
-                        opened_at=now):
-                    ep.opened_at = now
-                    _queue(ep, DeliveryKind.OPENED, now)
-                    changed += 1
+            changed += _mark(ep, "opened_at", DeliveryKind.OPENED, now)
     for subject, ep in current.items():
         if subject in found:
             continue
@@ -276,13 +271,21 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
             # Cleared before it had held long enough: never an alert.
             Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).delete()
             continue
-        with transaction.atomic():
-            if Episode.objects.filter(pk=ep.pk, resolved_at__isnull=True).update(
-                    resolved_at=now):
-                ep.resolved_at = now
-                _queue(ep, DeliveryKind.RESOLVED, now)
-                changed += 1
+        changed += _mark(ep, "resolved_at", DeliveryKind.RESOLVED, now)
     return changed
+
+
+def _mark(ep: Episode, field: str, kind: str, now: datetime) -> int:
+    """Set the episode's `field` (opened_at or resolved_at) to `now` and queue its
+    `kind` of message, unless another tick did it first (a conditional UPDATE:
+    exactly one tick queues it); returns 1 when this tick did."""
+    with transaction.atomic():
+        if not Episode.objects.filter(pk=ep.pk, **{f"{field}__isnull": True}).update(
+                **{field: now}):
+            return 0
+        setattr(ep, field, now)
+        _queue(ep, kind, now)
+    return 1
 
 
 def _queue(ep: Episode, kind: str, now: datetime) -> None:
