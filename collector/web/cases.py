@@ -65,8 +65,10 @@ def sync_cases(now: datetime) -> int:
     """Open a case for every callback request that has none; returns how many."""
     known = set(Case.objects.values_list("site", "edge", "event_id"))
     new = []
+    # Runs at every queue refresh: the payload (for the patient's language) is
+    # read for new cases only, not for every callback request each time.
     for e in Event.objects.filter(**_CALLBACK_Q).exclude(phone="").only(
-            "site", "edge", "event_id", "wall_ms", "corrected_ms", "doctor", "payload"):
+            "site", "edge", "event_id", "wall_ms", "corrected_ms", "doctor"):
         if (e.site, e.edge, e.event_id) in known:
             continue
         ms = e.corrected_ms if e.corrected_ms is not None else e.wall_ms

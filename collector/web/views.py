@@ -72,7 +72,7 @@ def _queue_context(request: HttpRequest) -> dict[str, object]:
     qs = cases.visible_cases(user)
     if show == "open":
         qs = qs.exclude(status=Status.CLOSED)  # type: ignore[attr-defined]
-    limits = request_limits()
+    limits = settings.CONFIG.web.limits_s
     # Late: over the limit now, or warned about by a tick (whose clock may differ).
     rows = [(c, c.warned_status == c.status or (now - c.status_since).total_seconds()
              > limits.get(c.status, float("inf")))
@@ -82,12 +82,6 @@ def _queue_context(request: HttpRequest) -> dict[str, object]:
     return {"rows": [(c, late, clinic.label("site", c.site),
                       clinic.label("doctor", c.doctor) if c.doctor else "")
                      for c, late in rows], "show": show}
-
-
-def request_limits() -> dict[str, float]:
-    from django.conf import settings  # noqa: PLC0415
-
-    return dict(settings.CONFIG.web.limits_s)
 
 
 class NoteForm(forms.Form):
