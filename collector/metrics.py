@@ -11,8 +11,9 @@ Two sources, so that intake's per-message path gains nothing:
   (`counters`: quarantined by reason, duplicates, for the whole database and
   every instance since it was created, so with several instances take max(),
   not sum()), each edge's watermark, highest seq and their lag, edges by their
-  last presence state, and open alerts when the web app's alert table
-  exists (`alerts_alert`, or `alerts_episode` as its models have it now).
+  last presence state, and, when the web app's alert tables exist (after
+  `feedback-collector web migrate`), open alerts by rule kind and alert
+  messages by delivery state.
 
 Label values are bounded: kinds and reasons are the code's own words (a
 quarantine reason's first word: `json`, `schema`, `size`, `invalid`,
@@ -58,11 +59,11 @@ _ITEM_KINDS = ("event", "status", "devices", "health", "timesync", "quarantine")
 # loaded PostgreSQL.
 _COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0)
-# The web app's alert table (Django app `alerts`), being built: the name asked
-# for, and the one its models have now (Episode).  A row is open while it has
-# been opened (`opened_at`, when there is one: null while a rule still holds)
-# and has no `resolved_at`.  Without such a table or column: no figure.
-_ALERT_TABLES = ("alerts_alert", "alerts_episode")
+# Alert rule kinds and delivery states as the web app's models name them
+# (collector/web/alerts/models.py: Kind, State); every one is exported, at 0
+# when none, so that a rule on a series sees it resolve.
+_ALERT_KINDS = ("negative", "offline", "health", "silence", "callback", "loyalty", "doctor")
+_DELIVERY_STATES = ("pending", "sent", "failed")
 
 
 class BatchMetrics:
@@ -81,7 +82,8 @@ class BatchMetrics:
                                 "this instance committed, by event kind, duplicates "
                                 "included", ["kind"], registry=registry)
         self.stored = Counter("feedback_collector_events_stored", "events this instance "
-                              "stored (new rows; duplicates not)", registry=registry)
+                              "stored (new rows; duplicates not), by event kind", ["kind"],
+                              registry=registry)
         for kind in _ITEM_KINDS:
             self.messages.labels(kind)
 
@@ -94,8 +96,8 @@ class BatchMetrics:
         for kind, n in collections.Counter(it.body["kind"] for it in items
                                            if it.kind == "event").items():
             self.received.labels(kind).inc(n)
-        if res.stored:
-            self.stored.inc(res.stored)
+        for kind, n in res.stored_kinds.items():
+            self.stored.labels(kind).inc(n)
 
 
 class DatabaseCollector(Collector):
@@ -164,28 +166,44 @@ class DatabaseCollector(Collector):
         for state, n in states.items():
             edges.add_metric([state], float(n))
         yield edges
-        alerts = _open_alerts(db)
-        if alerts is not None:
-            yield GaugeMetricFamily("feedback_collector_alerts_open", "open alerts of the web "
-                                    "app (alerts_alert)", value=alerts)
+        if _has_table(db, "alerts_episode"):
+            yield from _alert_figures(db)
 
 
-def _open_alerts(db: Database) -> int | None:
-    """Open alerts of the web app, or None without its table (see _ALERT_TABLES)."""
-    for table in _ALERT_TABLES:
-        if db.dialect == "sqlite":
-            columns = {str(r[1]) for r in db.query(f"PRAGMA table_info({table})")}
-        else:
-            columns = {str(r[0]) for r in db.query(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = "
-                "current_schema() AND table_name = ?", (table,))}
-        if "resolved_at" not in columns:
-            continue
-        opened = " AND opened_at IS NOT NULL" if "opened_at" in columns else ""
-        # The table name is one of the constants above, never the database's text.
-        sql = f"SELECT count(*) FROM {table} WHERE resolved_at IS NULL{opened}"  # noqa: S608
-        return int(db.query(sql)[0][0])
-    return None
+def _has_table(db: Database, table: str) -> bool:
+    if db.dialect == "sqlite":
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    else:
+        sql = ("SELECT 1 FROM information_schema.tables WHERE table_schema = "
+               "current_schema() AND table_name = ?")
+    return bool(db.query(sql, (table,)))
+
+
+def _alert_figures(db: Database) -> Iterable[Metric]:
+    """The web app's alerts (collector/web/alerts/models.py): an episode is open
+    while raised (`opened_at`) and not resolved."""
+    open_ = GaugeMetricFamily("feedback_collector_alerts_open", "alerts raised and not yet "
+                              "resolved, by rule kind", labels=["kind"])
+    counts = dict.fromkeys(_ALERT_KINDS, 0)
+    for kind, n in db.query(
+            "SELECT r.kind, count(*) FROM alerts_episode e JOIN alerts_rule r ON "
+            "r.id = e.rule_id WHERE e.opened_at IS NOT NULL AND e.resolved_at IS NULL "
+            "GROUP BY r.kind"):
+        if kind in counts:
+            counts[kind] = int(n)
+    for kind, n in counts.items():
+        open_.add_metric([kind], float(n))
+    yield open_
+    messages = GaugeMetricFamily("feedback_collector_alert_messages", "alert messages (one "
+                                 "per alert, kind and channel) by delivery state; failed: "
+                                 "given up after every try", labels=["state"])
+    states = dict.fromkeys(_DELIVERY_STATES, 0)
+    for state, n in db.query("SELECT state, count(*) FROM alerts_delivery GROUP BY state"):
+        if state in states:
+            states[state] = int(n)
+    for state, n in states.items():
+        messages.add_metric([state], float(n))
+    yield messages
 
 
 class _Quiet(WSGIRequestHandler):

@@ -130,6 +130,7 @@ def wall_ms(text: str) -> int:
 @dataclass(slots=True)
 class IngestResult:
     stored: int = 0
+    stored_kinds: dict[str, int] = field(default_factory=dict)  # event kind -> new rows
     duplicates: int = 0
     quarantined: int = 0
     watermarks: dict[EdgeKey, int] = field(default_factory=dict)  # the ones that moved
@@ -254,6 +255,8 @@ def _poison(e: Exception) -> bool:
 
 def _merge(into: IngestResult, part: IngestResult) -> None:
     into.stored += part.stored
+    for kind, n in part.stored_kinds.items():
+        into.stored_kinds[kind] = into.stored_kinds.get(kind, 0) + n
     into.duplicates += part.duplicates
     into.quarantined += part.quarantined
     for key, wm in part.watermarks.items():  # watermarks only grow
@@ -331,6 +334,7 @@ def _store(db: Database, cur: Cursor, items: Sequence[Item], now: int) -> Ingest
         top_seq[key] = max(top_seq.get(key, 0), row["seq"])
     new = _insert_events(db, cur, rows)
     for row in new:
+        res.stored_kinds[row["kind"]] = res.stored_kinds.get(row["kind"], 0) + 1
         if row["kind"] == "dropped":
             res.dropped_ranges.append((row["site"], row["edge"], row["from_seq"],
                                        row["to_seq"], row["reason"]))

@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.alert_fixtures import QM, App, Hook, base_time, hook, make_app
 from tests.collector_fixtures import Backend
-from tests.test_web_alerts import QM, App, Hook, _base, hook, make_app
 from tests.test_web_api import get, new_token
 from tests.test_web_dashboards import _today, sample_data, serve
 from tests.web_fixtures import SmtpSink, query, smtp
@@ -143,7 +143,7 @@ def test_webhook_retry_sends_the_same_body_though_the_value_changed(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", hook.url)
     hook.statuses = [500]
-    t0 = _base()
+    t0 = base_time()
     for m in (0, 1, 2):
         app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
     app.tick(t0 + timedelta(minutes=3))
@@ -216,7 +216,7 @@ def test_webhook_redirect_is_not_followed_nor_taken_for_a_delivery(
     app = make_app()
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", f"http://127.0.0.1:{outer.server_port}/hook")
-    t0 = _base()
+    t0 = base_time()
     for m in (0, 1, 2):
         app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
     app.tick(t0 + timedelta(minutes=3))
@@ -284,7 +284,7 @@ def test_removing_a_rules_webhook_with_a_try_pending_ends_that_delivery_cleanly(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--email", QM, "--webhook-url", hook.url)
     hook.statuses = [500]
-    t0 = _base()
+    t0 = base_time()
     for m in (0, 1, 2):
         app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
     app.tick(t0 + timedelta(minutes=3))
@@ -313,7 +313,7 @@ def test_a_recipient_added_during_an_alert_gets_no_resolution_of_it(
     app = make_app()
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--email", QM, "--webhook-url", hook.url)
-    t0 = _base()
+    t0 = base_time()
     for m in (0, 1, 2):
         app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
     app.tick(t0 + timedelta(minutes=3))

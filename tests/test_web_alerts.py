@@ -10,176 +10,33 @@ and never printed: failures name the field, never its value.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import re
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from collector import store
-from collector.intake import classify
-from tests.collector_fixtures import Backend, press_event
+from tests.alert_fixtures import (
+    QM,
+    SECRET,
+    TZ,
+    App,
+    Hook,
+    base_time,
+    hook,
+    make_app,
+    no_personal_data,
+)
+from tests.collector_fixtures import Backend
 from tests.conftest import Broker, Proc, Subscriber, wait_for
-from tests.web_fixtures import SmtpSink, answer_message, query, smtp, web_cli
+from tests.web_fixtures import SmtpSink, smtp
 
-__all__ = ["smtp"]  # a fixture, used by name
-
-TZ = "Europe/Berlin"
-SECRET = "hook-secret-3f9a"
-PHONE = "+4917055598761"
-COMMENT = "ZQX the desk ignored me ZQX"
-QM = "quality@clinic.example"
-
-
-# -- a webhook receiver ------------------------------------------------------------------
-
-@dataclass
-class Hook:
-    """A real HTTP server answering each POST with the next status of `statuses`
-    (then 200), keeping every request's headers and body."""
-
-    statuses: list[int] = field(default_factory=list)
-    got: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
-
-    def delivered(self) -> list[dict[str, Any]]:
-        """Bodies of the requests answered 2xx, each checked against its signature."""
-        out = []
-        with self.lock:
-            got = list(self.got)
-        for status, headers, body in got:
-            want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-            assert hmac.compare_digest(headers["X-Feedback-Signature"], want), "bad signature"
-            doc = json.loads(body)
-            assert headers["X-Feedback-Alert-Id"] == doc["alert_id"]
-            if 200 <= status < 300:
-                out.append(doc)
-        return out
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            with h.lock:
-                status = h.statuses.pop(0) if h.statuses else 200
-                h.got.append((status, dict(self.headers.items()), body))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    h.url = f"http://127.0.0.1:{server.server_port}/hook"
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield h
-    server.shutdown()
-    server.server_close()
-
-
-# -- the app -----------------------------------------------------------------------------
-
-@dataclass
-class App:
-    config: Path
-    backend: Backend
-    tmp: Path
-    seq: dict[str, int] = field(default_factory=dict)
-
-    def cli(self, *args: str, stdin: str | None = None) -> str:
-        return web_cli(self.config, *args, stdin=stdin)
-
-    def tick(self, now: datetime) -> str:
-        out = self.cli("tick", "--now", now.isoformat())
-        assert "alerts FAILED" not in out, out
-        return out
-
-    def rule(self, *args: str) -> int:
-        secret = self.tmp / "hook.secret"
-        secret.write_text(SECRET + "\n")
-        return int(self.cli("alert-rule", "add", *args, "--webhook-secret-file",
-                            str(secret)).strip())
-
-    def ingest(self, msgs: list[tuple[str, bytes]]) -> None:
-        items = [classify(t, p) for t, p in msgs]
-        assert all(i is not None and i.kind != "quarantine" for i in items)
-        db = self.backend.open()
-        try:
-            store.ingest(db, [i for i in items if i is not None])
-        finally:
-            db.close()
-
-    def press(self, at: datetime, *, desk: str, label: str) -> None:
-        n = self.seq["p"] = self.seq.get("p", 0) + 1
-        score = {"good": 1, "neutral": 0, "bad": -1}[label]
-        self.ingest([press_event(n, desk=desk, label=label, score=score,
-                                 wall_ns=int(at.timestamp()) * 10**9, boot_id="boot-p")])
-
-    def answer(self, at: datetime) -> None:
-        """A callback request with a phone and a comment (which no alert may carry)."""
-        n = self.seq["a"] = self.seq.get("a", 0) + 1
-        self.ingest([answer_message(n, phone=PHONE, comment=COMMENT, wall=at)])
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        return query(self.backend, sql, params)
-
-
-def _config(path: Path, backend: Backend, smtp: SmtpSink, broker_port: int = 1883) -> Path:
-    path.write_text(
-        f'id = "central-1"\n\n[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
-        f"reconnect_min_s = 0.1\nreconnect_max_s = 1\n\n{backend.toml()}\n"
-        f'[reports]\ntz = "{TZ}"\n\n'
-        f'[web]\nstate_dir = "{path.parent}"\nbase_url = "http://127.0.0.1"\n\n'
-        f'[web.smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nsecurity = "none"\n'
-        'from = "Quality team <quality-team@clinic.example>"\n')
-    return path
-
-
-@pytest.fixture
-def make_app(tmp_path: Path, smtp: SmtpSink) -> Callable[..., App]:
-    def make(backend: Backend | None = None, broker_port: int = 1883) -> App:
-        backend = backend or Backend("sqlite", tmp_path, None)
-        cfg = _config(tmp_path / "collector.toml", backend, smtp, broker_port)
-        web_cli(cfg, "migrate")
-        web_cli(cfg, "adduser", "quality", "--role", "quality_manager", "--email", QM,
-                "--language", "ru", stdin="a-long-password\n")
-        return App(cfg, backend, tmp_path)
-
-    return make
-
-
-def _base() -> datetime:
-    """Today's 13:00 in the clinic's zone, or yesterday's if that is still ahead
-    (event times must not be in the future of the real clock's day)."""
-    now = datetime.now(ZoneInfo(TZ))
-    t = now.replace(hour=13, minute=0, second=0, microsecond=0)
-    return (t if t <= now else t - timedelta(days=1)).astimezone(UTC)
-
-
-def _no_personal_data(smtp: SmtpSink, hook: Hook) -> None:
-    texts = [m.subject + m.body for m in smtp.messages] + \
-        [body.decode() for _, _, body in hook.got]
-    for name, value in (("phone", PHONE), ("comment", COMMENT)):
-        leaked = [i for i, t in enumerate(texts) if value in t]
-        assert not leaked, f"alert messages {leaked} carry the {name}"
-
+__all__ = ["hook", "make_app", "smtp"]  # fixtures, used by name
 
 # -- the tests ---------------------------------------------------------------------------
 
@@ -192,7 +49,7 @@ def test_an_afternoon_of_bad_presses_alerts_once_and_resolves_once(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--site", "clinic-3",
              "--threshold", "3", "--window-min", "30", "--email", QM,
              "--webhook-url", hook.url)
-    t0 = _base()
+    t0 = base_time()
 
     def at(minutes: float) -> datetime:
         return t0 + timedelta(minutes=minutes)
@@ -238,7 +95,7 @@ def test_an_afternoon_of_bad_presses_alerts_once_and_resolves_once(
     assert second.subject.strip().startswith("Снято:"), "not in Russian"
     assert done[0]["alert_id"] in first.body
     assert done[1]["alert_id"] in second.body
-    _no_personal_data(smtp, hook)
+    no_personal_data(smtp, hook)
     ((n,),) = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
     assert n == 1
 
@@ -249,7 +106,7 @@ def test_a_failing_webhook_gets_the_alert_on_the_third_try_with_the_same_id(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", hook.url)
     hook.statuses = [500, 500]
-    t0 = _base()
+    t0 = base_time()
     for m in (0, 1, 2):
         app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
     app.tick(t0 + timedelta(minutes=3))
@@ -342,7 +199,7 @@ def test_quiet_hours_hold_a_health_alarm_until_they_end(
     sent until they end, then the e-mail and the webhook go; only the alarm's
     code leaves, never its text (which may name a device)."""
     app = make_app()
-    t0 = _base()
+    t0 = base_time()
     local = t0.astimezone(ZoneInfo(TZ))
     quiet = f"{(local - timedelta(hours=1)):%H:%M}-{(local + timedelta(minutes=30)):%H:%M}"
     app.rule("--name", "Edge alarm", "--kind", "health", "--duration-min", "10",
@@ -401,9 +258,24 @@ def test_the_quality_manager_manages_rules_and_sees_alerts_others_do_not(
     assert "Site unhappy" in page
     assert SECRET not in qm.request("alerts/rules/1/")[2], "the secret shown back"
     assert qm.request("alerts/")[0] == 200
+    # Opening days are checkboxes (Monday to Friday here), kept as ISO weekdays.
+    status, location, _ = qm.post("alerts/rules/new/", {
+        "name": "Console dead?", "kind": "silence", "enabled": "on", "per": "desk",
+        "threshold": "5", "window_min": "60", "min_count": "10", "duration_min": "30",
+        "open_from": "08:00", "open_to": "18:00", "open_days": list("12345"), "emails": QM,
+        "language": "en"})
+    assert (status, location) == (302, "/alerts/rules/")
+    assert app.query("SELECT open_days FROM alerts_rule WHERE name = 'Console dead?'") == \
+        [("12345",)]
+    page = qm.request("alerts/rules/2/")[2]
+    checked = re.findall(r'<input type="checkbox" name="open_days" value="(\d)"[^>]* checked',
+                         page)
+    assert checked == list("12345")
+    assert "Воскресенье" in page  # Django's own day names, in her language
     assert "Site unhappy" in app.cli("alert-rule", "list")
     app.cli("alert-rule", "disable", "1")
-    ((enabled, secret),) = app.query("SELECT enabled, webhook_secret FROM alerts_rule")
+    ((enabled, secret),) = app.query("SELECT enabled, webhook_secret FROM alerts_rule "
+                                     "WHERE id = 1")
     assert not enabled
     assert secret == SECRET
     other = HttpSession(url)

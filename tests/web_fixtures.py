@@ -21,7 +21,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -235,9 +235,11 @@ class HttpSession:
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar),
                                                   _NoRedirect())
 
-    def request(self, path: str, data: dict[str, str] | None = None) -> tuple[int, str, str]:
-        """(status, Location header, body) of GET (or POST with `data`) `path`."""
-        body = urllib.parse.urlencode(data).encode() if data is not None else None
+    def request(self, path: str, data: Mapping[str, str | list[str]] | None = None
+                ) -> tuple[int, str, str]:
+        """(status, Location header, body) of GET (or POST with `data`: a list is a
+        field given several times, as checkboxes are) `path`."""
+        body = urllib.parse.urlencode(data, doseq=True).encode() if data is not None else None
         req = urllib.request.Request(  # noqa: S310 - http:// to the app under test
             urllib.parse.urljoin(self.base, path), data=body)
         if data is not None:
@@ -250,6 +252,10 @@ class HttpSession:
 
     def csrf(self) -> str:
         return next(c.value for c in self.jar if c.name == "csrftoken" and c.value)
+
+    def post(self, path: str, data: Mapping[str, str | list[str]]) -> tuple[int, str, str]:
+        """A form's POST, with the session's CSRF token."""
+        return self.request(path, {"csrfmiddlewaretoken": self.csrf(), **data})
 
     def login(self, user: str, password: str = PASSWORD) -> None:
         self.request("login/")

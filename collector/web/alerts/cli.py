@@ -4,6 +4,8 @@
         --site clinic-3 --desk desk-1 --threshold 5 --window-min 30 \
         --email quality@clinic.example --webhook-url https://hooks.example/feedback \
         --webhook-secret-file /etc/feedback-collector/hook.secret --quiet 22:00-07:00
+    feedback-collector web alert-rule add --name "Console dead?" --kind silence \
+        --open 08:00-18:00 --days 12345 --duration-min 30 --email quality@clinic.example
     feedback-collector web alert-rule list
     feedback-collector web alert-rule disable 3
 
@@ -21,7 +23,7 @@ from pathlib import Path
 # The kinds and groupings as in models.Kind and models.Per (this module is
 # imported to build the parser, before Django is set up; the model's
 # full_clean checks them again).
-KINDS = ("negative", "offline", "health", "silence", "callback", "loyalty")
+KINDS = ("negative", "offline", "health", "silence", "callback", "loyalty", "doctor")
 PERS = ("desk", "site")
 
 
@@ -52,6 +54,8 @@ def add_parser(wsub: argparse._SubParsersAction[argparse.ArgumentParser],
     add.add_argument("--duration-min", type=int, default=15)
     add.add_argument("--code", default="")
     add.add_argument("--open", type=_span, help="opening hours, HH:MM-HH:MM (silence)")
+    add.add_argument("--days", default="1234567",
+                     help="days open, ISO weekdays: 12345 is Monday to Friday (silence)")
     add.add_argument("--quiet", type=_span, help="quiet hours, HH:MM-HH:MM (local)")
     add.add_argument("--email", action="append", default=[])
     add.add_argument("--language", choices=["en", "ru"], default="en")
@@ -91,7 +95,7 @@ def cmd(args: argparse.Namespace) -> int:
                 window_min=args.window_min, share_pct=args.share_pct,
                 min_count=args.min_count, duration_min=args.duration_min, code=args.code,
                 open_from=args.open[0] if args.open else None,
-                open_to=args.open[1] if args.open else None,
+                open_to=args.open[1] if args.open else None, open_days=args.days,
                 quiet_start=args.quiet[0] if args.quiet else None,
                 quiet_end=args.quiet[1] if args.quiet else None,
                 emails="\n".join(args.email), language=args.language,

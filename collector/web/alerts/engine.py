@@ -17,7 +17,12 @@ is retried after 1, 2, 4 ... minutes (at most an hour apart) up to
 `MAX_ATTEMPTS`.  Quiet hours hold messages, not evaluation.
 
 Press rules count presses as the reports do (`reports._counted_presses`:
-no HOLDs, no installer's tests, no bursts; the mood rules of `reports.mood`).
+no HOLDs, no installer's tests, no bursts; the mood rules of `reports.mood`);
+the doctor rule counts Q1 answers as the doctor ranking does, with the answers
+(not imported visits) as its base.  A condition with a start of its own (the
+last press of a silent desk, an offline edge's last message) that starts
+later than its open episode cleared and held again between two ticks: the
+episode is resolved and a new one opened.
 """
 
 from __future__ import annotations
@@ -125,16 +130,37 @@ def _negative(rule: Rule, now: datetime) -> dict[str, Finding]:
 
 
 def _loyalty(rule: Rule, now: datetime) -> dict[str, Finding]:
+    return _index_below(rule, _press_tally(rule, now), "good", "bad", "presses")
+
+
+def _index_below(rule: Rule, tally: dict[str, dict[str, int]], plus: str, minus: str,
+                 noun: str) -> dict[str, Finding]:
+    """Groups whose index (% `plus` - % `minus` of all counted) is below the
+    rule's threshold, of at least `min_count`."""
     out = {}
-    for group, moods in _press_tally(rule, now).items():
-        total = sum(moods.values())
+    for group, counts in tally.items():
+        total = sum(counts.values())
         if total < max(1, rule.min_count):
             continue
-        index = (moods.get("good", 0) - moods.get("bad", 0)) * 100 / total
+        index = (counts.get(plus, 0) - counts.get(minus, 0)) * 100 / total
         if index < rule.threshold:
-            out[group] = Finding(f"index {index:.1f} of {total} presses in "
-                                 f"{rule.window_min} min")
+            out[group] = Finding(f"index {index:.1f} of {total} {noun} in {rule.window_min} min")
     return out
+
+
+def _doctor(rule: Rule, now: datetime) -> dict[str, Finding]:
+    """A doctor's index (% yes - % no of Q1, as `reports.doctor_index` counts it,
+    with the answers as its base) over the rule's last `window_min` minutes."""
+    start = now - timedelta(minutes=rule.window_min)
+    rows = _read(lambda db: queries.events(db, ["answer"], _ms(start), _ms(now) + 1))
+    tally: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        if not _ms(start) < reports.event_ms(r) <= _ms(now) or \
+                not _in_scope(rule, r["site"], r["edge"], r["desk"]):
+            continue
+        tally[r["doctor"] or "(unknown)"][r["q1"]] += 1
+    return _index_below(rule, {f"doctor {d}": c for d, c in tally.items()}, "yes", "no",
+                        "answers")
 
 
 def _fleet(rule: Rule, now: datetime) -> list[dict[str, Any]]:
@@ -171,11 +197,13 @@ def _health(rule: Rule, now: datetime) -> dict[str, Finding]:
 
 
 def _opening(rule: Rule, now: datetime) -> datetime | None:
-    """When today's opening hours began, if `now` is within them."""
+    """When today's opening hours began, if `now` is within them on a day open."""
     # Rule.clean requires both for this kind.
     assert rule.open_from is not None  # noqa: S101
     assert rule.open_to is not None  # noqa: S101
     local = now.astimezone(_zone())
+    if str(local.isoweekday()) not in rule.open_days:
+        return None
     start = datetime.combine(local.date(), rule.open_from, _zone())
     end = datetime.combine(local.date(), rule.open_to, _zone())
     return start if start <= local < end else None
@@ -222,7 +250,8 @@ def _callback(rule: Rule, now: datetime) -> dict[str, Finding]:
 
 CONDITIONS: dict[str, Callable[[Rule, datetime], dict[str, Finding]]] = {
     Kind.NEGATIVE: _negative, Kind.OFFLINE: _offline, Kind.HEALTH: _health,
-    Kind.SILENCE: _silence, Kind.CALLBACK: _callback, Kind.LOYALTY: _loyalty}
+    Kind.SILENCE: _silence, Kind.CALLBACK: _callback, Kind.LOYALTY: _loyalty,
+    Kind.DOCTOR: _doctor}
 
 
 def _duration(rule: Rule) -> timedelta:
@@ -252,6 +281,11 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
     current = {e.subject: e for e in Episode.objects.filter(rule=rule, resolved_at__isnull=True)}
     for subject, f in found.items():
         ep = current.get(subject)
+        if ep is not None and f.since is not None and f.since > ep.since:
+            # It cleared and held again between two ticks (a press at a silent
+            # desk, an edge back for a while): that episode is over, this is new.
+            changed += _end(ep, now)
+            ep = None
         if ep is None:
             try:
                 with transaction.atomic():
@@ -265,14 +299,18 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
         if ep.opened_at is None and now - ep.since >= _duration(rule):
             changed += _mark(ep, "opened_at", DeliveryKind.OPENED, now)
     for subject, ep in current.items():
-        if subject in found:
-            continue
-        if ep.opened_at is None:
-            # Cleared before it had held long enough: never an alert.
-            Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).delete()
-            continue
-        changed += _mark(ep, "resolved_at", DeliveryKind.RESOLVED, now)
+        if subject not in found:
+            changed += _end(ep, now)
     return changed
+
+
+def _end(ep: Episode, now: datetime) -> int:
+    """The condition no longer holds: resolve the alert, or forget an episode
+    that cleared before it had held long enough (never an alert)."""
+    if ep.opened_at is None:
+        Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).delete()
+        return 0
+    return _mark(ep, "resolved_at", DeliveryKind.RESOLVED, now)
 
 
 def _mark(ep: Episode, field: str, kind: str, now: datetime) -> int:

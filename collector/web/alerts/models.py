@@ -36,6 +36,7 @@ class Kind(models.TextChoices):
     SILENCE = "silence", _("No presses during opening hours")
     CALLBACK = "callback", _("Callback past its time limit")
     LOYALTY = "loyalty", _("Loyalty index below a threshold")
+    DOCTOR = "doctor", _("Doctor index below a threshold")
 
 
 class Per(models.TextChoices):
@@ -48,10 +49,14 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     Kind.NEGATIVE: ("per", "threshold", "window_min", "share_pct"),
     Kind.OFFLINE: ("duration_min",),
     Kind.HEALTH: ("code", "duration_min"),
-    Kind.SILENCE: ("duration_min", "open_from", "open_to"),
+    Kind.SILENCE: ("duration_min", "open_from", "open_to", "open_days"),
     Kind.CALLBACK: (),
     Kind.LOYALTY: ("per", "threshold", "window_min", "duration_min", "min_count"),
+    Kind.DOCTOR: ("threshold", "window_min", "duration_min", "min_count"),
 }
+
+# ISO weekdays (Monday 1) as `open_days` holds them.
+WEEKDAYS = "1234567"
 
 
 class Rule(models.Model):
@@ -67,6 +72,7 @@ class Rule(models.Model):
     # `share_pct`, that share of bad among at least `threshold` presses.
     # Loyalty: the index (% good - % bad) of `window_min` minutes below `threshold`
     # (of at least `min_count` presses) for `duration_min` minutes.
+    # Doctor: a doctor's index (% yes - % no of Q1 among the answers) the same way.
     threshold = models.IntegerField(_("threshold"), default=5)
     window_min = models.PositiveIntegerField(_("window (minutes)"), default=60)
     share_pct = models.PositiveSmallIntegerField(_("share of bad (%)"), null=True, blank=True)
@@ -78,6 +84,7 @@ class Rule(models.Model):
                             default="")
     open_from = models.TimeField(_("opens at"), null=True, blank=True)
     open_to = models.TimeField(_("closes at"), null=True, blank=True)
+    open_days = models.CharField(_("open on"), max_length=7, default=WEEKDAYS, blank=True)
     # Channels.
     emails = models.TextField(_("e-mail recipients (one a line)"), blank=True, default="")
     language = models.CharField(_("language of e-mails to addresses without an account"),
@@ -124,7 +131,9 @@ class Rule(models.Model):
             errors["webhook_secret"] = _("a webhook needs a secret to sign with")
         if not self.recipients() and not self.webhook_url:
             errors["emails"] = _("give e-mail recipients, a webhook, or both")
-        if self.kind in (Kind.NEGATIVE, Kind.LOYALTY) and self.window_min < 1:
+        if self.kind in (Kind.LOYALTY, Kind.DOCTOR) and not -100 < self.threshold <= 100:
+            errors["threshold"] = _("an index from -99 to 100")
+        if self.kind in (Kind.NEGATIVE, Kind.LOYALTY, Kind.DOCTOR) and self.window_min < 1:
             errors["window_min"] = _("at least a minute")
         if self.kind == Kind.NEGATIVE and self.threshold < 1:
             errors["threshold"] = _("at least 1")
@@ -132,6 +141,14 @@ class Rule(models.Model):
             errors["share_pct"] = _("from 1 to 100")
         if self.kind == Kind.SILENCE and (self.open_from is None or self.open_to is None):
             errors["open_from"] = _("give the opening hours")
+        elif self.kind == Kind.SILENCE and self.open_from is not None and \
+                self.open_to is not None and self.open_from >= self.open_to:
+            errors["open_to"] = _("closing time after the opening time")
+        if self.open_days and (set(self.open_days) - set(WEEKDAYS) or
+                               len(set(self.open_days)) != len(self.open_days)):
+            errors["open_days"] = _("weekdays from 1 (Monday) to 7 (Sunday)")
+        if self.kind == Kind.SILENCE and not self.open_days:
+            errors["open_days"] = _("give the days the clinic is open")
         if (self.quiet_start is None) != (self.quiet_end is None):
             errors["quiet_start"] = _("give both ends of the quiet hours, or neither")
         if errors:

@@ -10,32 +10,55 @@ from django import forms
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.dates import WEEKDAYS as DAY_NAMES
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from collector.web.alerts.models import Episode, Rule
+from collector.web.alerts.models import KIND_FIELDS, WEEKDAYS, Episode, Kind, Rule
 from collector.web.roles import MANAGE, role_required
 
 
 class RuleForm(forms.ModelForm):  # type: ignore[type-arg]  # no runtime generics (no django-stubs-ext)
     webhook_secret = forms.CharField(
-        label=_("webhook secret"), required=False, max_length=200,
+        label=gettext_lazy("webhook secret"), required=False, max_length=200,
         widget=forms.PasswordInput(render_value=False),
-        help_text=_("kept as it is when left empty"))
+        help_text=gettext_lazy("kept as it is when left empty"))
+
+    open_days = forms.MultipleChoiceField(
+        label=gettext_lazy("open on"), required=False, widget=forms.CheckboxSelectMultiple,
+        # Django's own translated day names (django.utils.dates: 0 is Monday).
+        choices=[(d, DAY_NAMES[int(d) - 1]) for d in WEEKDAYS])
 
     class Meta:
         model = Rule
         fields: ClassVar[list[str]] = [
             "name", "kind", "enabled", "site", "desk", "edge", "per", "threshold",
             "window_min", "share_pct", "min_count", "duration_min", "code", "open_from",
-            "open_to", "emails", "language", "webhook_url", "webhook_secret", "quiet_start",
-            "quiet_end"]
+            "open_to", "open_days", "emails", "language", "webhook_url", "webhook_secret",
+            "quiet_start", "quiet_end"]
         widgets: ClassVar[dict[str, Any]] = {
             "open_from": forms.TimeInput(attrs={"type": "time"}),
             "open_to": forms.TimeInput(attrs={"type": "time"}),
             "quiet_start": forms.TimeInput(attrs={"type": "time"}),
             "quiet_end": forms.TimeInput(attrs={"type": "time"}),
             "emails": forms.Textarea(attrs={"rows": 3})}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial["open_days"] = list(self.instance.open_days if self.instance.pk
+                                         else WEEKDAYS)
+        # Each kind reads some fields only: say which, beside each field.
+        labels = dict(Kind.choices)
+        for name, field in self.fields.items():
+            kinds = [labels[k] for k, fields in KIND_FIELDS.items() if name in fields]
+            if kinds:
+                read_by = _("read by: %(kinds)s") % {"kinds": "; ".join(str(k) for k in kinds)}
+                field.help_text = f"{field.help_text} ({read_by})" if field.help_text \
+                    else read_by
+
+    def clean_open_days(self) -> str:
+        return "".join(sorted(self.cleaned_data.get("open_days") or []))
 
     def clean_webhook_secret(self) -> str:
         secret = str(self.cleaned_data.get("webhook_secret") or "")
