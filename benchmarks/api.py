@@ -1,20 +1,30 @@
 """Read-API benchmark: events per second through the paged endpoint, as a ratio
 to a plain SQL read of the same rows.
 
-    .venv/bin/python benchmarks/api.py [--events 100000] [--runs 3] [--dsn DSN]
+    .venv/bin/python benchmarks/api.py [--events 100000] [--runs 3]
+        [--db sqlite|postgres|both] [--dsn DSN]
 
-The events are written straight into a new SQLite database (or, with `--dsn`,
-into that PostgreSQL database, which must be an empty throwaway one); the app
-is started as `feedback-collector web serve` with a token whose rate limit is
-out of the way.  Each run pages through every event with `limit=1000` (JSON,
-no personal data), following `next_cursor`, from this process over HTTP; the
-baseline is this process reading the same rows and columns in the same order
-with one plain SELECT (sqlite3 or psycopg).  Median and range of `--runs`.
+`--db` (default sqlite) picks the database the events are written straight
+into: `sqlite` a new SQLite file; `postgres` a new database in a throwaway
+PostgreSQL cluster started here as benchmarks/collector.py does (Debian's
+`postgresql`, `tests.collector_fixtures.Postgres`, on a free port; stopped and
+removed at the end); `both` measures SQLite, then PostgreSQL, in this one
+process and prints each.  `--dsn` names a PostgreSQL database to use instead
+of starting one; it must be an empty throwaway one (without `--db`, it means
+`--db postgres`, as it always has).
+
+For each database the app is started as `feedback-collector web serve` with a
+token whose rate limit is out of the way.  Each run pages through every event
+with `limit=1000` (JSON, no personal data), following `next_cursor`, from this
+process over HTTP; the baseline is this process reading the same rows and
+columns in the same order with one plain SELECT (sqlite3 or psycopg).  Median
+and range of `--runs`, after one warm-up pass through the API.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sqlite3
@@ -26,8 +36,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,11 +74,11 @@ def _rows(n: int) -> list[tuple[Any, ...]]:
 def _insert(path: Path | None, dsn: str | None, rows: list[tuple[Any, ...]]) -> None:
     open_database(path, dsn).close()  # the schema
     if path is not None:
-        conn = sqlite3.connect(path)
-        with conn:
-            conn.executemany(f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "  # noqa: S608
+        lite = sqlite3.connect(path)
+        with lite:
+            lite.executemany(f"INSERT INTO events ({', '.join(EVENT_COLS)}) VALUES "  # noqa: S608
                              f"({', '.join('?' * len(EVENT_COLS))})", rows)
-        conn.close()
+        lite.close()
         return
     import psycopg
 
@@ -80,9 +92,9 @@ def _insert(path: Path | None, dsn: str | None, rows: list[tuple[Any, ...]]) -> 
 def _plain_read(path: Path | None, dsn: str | None) -> int:
     sql = f"SELECT {', '.join(COLS)} FROM events ORDER BY site, edge, seq, event_id"  # noqa: S608
     if path is not None:
-        conn = sqlite3.connect(path)
-        n = len(conn.execute(sql).fetchall())
-        conn.close()
+        lite = sqlite3.connect(path)
+        n = len(lite.execute(sql).fetchall())
+        lite.close()
         return n
     import psycopg
 
@@ -110,7 +122,7 @@ def _cli(cfg: Path, *args: str) -> str:
                           timeout=300).stdout
 
 
-def _timed(fn: Any, runs: int) -> tuple[list[float], int]:
+def _timed(fn: Callable[[], int], runs: int) -> tuple[list[float], int]:
     times, n = [], 0
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -119,21 +131,25 @@ def _timed(fn: Any, runs: int) -> tuple[list[float], int]:
     return times, n
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=100_000)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dsn", help="an empty throwaway PostgreSQL database")
-    args = ap.parse_args()
+@dataclass(frozen=True)
+class Result:
+    db: str  # "SQLite" or "PostgreSQL"
+    events: int
+    api: list[float]  # seconds per pass, one a run
+    plain: list[float]
+
+
+def measure(rows: list[tuple[Any, ...]], runs: int, dsn: str | None) -> Result:
+    """The API and the plain read over `rows` in a new SQLite file (`dsn` None)
+    or in the empty PostgreSQL database `dsn`."""
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         work = Path(tmp)
-        path = None if args.dsn else work / "collector.sqlite"
-        db_toml = f'dsn = "{args.dsn}"' if args.dsn else f'path = "{path}"'
+        path = None if dsn else work / "collector.sqlite"
+        db_toml = f'dsn = "{dsn}"' if dsn else f'path = "{path}"'
         cfg = work / "collector.toml"
         cfg.write_text(f'id = "bench"\n[broker]\nhost = "127.0.0.1"\n[database]\n{db_toml}\n'
                        f'[web]\nstate_dir = "{work}"\n')
-        rows = _rows(args.events)
-        _insert(path, args.dsn, rows)
+        _insert(path, dsn, rows)
         _cli(cfg, "migrate")
         token = _cli(cfg, "token", "create", "bench", "--rate", "1000",
                      "--burst", "10000").strip()
@@ -152,26 +168,72 @@ def main() -> int:
                 threading.Event().wait(0.1)
             if base is None:
                 raise SystemExit(f"the app did not start: {log.read_text()[-2000:]}")
+            url = base
             try:
-                _page_through(base, token)  # warm: connections, caches
-                api, n_api = _timed(lambda: _page_through(base, token), args.runs)
+                _page_through(url, token)  # warm: connections, caches
+                api, n_api = _timed(lambda: _page_through(url, token), runs)
             except urllib.error.HTTPError as e:
                 raise SystemExit(f"the API failed ({e.code}): {log.read_text()[-3000:]}"
                                  ) from None
-            plain, n_plain = _timed(lambda: _plain_read(path, args.dsn), args.runs)
+            plain, n_plain = _timed(lambda: _plain_read(path, dsn), runs)
         finally:
             proc.kill()
             proc.wait(15)
-    assert n_api == n_plain == args.events, (n_api, n_plain)
-    rate_api = args.events / statistics.median(api)
-    rate_plain = args.events / statistics.median(plain)
-    db = "PostgreSQL" if args.dsn else "SQLite"
-    print(f"{db}, {args.events:,} events, limit 1000, median of {args.runs} (range):")
-    print(f"  API paged:  {rate_api:,.0f} events/s ({statistics.median(api):.2f} s, "
-          f"{min(api):.2f}-{max(api):.2f})")
-    print(f"  plain SQL:  {rate_plain:,.0f} events/s ({statistics.median(plain):.3f} s, "
-          f"{min(plain):.3f}-{max(plain):.3f})")
-    print(f"  ratio API / plain: {rate_api / rate_plain:.3f}")
+    assert n_api == n_plain == len(rows), (n_api, n_plain)
+    return Result("PostgreSQL" if dsn else "SQLite", len(rows), api, plain)
+
+
+def report(r: Result) -> None:
+    rate_api = r.events / statistics.median(r.api)
+    rate_plain = r.events / statistics.median(r.plain)
+    print(f"{r.db}, {r.events:,} events, limit 1000, median of {len(r.api)} (range):")
+    print(f"  API paged:  {rate_api:,.0f} events/s ({statistics.median(r.api):.2f} s, "
+          f"{min(r.api):.2f}-{max(r.api):.2f})")
+    print(f"  plain SQL:  {rate_plain:,.0f} events/s ({statistics.median(r.plain):.3f} s, "
+          f"{min(r.plain):.3f}-{max(r.plain):.3f})")
+    print(f"  ratio API / plain: {rate_api / rate_plain:.3f}", flush=True)
+
+
+class _Cluster(Protocol):
+    def new_database(self) -> str: ...
+    def stop(self) -> None: ...
+
+
+def _postgres() -> _Cluster:
+    """A throwaway PostgreSQL cluster, as benchmarks/collector.py starts one.
+    Imported by name: mypy would otherwise check the tests' conftest with it."""
+    try:
+        cluster: _Cluster = importlib.import_module("tests.collector_fixtures").Postgres()
+    except BaseException as e:  # noqa: BLE001 - pytest.skip raises outside pytest
+        raise SystemExit(f"PostgreSQL could not be started: {e}") from None
+    return cluster
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--db", choices=("sqlite", "postgres", "both"),
+                    help="sqlite (the default), postgres (a throwaway cluster started "
+                         "here, or --dsn), or both, one after the other")
+    ap.add_argument("--dsn", help="an empty throwaway PostgreSQL database to use for postgres "
+                                  "instead of starting a cluster")
+    args = ap.parse_args()
+    db = args.db or ("postgres" if args.dsn else "sqlite")
+    if args.dsn and db == "sqlite":
+        ap.error("--dsn is a PostgreSQL database: use it with --db postgres or both")
+    rows = _rows(args.events)
+    if db in ("sqlite", "both"):
+        report(measure(rows, args.runs, None))
+    if db in ("postgres", "both"):
+        if args.dsn:
+            report(measure(rows, args.runs, args.dsn))
+        else:
+            pg = _postgres()
+            try:
+                report(measure(rows, args.runs, pg.new_database()))
+            finally:
+                pg.stop()
     return 0
 
 
