@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, format_wall
+from edge.contract.timefmt import WALL_MAX_MS, WALL_MIN_MS, format_ms, format_wall
 from edge.events import (
     Abandoned,
     DeviceLost,
@@ -63,6 +63,28 @@ WALL_NS = st.integers(WALL_MIN_MS * 1_000_000, WALL_MAX_MS * 1_000_000 + 999_999
 @example(4_107_542_400_000 * 1_000_000 - 1)  # just past 2099: strftime's form kept too
 def test_format_wall_is_strftime_over_the_contracts_range(wall_ns: int) -> None:
     assert format_wall(wall_ns) == strftime_wall(wall_ns)
+
+
+@given(st.integers(-(2**62), 2**62))
+@example(WALL_MIN_MS)
+@example(WALL_MAX_MS)
+@example(-1)
+@example(-62_135_596_800_000)  # 0001-01-01T00:00:00.000Z
+@example(-62_135_596_800_001)  # the year 0: none
+@example(253_402_300_799_999)  # 9999-12-31T23:59:59.999Z
+@example(253_402_300_800_000)  # the year 10000: none
+@example(-61_000_000_000_000)  # year 36: four digits, as RFC 3339 has it
+def test_format_ms_is_datetimes_isoformat_for_years_1_to_9999(ms: int) -> None:
+    """The read API's event time: datetime's own RFC 3339 where datetime has
+    the instant, None where it has not."""
+    try:
+        t = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+    except OverflowError:
+        assert format_ms(ms) is None
+        return
+    assert format_ms(ms) == t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if WALL_MIN_MS <= ms <= WALL_MAX_MS:
+        assert format_ms(ms) == format_wall(ms * 1_000_000)
 
 
 @given(st.integers(-(2**62), 2**62))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+import time
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["DAYS", "WALL_MAX_MS", "WALL_MIN_MS", "WALL_RANGE", "check_zone", "format_wall",
-           "parse_days", "parse_hhmm"]
+__all__ = ["DAYS", "WALL_MAX_MS", "WALL_MIN_MS", "WALL_RANGE", "check_zone", "format_ms",
+           "format_wall", "parse_days", "parse_hhmm"]
 
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -45,6 +46,24 @@ def format_wall(wall_ns: int) -> str:
     minute, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)
     return f"{_minute(minute)}{s:02d}.{ms:03d}Z"
+
+
+def format_ms(ms: int | None) -> str | None:
+    """`ms` since the epoch as RFC 3339 UTC with milliseconds (format_wall's form),
+    or None for no time or one outside years 1-9999 (rows stored before the
+    range was checked).  By gmtime and one format, whatever the year: the read
+    API formats every event it serves (1 µs, against 2.3 by datetime)."""
+    if ms is None:
+        return None
+    s, milli = divmod(ms, 1000)
+    try:
+        t = time.gmtime(s)
+    except (OverflowError, OSError, ValueError):
+        return None
+    if not 1 <= t.tm_year <= 9999:
+        return None
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - the fastest form here
+        t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, milli)
 
 
 _EPOCH_ORDINAL: Final = dt.date(1970, 1, 1).toordinal()

@@ -97,7 +97,10 @@ def authenticate(header: str) -> ApiToken | None:
     m = _TOKEN.fullmatch(value.strip())
     if m is None:
         return None
-    token = ApiToken.objects.filter(prefix=m.group(1)).first()
+    try:
+        token = ApiToken.objects.get(prefix=m.group(1))  # unique: no ORDER BY, no LIMIT
+    except ApiToken.DoesNotExist:
+        token = None
     # Compared in constant time: the prefix is not a secret, the hash's match is.
     if token is None or not hmac.compare_digest(token.secret_hash, _digest(m.group(2))):
         return None

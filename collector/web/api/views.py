@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import wraps
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -43,7 +43,7 @@ from collector.web.api.models import DEFAULT_BURST, DEFAULT_RATE_PER_S, ApiToken
 from collector.web.dashboards import read
 from collector.web.models import AuditEntry, User
 from collector.web.roles import MANAGE, role_required
-from edge.contract.timefmt import WALL_RANGE, check_zone
+from edge.contract.timefmt import WALL_RANGE, check_zone, format_ms
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ _PLAIN = tuple(c for c in EVENT_COLS if c not in ("payload", *PERSONAL))
 _BOOLS = frozenset(("synced", "hold"))
 # The stable order pages follow, and the cursor's key (README, "Read API").
 _ORDER = ("site", "edge", "seq", "event_id")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # -- errors and authentication -----------------------------------------------------------
@@ -224,16 +223,6 @@ def csv_response(header: Sequence[Any], rows: Iterable[Sequence[Any]], filename:
     return response
 
 
-def _rfc3339(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    try:
-        t = _EPOCH + timedelta(milliseconds=ms)
-    except OverflowError:  # a database from before the range was checked
-        return None
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
 # -- /events ------------------------------------------------------------------------------
 
 def event_page(*, site: str | None = None, edge: str | None = None, desk: str | None = None,
@@ -279,23 +268,33 @@ def event_page(*, site: str | None = None, edge: str | None = None, desk: str | 
     params.append(limit + 1)
     with connection.cursor() as cur:
         cur.execute(sql, params)
-        return cols, list(cur.fetchall())
+        return cols, cur.fetchall()
 
 
-def _event_json(cols: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
-    d = dict(zip(cols, row, strict=True))
-    for b in _BOOLS:
-        if d[b] is not None:
-            d[b] = bool(d[b])
-    t = d["corrected_ms"] if d["corrected_ms"] is not None else d["wall_ms"]
-    return {"id": f"{d['site']}/{d['edge']}/{d['event_id']}", "time": _rfc3339(t), **d}
+def _event_dicts(cols: Sequence[str], rows: Iterable[Sequence[Any]]
+                 ) -> Iterable[dict[str, Any]]:
+    """Each row as the API's event: `id`, `time`, then the columns (booleans as
+    booleans).  Positions are found once per page, not per row."""
+    keys = ("id", "time", *cols)
+    bools = [cols.index(b) for b in _BOOLS]
+    site, edge, eid, corrected, wall = (cols.index(c) for c in (
+        "site", "edge", "event_id", "corrected_ms", "wall_ms"))
+    for row in rows:
+        vals = list(row)
+        for i in bools:
+            if vals[i] is not None:
+                vals[i] = bool(vals[i])
+        t = row[corrected] if row[corrected] is not None else row[wall]
+        yield dict(zip(keys, (f"{row[site]}/{row[edge]}/{row[eid]}", format_ms(t), *vals),
+                       strict=True))
 
 
-def _event_csv(cols: Sequence[str], row: Sequence[Any]) -> list[Any]:
-    d = _event_json(cols, row)
-    if d.get("phone") is not None:
-        d["phone"] = reports.Text(d["phone"])  # stays text in a spreadsheet
-    return [d[c] for c in ("id", "time", *cols)]
+def _event_csv(cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> Iterable[list[Any]]:
+    keys = ("id", "time", *cols)
+    for d in _event_dicts(cols, rows):
+        if d.get("phone") is not None:
+            d["phone"] = reports.Text(d["phone"])  # stays text in a spreadsheet
+        yield [d[c] for c in keys]
 
 
 @api_view
@@ -320,10 +319,11 @@ def events(request: HttpRequest, token: ApiToken) -> HttpResponse:
         _audit_personal(token, cols, rows)
     if fmt == "csv":
         extra = {"X_Next_Cursor": next_cursor} if next_cursor else {}
-        return csv_response(["id", "time", *cols], (_event_csv(cols, r) for r in rows),
-                            "events.csv", **extra)
-    return JsonResponse({"events": [_event_json(cols, r) for r in rows],
-                         "next_cursor": next_cursor})
+        return csv_response(["id", "time", *cols], _event_csv(cols, rows), "events.csv",
+                            **extra)
+    # Compact: a tenth fewer bytes to send and parse on a page of a thousand.
+    return JsonResponse({"events": list(_event_dicts(cols, rows)), "next_cursor": next_cursor},
+                        json_dumps_params={"separators": (",", ":")})
 
 
 def _audit_personal(token: ApiToken, cols: Sequence[str], rows: Sequence[Sequence[Any]]
