@@ -205,6 +205,9 @@ class ConsoleServer:
                 "unacked": fw.unacked, "lost": fw.lost,
                 "sent": fw.counters.sent, "resent": fw.counters.resent,
                 "acks": fw.counters.acks,
+                # Every button released and settled, nothing scripted: the next
+                # press of any button is a press of its own.
+                "idle": fw.idle,
                 "leds": [[led.button, led.mode, led.ms] for led in fw.leds[-10:]],
                 # Events the host's ACKs removed from the ring, oldest first:
                 # [dev_seq, "PRESS" | "HOLD" | "HELLO", button, event_uptime_ms].  The

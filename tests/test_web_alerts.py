@@ -282,3 +282,62 @@ def test_the_quality_manager_manages_rules_and_sees_alerts_others_do_not(
     other.login("manager", "a-long-password")
     assert other.request("alerts/rules/")[0] == 403
     assert other.request("alerts/")[0] == 403
+
+
+def test_an_afternoon_pressed_on_real_consoles_alerts_once_and_resolves_once(
+        make_app: Callable[..., App], smtp: SmtpSink, hook: Hook, broker: Broker,
+        procs: Callable[[list[str], Path], Proc], tmp_path: Path) -> None:
+    """The whole way: simulated consoles -> the edge daemon -> Mosquitto -> the
+    collector -> the alert tick.  The presses are the daemon's, timed by its
+    clock; the afternoon is compressed into seconds and the tick's clock moves
+    on by itself."""
+    from tests.collector_fixtures import wait_events
+    from tests.test_pipeline import Site
+
+    app = make_app(broker_port=broker.port)
+    app.rule("--name", "Desk unhappy", "--kind", "negative", "--threshold", "3",
+             "--window-min", "30", "--email", QM, "--webhook-url", hook.url)
+    procs(["collector.cli", "run", "--config", str(app.config)], tmp_path / "collector.log")
+    (tmp_path / "edge").mkdir()
+    site = Site(tmp_path / "edge", broker, procs, consoles=2)
+    # Compressed into seconds, an afternoon's presses would be flagged as a burst
+    # (more than 5 in 10 s at a desk), and bursts are not counted.
+    with site.config.open("a") as f:
+        f.write("\n[guards]\nburst_presses = 1000\n")
+    site.start()
+    site.wait_connected()
+    good, bad = 0, 2  # the three-level layout's buttons
+
+    def press(console: int, button: int, stored: int) -> None:
+        site.press(button, console=console)
+        wait_events(app.backend, stored, 30, f"press {stored} stored by the collector")
+        # The pipeline is faster than a finger: the next press waits for this
+        # one's button to be released and settled, as a patient's would be.
+        wait_for(lambda: site.sim(console)["idle"], 10, "the button released")
+
+    # A calm start: desk-1 good twice, desk-2 bad twice (below the threshold).
+    for n, (console, button) in enumerate(((0, good), (1, bad), (0, good), (1, bad)), 1):
+        press(console, button, n)
+    app.tick(datetime.now(UTC))
+    assert (smtp.count(), hook.got) == (0, [])
+    # desk-1 turns bad: the third bad press in 30 minutes is an alert, once.
+    for n in (5, 6, 7):
+        press(0, bad, n)
+    app.tick(datetime.now(UTC))
+    assert [(d["kind"], d["subject"]) for d in hook.delivered()] == [
+        ("opened", "clinic-3/desk-1")]
+    for n in (8, 9):
+        press(0, bad, n)
+    app.tick(datetime.now(UTC))
+    assert len(hook.got) == 1, "an open alert sent again"
+    # Half an hour on, the bad presses have left the window: resolved, once.
+    later = datetime.now(UTC) + timedelta(minutes=31)
+    app.tick(later)
+    app.tick(later + timedelta(minutes=10))
+    done = hook.delivered()
+    assert [(d["kind"], d["subject"]) for d in done] == [
+        ("opened", "clinic-3/desk-1"), ("resolved", "clinic-3/desk-1")]
+    assert done[0]["alert_id"] == done[1]["alert_id"]
+    assert [m.subject.strip().split(":")[0] for m in smtp.to(QM)] == ["Оповещение", "Снято"]
+    ((rows,),) = app.query("SELECT count(*) FROM events WHERE kind = 'press'")
+    assert rows == 9
