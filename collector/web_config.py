@@ -10,6 +10,11 @@ Example::
                                 # closed (or was left at "could not reach"); also what
                                 # the quarantine and the failed-login records keep
     behind_proxy = true         # trust X-Forwarded-Proto from the reverse proxy
+    webhook_allow = ["10.20.0.0/16", "tickets.clinic.lan"]
+                                # alert webhooks may reach public addresses only, and
+                                # these networks and host names (the clinic's own
+                                # systems): never loopback, link-local or other
+                                # private addresses unless listed here
 
     [web.limits]                # hours a case may stay in a status before a warning
     new = 4
@@ -33,6 +38,7 @@ Mistakes are `edge.contract.toml.ConfigError`s naming key, value and what is all
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,7 @@ STATUSES_WITH_LIMITS: Final = ("new", "in_progress", "investigating", "resolved"
 _DEFAULT_LIMITS_H: Final = {"new": 4.0, "in_progress": 24.0, "investigating": 72.0,
                             "resolved": 48.0, "unreachable": 72.0}
 _HOST: Final = re.compile(r"^[A-Za-z0-9.\-*:\[\]]{1,253}$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,30 @@ class WebConfig:
     limits_s: dict[str, float] = field(
         default_factory=lambda: {k: v * 3600 for k, v in _DEFAULT_LIMITS_H.items()})
     smtp: SmtpConfig | None = None
+    # Where alert webhooks may go besides public addresses (alerts/channels.py).
+    webhook_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    webhook_hosts: tuple[str, ...] = ()
+
+
+def _webhook_allow(t: Table) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                                      tuple[str, ...]]:
+    value = t.get("webhook_allow")
+    if value is MISSING:
+        return (), ()
+    networks, hosts = [], []
+    allowed = 'a list of networks and host names, like ["10.20.0.0/16", "tickets.clinic.lan"]'
+    if not isinstance(value, list):
+        raise t.error("webhook_allow", value, allowed)
+    for item in value:
+        if not isinstance(item, str):
+            raise t.error("webhook_allow", value, allowed)
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            if not _NAME.match(item):
+                raise t.error("webhook_allow", item, allowed) from None
+            hosts.append(item.lower().rstrip("."))
+    return tuple(networks), tuple(hosts)
 
 
 def parse_web(t: Table | None, default_state_dir: Path) -> WebConfig:
@@ -103,6 +134,7 @@ def parse_web(t: Table | None, default_state_dir: Path) -> WebConfig:
         for status in STATUSES_WITH_LIMITS:
             limits[status] = lt.number(status, _DEFAULT_LIMITS_H[status], 0.05, 24 * 365) * 3600
         lt.finish()
+    networks, webhook_hosts = _webhook_allow(t)
     smtp = None
     st = t.table("smtp")
     if st is not None:
@@ -121,4 +153,4 @@ def parse_web(t: Table | None, default_state_dir: Path) -> WebConfig:
         st.finish()
     t.finish()
     return WebConfig(secret, state_dir, allowed, base_url.rstrip("/"), erase, proxy,
-                     limits, smtp)
+                     limits, smtp, networks, webhook_hosts)

@@ -133,12 +133,17 @@ class App:
         return query(self.backend, sql, params)
 
 
-def alerts_config(path: Path, backend: Backend, smtp: SmtpSink, broker_port: int = 1883) -> Path:
+def alerts_config(path: Path, backend: Backend, smtp: SmtpSink, broker_port: int = 1883,
+                  webhook_allow: tuple[str, ...] = ("127.0.0.1",)) -> Path:
+    """The collector's config; webhooks may reach `webhook_allow` (the test's
+    receivers listen on loopback, which a webhook may not reach unless listed)."""
+    allow = ", ".join(f'"{a}"' for a in webhook_allow)
     path.write_text(
         f'id = "central-1"\n\n[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
         f"reconnect_min_s = 0.1\nreconnect_max_s = 1\n\n{backend.toml()}\n"
         f'[reports]\ntz = "{TZ}"\n\n'
-        f'[web]\nstate_dir = "{path.parent}"\nbase_url = "http://127.0.0.1"\n\n'
+        f'[web]\nstate_dir = "{path.parent}"\nbase_url = "http://127.0.0.1"\n'
+        f"webhook_allow = [{allow}]\n\n"
         f'[web.smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nsecurity = "none"\n'
         'from = "Quality team <quality-team@clinic.example>"\n')
     return path
@@ -146,9 +151,11 @@ def alerts_config(path: Path, backend: Backend, smtp: SmtpSink, broker_port: int
 
 @pytest.fixture
 def make_app(tmp_path: Path, smtp: SmtpSink) -> Callable[..., App]:
-    def make(backend: Backend | None = None, broker_port: int = 1883) -> App:
+    def make(backend: Backend | None = None, broker_port: int = 1883,
+             webhook_allow: tuple[str, ...] = ("127.0.0.1",)) -> App:
         backend = backend or Backend("sqlite", tmp_path, None)
-        cfg = alerts_config(tmp_path / "collector.toml", backend, smtp, broker_port)
+        cfg = alerts_config(tmp_path / "collector.toml", backend, smtp, broker_port,
+                            webhook_allow)
         web_cli(cfg, "migrate")
         web_cli(cfg, "adduser", "quality", "--role", "quality_manager", "--email", QM,
                 "--language", "ru", stdin="a-long-password\n")

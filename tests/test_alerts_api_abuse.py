@@ -358,3 +358,49 @@ def test_edge_metrics_token_with_a_non_ascii_character_gets_403(
     finally:
         page.stop()
     assert status == 403, f"/metrics?token=<non-ASCII>: {status}"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::ffff:127.0.0.1]", "169.254.169.254",
+                                  "10.1.2.3", "[::1]"])
+def test_a_webhook_to_a_private_address_is_refused_when_saved_and_when_sent(
+        make_app: Callable[..., App], hook: Hook, host: str) -> None:
+    """The quality manager types the URL: without `[web] webhook_allow` the server
+    would POST wherever she points it (its loopback services, the cloud's
+    metadata address, the clinic's LAN).  Refused when the rule is saved, and,
+    for a rule saved while it was allowed, at each try, without a connection."""
+    app = make_app(webhook_allow=())
+    port = hook.url.split(":")[2].split("/")[0]
+    url = f"http://{host}:{port}/hook"
+    with pytest.raises(AssertionError) as e:
+        app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
+                 "--webhook-url", url)
+    assert "webhook_url:" in str(e.value)
+    assert "is not a public address" in str(e.value)
+    # Saved while the administrator allowed loopback, then no longer allowed.
+    allowing = make_app(webhook_allow=("127.0.0.1", "::1", "169.254.0.0/16", "10.0.0.0/8"))
+    allowing.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
+                  "--window-min", "30", "--webhook-url", url)
+    make_app(webhook_allow=())  # the same database, the allowance removed
+    t0 = base_time()
+    for m in (0, 1):
+        app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
+    app.tick(t0 + timedelta(minutes=2))
+    app.tick(t0 + timedelta(minutes=30))
+    assert hook.got == []
+    rows = app.query("SELECT d.state, d.attempts, a.result FROM alerts_delivery d JOIN "
+                     "alerts_attempt a ON a.delivery_id = d.id")
+    assert [(str(s), int(n)) for s, n, _ in rows] == [("failed", 1)], "retried in vain"
+    assert "is not a public address" in str(rows[0][2])
+
+
+def test_a_webhook_allowed_by_host_name_is_delivered(
+        make_app: Callable[..., App], hook: Hook) -> None:
+    app = make_app(webhook_allow=("localhost",))
+    app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
+             "--window-min", "30", "--webhook-url", hook.url.replace("127.0.0.1", "localhost"))
+    t0 = base_time()
+    for m in (0, 1):
+        app.press(t0 + timedelta(minutes=m), desk="desk-1", label="bad")
+    app.tick(t0 + timedelta(minutes=2))
+    (doc,) = hook.delivered()
+    assert doc["kind"] == "opened"

@@ -198,6 +198,28 @@ def test_collector_metrics_config_errors_name_the_key(metrics: str, key: str,
     assert says in e.value.allowed
 
 
+@pytest.mark.parametrize("value", ['"10.0.0.0/8"', '[1]', '["10.0.0.0/33x"]',
+                                   '["*.clinic.lan"]', '["bad host"]'])
+def test_collector_webhook_allow_errors_name_the_key(value: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_collector_config(tomllib.loads(COLLECTOR + f"[web]\nwebhook_allow = {value}\n"))
+    assert e.value.key == "web.webhook_allow"
+    assert "networks and host names" in e.value.allowed
+
+
+def test_collector_webhook_allow_is_parsed() -> None:
+    import ipaddress
+
+    web = parse_collector_config(tomllib.loads(
+        COLLECTOR + '[web]\nwebhook_allow = ["10.20.0.0/16", "fd00::/8", "192.168.1.7", '
+        '"Tickets.Clinic.LAN."]\n')).web
+    assert web.webhook_networks == (ipaddress.ip_network("10.20.0.0/16"),
+                                    ipaddress.ip_network("fd00::/8"),
+                                    ipaddress.ip_network("192.168.1.7/32"))
+    assert web.webhook_hosts == ("tickets.clinic.lan",)
+    assert parse_collector_config(tomllib.loads(COLLECTOR)).web.webhook_networks == ()
+
+
 def test_collector_metrics_listen_is_parsed() -> None:
     assert parse_collector_config(tomllib.loads(COLLECTOR)).metrics is None
     cfg = parse_collector_config(tomllib.loads(COLLECTOR + '[metrics]\nlisten = "[::1]:9108"\n'))

@@ -5,16 +5,27 @@ alert id and kind make it idempotent for the receiver), signed with the
 rule's secret: `X-Feedback-Signature: sha256=<hex HMAC-SHA256 of the body>`,
 and `X-Feedback-Alert-Id`.  Neither the secret nor a recipient's address is
 ever logged; a failure is recorded by its type or HTTP status only.
+
+A webhook reaches public addresses only, and the networks and host names of
+`[web] webhook_allow`: the quality manager types the URL, and the server must
+not become her way into its loopback, its cloud's metadata service or the
+clinic's LAN.  Every address the name resolves to is checked, and the
+connection goes to the address checked (a name that resolves again to
+another address meanwhile gains nothing).  Redirects are not followed: a 3xx
+is a failed try.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import ipaddress
 import json
+import socket
+import ssl
 import threading
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any
 
 from django.conf import settings
@@ -51,44 +62,115 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is not a delivery: urllib would follow it as a GET without the
-    body, to wherever it points (an internal address), with the signature."""
+class WebhookRefusedError(Exception):
+    """The URL's host is not a place a webhook may go (module docstring)."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        super().__init__(f"refused: {address} is not a public address "
+                         "(see [web] webhook_allow)")
+        self.address = address
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects())
+def _allowed(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    web = settings.CONFIG.web
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (address.is_global or host.lower().rstrip(".") in web.webhook_hosts
+            or any(address in net for net in web.webhook_networks))
+
+
+def webhook_addresses(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to, once every one is allowed.  Raises
+    WebhookRefusedError (naming the first address refused) or OSError (the
+    name does not resolve)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for address in addresses:
+        if not _allowed(host, address):
+            raise WebhookRefusedError(address)
+    return list(dict.fromkeys(str(a) for a in addresses))
+
+
+def _connect(addresses: list[str], port: int, timeout: float | None) -> socket.socket:
+    """The first of the checked addresses that answers (as create_connection
+    tries a name's addresses in turn)."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as e:
+            error = e
+    raise error or OSError("no address")
+
+
+class _Pinned(http.client.HTTPConnection):
+    """HTTP to addresses resolved and checked before, with the URL's Host."""
+
+    def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = _connect(self.addresses, self.port, self.timeout)
+
+
+class _PinnedTLS(http.client.HTTPSConnection):
+    """HTTPS to checked addresses; the certificate is verified for the URL's host."""
+
+    def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.addresses = addresses
+
+    def connect(self) -> None:
+        sock = _connect(self.addresses, self.port, self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]  # http.client's own context
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[bool, str]:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    addresses = webhook_addresses(host, port)
+    conn = (_PinnedTLS if tls else _Pinned)(host, port, addresses, WEBHOOK_TIMEOUT_S)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read(64 * 1024)  # what a receiver says is not ours to keep
+        return 200 <= response.status < 300, f"HTTP {response.status}"
+    finally:
+        conn.close()
 
 
 def send_webhook(url: str, secret: str, body: bytes, alert_id: str,
                  kind: str) -> tuple[bool, str]:
-    """POST `body` to `url` (delivered, what happened: an HTTP status or an error
-    type).  At most WEBHOOK_TIMEOUT_S in all: urllib's timeout is per socket
-    read, which a receiver sending a byte at a time stretches without end, so the
-    request runs in a thread the tick stops waiting for."""
+    """POST `body` to `url` (delivered, what happened: an HTTP status, an error
+    type, or why the address is refused).  At most WEBHOOK_TIMEOUT_S in all: a
+    socket timeout is per read, which a receiver sending a byte at a time
+    stretches without end, so the request runs in a thread the tick stops
+    waiting for."""
     if not url.startswith(("https://", "http://")):
         return False, "refused: not an http(s) URL"
     try:
-        req = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310 - http(s) only, checked above
-            "Content-Type": "application/json", "User-Agent": USER_AGENT,
-            "X-Feedback-Alert-Id": alert_id, "X-Feedback-Alert-Kind": kind,
-            "X-Feedback-Signature": signature(secret, body)})
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname:
+            return False, "refused: no host in the URL"
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as e:
         return False, f"refused: {type(e).__name__}"
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+               "X-Feedback-Alert-Id": alert_id, "X-Feedback-Alert-Kind": kind,
+               "X-Feedback-Signature": signature(secret, body)}
     result: list[tuple[bool, str]] = []
 
     def post() -> None:
         try:
-            with _OPENER.open(req, timeout=WEBHOOK_TIMEOUT_S) as r:
-                status = int(r.status)
-        except urllib.error.HTTPError as e:
-            result.append((False, f"HTTP {e.code}"))
-        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+            result.append(_post(url, body, headers))
+        except WebhookRefusedError as e:
+            result.append((False, str(e)))
+        except (OSError, ValueError, http.client.HTTPException) as e:
             result.append((False, type(e).__name__))
-        else:
-            result.append((200 <= status < 300, f"HTTP {status}"))
 
     worker = threading.Thread(target=post, name="webhook", daemon=True)
     worker.start()

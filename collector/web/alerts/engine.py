@@ -422,7 +422,8 @@ def _try(d: Delivery, now: datetime) -> int:
     if ok:
         Delivery.objects.filter(pk=d.pk).update(state=State.SENT, attempts=n, sent_at=now)
         return 1
-    give_up = n >= MAX_ATTEMPTS or result.startswith("no [web.smtp]")
+    # No SMTP, or a webhook address refused: trying again changes nothing.
+    give_up = n >= MAX_ATTEMPTS or result.startswith(("no [web.smtp]", "refused:"))
     Delivery.objects.filter(pk=d.pk).update(
         attempts=n, state=State.FAILED if give_up else State.PENDING,
         next_attempt_at=now + _backoff(n))

@@ -14,6 +14,7 @@ identifiers, values are counts, states and alarm codes.
 from __future__ import annotations
 
 import re
+import urllib.parse
 import uuid
 from typing import Any, ClassVar
 
@@ -57,6 +58,21 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 
 # ISO weekdays (Monday 1) as `open_days` holds them.
 WEEKDAYS = "1234567"
+
+
+def _refused_address(url: str) -> str | None:
+    """The address a webhook URL may not reach (channels.py), or None; a name
+    that does not resolve now is not refused here (each try checks again)."""
+    from collector.web.alerts import channels  # noqa: PLC0415 - channels imports the models
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        channels.webhook_addresses(parts.hostname or "", parts.port or 443)
+    except channels.WebhookRefusedError as e:
+        return str(e.address)
+    except (OSError, ValueError, UnicodeError):
+        return None
+    return None
 
 
 class Rule(models.Model):
@@ -127,6 +143,12 @@ class Rule(models.Model):
                 errors["emails"] = _("one plain address a line")
         if self.webhook_url and not self.webhook_url.startswith(("https://", "http://")):
             errors["webhook_url"] = _("an http:// or https:// URL")
+        elif self.webhook_url:
+            refused = _refused_address(self.webhook_url)
+            if refused:
+                errors["webhook_url"] = _(
+                    "%(address)s is not a public address: ask the server's administrator "
+                    "to add it to [web] webhook_allow") % {"address": refused}
         if self.webhook_url and not self.webhook_secret:
             errors["webhook_secret"] = _("a webhook needs a secret to sign with")
         if not self.recipients() and not self.webhook_url:
