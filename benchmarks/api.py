@@ -18,7 +18,11 @@ token whose rate limit is out of the way.  Each run pages through every event
 with `limit=1000` (JSON, no personal data), following `next_cursor`, from this
 process over HTTP; the baseline is this process reading the same rows and
 columns in the same order with one plain SELECT (sqlite3 or psycopg).  Median
-and range of `--runs`, after one warm-up pass through the API.
+and range of `--runs`, after one warm-up pass through the API.  Then the
+loyalty report without a range, from the counts kept per day (the report
+zone, UTC here, after one request that counts every day) against the same
+report computed from every press row (zone Etc/GMT: the same days, the raw
+path); both give the same rows.
 """
 
 from __future__ import annotations
@@ -116,6 +120,15 @@ def _page_through(base: str, token: str) -> int:
             return n
 
 
+def _loyalty(base: str, token: str, tz: str) -> int:
+    """The whole-range loyalty report by desk and day in zone `tz`: its rows."""
+    req = urllib.request.Request(  # noqa: S310 - http:// to the app started here
+        f"{base}/api/v1/reports/loyalty?by=desk&period=day&tz={tz}",
+        headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=300) as r:  # noqa: S310
+        return len(json.loads(r.read())["rows"])
+
+
 def _cli(cfg: Path, *args: str) -> str:
     return subprocess.run([sys.executable, "-m", "collector.cli", "web", "--config", str(cfg),
                            *args], capture_output=True, text=True, check=True,
@@ -137,6 +150,10 @@ class Result:
     events: int
     api: list[float]  # seconds per pass, one a run
     plain: list[float]
+    # The loyalty report without a range: from the counts kept per day (the
+    # report zone) and from every press row (another zone: the raw path).
+    kept: list[float]
+    raw: list[float]
 
 
 def measure(rows: list[tuple[Any, ...]], runs: int, dsn: str | None) -> Result:
@@ -176,11 +193,15 @@ def measure(rows: list[tuple[Any, ...]], runs: int, dsn: str | None) -> Result:
                 raise SystemExit(f"the API failed ({e.code}): {log.read_text()[-3000:]}"
                                  ) from None
             plain, n_plain = _timed(lambda: _plain_read(path, dsn), runs)
+            _loyalty(url, token, "UTC")  # the first counts every day once
+            kept, n_kept = _timed(lambda: _loyalty(url, token, "UTC"), runs)
+            raw, n_raw = _timed(lambda: _loyalty(url, token, "Etc/GMT"), runs)
+            assert n_kept == n_raw > 0, (n_kept, n_raw)
         finally:
             proc.kill()
             proc.wait(15)
     assert n_api == n_plain == len(rows), (n_api, n_plain)
-    return Result("PostgreSQL" if dsn else "SQLite", len(rows), api, plain)
+    return Result("PostgreSQL" if dsn else "SQLite", len(rows), api, plain, kept, raw)
 
 
 def report(r: Result) -> None:
@@ -191,7 +212,12 @@ def report(r: Result) -> None:
           f"{min(r.api):.2f}-{max(r.api):.2f})")
     print(f"  plain SQL:  {rate_plain:,.0f} events/s ({statistics.median(r.plain):.3f} s, "
           f"{min(r.plain):.3f}-{max(r.plain):.3f})")
-    print(f"  ratio API / plain: {rate_api / rate_plain:.3f}", flush=True)
+    print(f"  ratio API / plain: {rate_api / rate_plain:.3f}")
+    kept, raw = statistics.median(r.kept), statistics.median(r.raw)
+    print(f"  loyalty report, no range, by desk and day: {kept:.3f} s "
+          f"({min(r.kept):.3f}-{max(r.kept):.3f}) from the kept counts, {raw:.3f} s "
+          f"({min(r.raw):.3f}-{max(r.raw):.3f}) from every press row = {kept / raw:.3f}",
+          flush=True)
 
 
 class _Cluster(Protocol):

@@ -278,9 +278,13 @@ def test_tokens_personal_data_reports_limits_and_openapi(backend: Backend, serve
         j = get(app.base, f"/api/v1/reports/{what}?{params}&{q}", plain).json()
         assert j["columns"] == got[0]
         assert [[_cell(v) for v in row.values()] for row in j["rows"]] == expected
-    # Without a range: every stored day, as the CLI without --from/--to.
+    # Without a range: every stored day, as the CLI without --from/--to (loyalty
+    # from the counts kept per day, the others from the rows).
     r = get(app.base, "/api/v1/reports/doctors?period=month&format=csv", plain)
     assert r.csv()[1:] == report_csv(app.cfg, "doctors", "--period", "month")
+    r = get(app.base, "/api/v1/reports/loyalty?by=desk&period=day&format=csv", plain)
+    assert r.csv()[1:] == report_csv(app.cfg, "loyalty", "--by", "desk", "--period", "day")
+    assert len(r.csv()) > 10
     assert get(app.base, f"/api/v1/reports/loyalty?from={end}&to={start}", plain).status == 400
     assert get(app.base, "/api/v1/reports/loyalty?by=nobody", plain).status == 400
 

@@ -369,14 +369,16 @@ def _report(request: HttpRequest, what: str) -> tuple[list[str], list[list[Any]]
     rows: list[list[Any]]
     if what == "loyalty":
         meta.update(by=by, include_burst=burst)
-        if start is not None and end is not None and tz == settings.CONFIG.tz:
+        if tz == settings.CONFIG.tz:
             # The counts kept per day, as the dashboards read them (collector.rollup:
-            # the same rules, tested equal to the CLI's figures).  Only the report
-            # zone's: a token naming another zone gets the raw computation, never
-            # a whole year counted and kept for a zone nobody configured.
+            # the same rules, tested equal to the CLI's figures), over the range or,
+            # without one, every day kept: a request reads counts, not every press
+            # ever stored.  Only the report zone's: a token naming another zone
+            # gets the raw computation, never a whole year counted and kept for a
+            # zone nobody configured.
             def load(db: Database) -> reports.PressCounts:
                 rollup.refresh(db, tz)
-                return rollup.counts(db, tz, start, end)
+                return rollup.counts(db, tz, start or date.min, end or date.max)
             index = reports.loyalty_from_counts(read(load), by=by, period=period, start=start,
                                                 end=end, include_burst=burst)
             meta["left_out"] = 0
