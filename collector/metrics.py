@@ -20,19 +20,24 @@ quarantine reason's first word: `json`, `schema`, `size`, `invalid`,
 `topic`, `store`), sites and edges those stored (bounded by the fleet, names
 checked against the contract's grammar).  Nothing from a payload's free text.
 
-It is served by prometheus_client's WSGI app on wsgiref's one-thread server,
-on a daemon thread: scrapes come one at a time, so the scrape side's database
-connection (its own; intake's belongs to intake's thread) has one user.
+It is served by prometheus_client's WSGI app on wsgiref, a thread per
+connection (at most `MAX_CLIENTS`, each for at most `CONNECTION_S`): a client
+that sends a byte now and then holds its own thread only, never the scrapes.
+Figures from the database are read one scrape at a time, on the scrape side's
+own connection (intake's belongs to intake's thread).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import logging
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -107,6 +112,14 @@ class DatabaseCollector(Collector):
         self._open = open_db
         self._db: Database | None = None
         self._intake = intake
+        # Scrapes come on threads of their own; the database connection (SQLite's
+        # is bound to its thread) is used on this one thread, a scrape at a time.
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, "metrics-db")
+
+    def _read(self) -> list[Metric]:
+        if self._db is None:
+            self._db = self._open()
+        return list(self._figures(self._db))
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("feedback_collector_database_errors", "database outages "
@@ -115,9 +128,7 @@ class DatabaseCollector(Collector):
         up = GaugeMetricFamily("feedback_collector_database_up", "1 if this scrape could read "
                                "the database; 0 and no figure from it if not")
         try:
-            if self._db is None:
-                self._db = self._open()
-            figures = list(self._figures(self._db))
+            figures = self._reader.submit(self._read).result()
         except DatabaseError as e:
             log.warning("metrics: the database cannot be read: %s", e)
             up.add_metric([], 0.0)
@@ -206,9 +217,32 @@ def _alert_figures(db: Database) -> Iterable[Metric]:
     yield messages
 
 
+# Clients served at once (Prometheus needs one; the rest wait for nobody) and the
+# longest a connection may last, however slowly it sends (the socket timeout
+# is per read).
+MAX_CLIENTS = 8
+CONNECTION_S = 15.0
+
+
 class _Quiet(WSGIRequestHandler):
-    # A scraper that connects and never sends gives up the one thread after this long.
+    # A client that connects and never sends gives up its thread after this long.
     timeout = 10
+
+    def setup(self) -> None:
+        super().setup()
+        # Shut down, not closed: the handler's thread then fails its read at once.
+        self._deadline = threading.Timer(CONNECTION_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("metrics: %s", format % args)
@@ -234,8 +268,22 @@ def serve(cfg: CollectorConfig, intake: Intake) -> WSGIServer | None:
     registry.register(DatabaseCollector(lambda: open_database(cfg.db_path, cfg.dsn), intake))
     host, port = cfg.metrics.host, cfg.metrics.port
 
-    class Server(WSGIServer):
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+        _slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self._slots.acquire(blocking=False):
+                self.shutdown_request(request)  # as many clients as it serves already
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
 
     app = _only_metrics(cast(WSGIApplication, make_wsgi_app(registry)))
     try:
@@ -246,5 +294,6 @@ def serve(cfg: CollectorConfig, intake: Intake) -> WSGIServer | None:
         return None
     intake.observer = batches
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics: http://%s:%d/metrics", host, server.server_port)
+    log.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+             server.server_port)
     return server

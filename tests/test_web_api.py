@@ -187,6 +187,20 @@ def test_paging_over_100000_events_returns_each_exactly_once_while_more_arrive(
                   "edge = 'desk-a' AND kind = 'answer'")
     assert got == n > 3000
     assert get(app.base, "/api/v1/events?cursor=nonsense", token).status == 400
+    # A cursor continues its own query: its filters need not be repeated (the
+    # README's second request), and a different one is refused.
+    first = get(app.base, "/api/v1/events?site=clinic-4&edge=desk-a&kind=answer&limit=100",
+                token).json()
+    cursor = first["next_cursor"]
+    alone = get(app.base, f"/api/v1/events?cursor={cursor}&limit=2000", token).json()
+    assert {(e["site"], e["edge"], e["kind"]) for e in alone["events"]} == \
+        {("clinic-4", "desk-a", "answer")}
+    assert len(alone["events"]) == 2000
+    assert get(app.base, f"/api/v1/events?cursor={cursor}&kind=answer", token).status == 200
+    other = get(app.base, f"/api/v1/events?cursor={cursor}&kind=press", token)
+    assert other.status == 400
+    assert "cursor" in other.json()["error"]
+    assert get(app.base, "/api/v1/events?kind=bogus", token).status == 400
 
 
 @BACKENDS

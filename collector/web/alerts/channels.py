@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from typing import Any
+from typing import Any, Final
 
 from django.conf import settings
 from django.core.mail import EmailMessage
@@ -65,17 +65,44 @@ def signature(secret: str, body: bytes) -> str:
 class WebhookRefusedError(Exception):
     """The URL's host is not a place a webhook may go (module docstring)."""
 
-    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def __init__(self, address: Address) -> None:
         super().__init__(f"refused: {address} is not a public address "
                          "(see [web] webhook_allow)")
         self.address = address
 
 
-def _allowed(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+# IPv6 forms that carry an IPv4 address a gateway or relay may deliver to
+# (the low 32 bits): NAT64's well-known and local-use prefixes (RFC 6052, 8215),
+# SIIT's IPv4-translated (RFC 2765) and the deprecated IPv4-compatible (RFC 4291).
+_EMBEDDING: Final = tuple(ipaddress.IPv6Network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
+# Never public, though Python's is_global says so: site-local (RFC 3879).
+_NOT_PUBLIC: Final = (ipaddress.IPv6Network("fec0::/10"),)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _public(address: Address) -> bool:
+    """A global address, judged by the IPv4 address an IPv6 form carries (mapped,
+    6to4, Teredo, NAT64, translated, compatible), when it carries one."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address.is_global
+    if any(address in net for net in _NOT_PUBLIC):
+        return False
+    carried = [a for a in (address.ipv4_mapped, address.sixtofour,
+                           *(address.teredo or ())) if a is not None]
+    if any(address in net for net in _EMBEDDING):
+        carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if carried:
+        return all(a.is_global for a in carried)
+    return address.is_global
+
+
+def _allowed(host: str, address: Address) -> bool:
     web = settings.CONFIG.web
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return (address.is_global or host.lower().rstrip(".") in web.webhook_hosts
+    return (_public(address) or host.lower().rstrip(".") in web.webhook_hosts
             or any(address in net for net in web.webhook_networks))
 
 
@@ -186,7 +213,8 @@ def send_mail(episode: Episode, kind: str, address: str, language: str) -> tuple
     ctx = {"e": episode, "rule": episode.rule, "kind": kind,
            "url": f"{settings.CONFIG.web.base_url}/alerts/{episode.pk}/"}
     with translation.override(language):
-        subject = render_to_string("alerts/mail/subject.txt", ctx).strip()
+        # One line whatever a name holds: a header with a line break is refused.
+        subject = " ".join(render_to_string("alerts/mail/subject.txt", ctx).split())
         text = render_to_string("alerts/mail/body.txt", ctx)
     try:
         EmailMessage(subject, text, to=[address]).send()

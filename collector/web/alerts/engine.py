@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 
 from collector import queries, reports
 from collector.web.alerts import channels
@@ -217,10 +218,16 @@ def _silence(rule: Rule, now: datetime) -> dict[str, Finding]:
     opened = _opening(rule, now)
     if opened is None:
         return {}
+    # At its corrected time when it has one (an edge's clock was set after the
+    # press), as reports count it; each half by its own index (collector.rollup).
+    span = [_ms(now - DESK_MEMORY), _ms(now)]
     with connection.cursor() as cur:
-        cur.execute("SELECT site, edge, desk, MAX(COALESCE(corrected_ms, wall_ms)) FROM events "
-                    "WHERE kind = 'press' AND wall_ms >= %s AND wall_ms <= %s "
-                    "GROUP BY site, edge, desk", [_ms(now - DESK_MEMORY), _ms(now)])
+        cur.execute("SELECT site, edge, desk, MAX(t) FROM ("
+                    "SELECT site, edge, desk, wall_ms AS t FROM events WHERE kind = 'press' "
+                    "AND corrected_ms IS NULL AND wall_ms >= %s AND wall_ms <= %s UNION ALL "
+                    "SELECT site, edge, desk, corrected_ms FROM events WHERE "
+                    "corrected_ms >= %s AND corrected_ms <= %s AND kind = 'press') AS p "
+                    "GROUP BY site, edge, desk", span + span)
         rows = cur.fetchall()
     last: dict[str, int] = {}
     for site, edge, desk, t in rows:
@@ -239,10 +246,10 @@ def _callback(rule: Rule, now: datetime) -> dict[str, Finding]:
     """A callback case longer in its status than `[web.limits]` allows."""
     out = {}
     for status, seconds in settings.CONFIG.web.limits_s.items():
-        for pk, site, since in Case.objects.filter(
+        for pk, site, edge, since in Case.objects.filter(
                 status=status, status_since__lte=now - timedelta(seconds=seconds)).exclude(
-                status=Status.CLOSED).values_list("pk", "site", "status_since"):
-            if not rule.site or rule.site == site:
+                status=Status.CLOSED).values_list("pk", "site", "edge", "status_since"):
+            if _in_scope(rule, site, edge):
                 out[f"case #{pk}"] = Finding(f"{status} for over {round(seconds / 3600, 1)} h",
                                              since + timedelta(seconds=seconds))
     return out
@@ -269,16 +276,23 @@ def evaluate(now: datetime) -> int:
     for rule in Rule.objects.all():
         try:
             found = CONDITIONS[rule.kind](rule, now) if rule.enabled else {}
+            changed += _apply(rule, found, now)
         except Exception as e:  # noqa: BLE001 - one rule's fault must not stop the others
             log.error("alerts: rule %s could not be evaluated: %s", rule.pk, type(e).__name__)
-            continue
-        changed += _apply(rule, found, now)
     return changed
 
 
 def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
     changed = 0
-    current = {e.subject: e for e in Episode.objects.filter(rule=rule, resolved_at__isnull=True)}
+    basis = rule.basis()
+    current = {}
+    for e in Episode.objects.filter(rule=rule, resolved_at__isnull=True):
+        if e.basis and e.basis != basis:
+            # The rule was edited (kind, grouping, scope): what was raised was
+            # about something else; it ends, and the rule starts afresh.
+            changed += _end(e, max(now, e.opened_at or e.since))
+        else:
+            current[e.subject] = e
     for subject, f in found.items():
         ep = current.get(subject)
         if ep is not None and f.since is not None and f.since > ep.since:
@@ -290,7 +304,7 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
             try:
                 with transaction.atomic():
                     ep = Episode.objects.create(rule=rule, subject=subject, since=f.since or now,
-                                                value=f.value[:200])
+                                                value=f.value[:200], basis=basis)
             except IntegrityError:
                 continue  # another tick opened it just now; it goes on from there
         elif ep.value != f.value[:200]:
@@ -306,7 +320,11 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
 
 def _end(ep: Episode, now: datetime) -> int:
     """The condition no longer holds: resolve the alert, or forget an episode
-    that cleared before it had held long enough (never an alert)."""
+    that cleared before it had held long enough (never an alert).  Not by a
+    tick behind the episode (another host's clock, a clock stepped back): what
+    it does not see yet was seen by a later tick."""
+    if now < (ep.opened_at or ep.since):
+        return 0
     if ep.opened_at is None:
         Episode.objects.filter(pk=ep.pk, opened_at__isnull=True).delete()
         return 0
@@ -381,10 +399,17 @@ def deliver(now: datetime) -> int:
         if quiet is not None:
             Delivery.objects.filter(pk=d.pk, state=State.PENDING).update(next_attempt_at=quiet)
             continue
-        if d.kind == DeliveryKind.RESOLVED and Delivery.objects.filter(
-                episode=d.episode, kind=DeliveryKind.OPENED, channel=d.channel,
-                state=State.PENDING).exists():
-            continue  # "resolved" never arrives before its "opened"
+        if d.kind == DeliveryKind.RESOLVED:
+            opened = Delivery.objects.filter(episode=d.episode, kind=DeliveryKind.OPENED,
+                                             channel=d.channel).values_list("state", flat=True)
+            if State.PENDING in opened:
+                continue  # "resolved" never arrives before its "opened"
+            if State.FAILED in opened:
+                # The receiver never heard of this alert: a resolution alone would
+                # tell it of an alert id it cannot know.
+                Delivery.objects.filter(pk=d.pk, state=State.PENDING).update(
+                    state=State.FAILED)
+                continue
         sent += _try(d, now)
     return sent
 
@@ -393,7 +418,7 @@ def _try(d: Delivery, now: datetime) -> int:
     n = d.attempts + 1
     try:
         with transaction.atomic():
-            claim = Attempt.objects.create(delivery=d, n=n, at=now)
+            claim = Attempt.objects.create(delivery=d, n=n, at=now, claimed_at=_wall())
     except IntegrityError:
         return 0  # another tick has this try
     ep = d.episode
@@ -433,12 +458,22 @@ def _try(d: Delivery, now: datetime) -> int:
     return 0
 
 
+def _wall() -> datetime:
+    """The host's clock, for claims: whether a tick is still sending is a matter
+    of real time, whatever time a tick was told it is (`--now`)."""
+    return datetime.now(UTC)
+
+
 def _release_stale_claims(now: datetime) -> None:
     """A tick that died between claiming and recording leaves a claim with no
     result: its try counts as failed and the next one is due now (the message
-    may have gone out: the receiver knows it by its alert id and kind)."""
-    for a in Attempt.objects.filter(result="", at__lt=now - STALE_CLAIM).select_related(
-            "delivery"):
+    may have gone out: the receiver knows it by its alert id and kind).  A claim
+    is stale by the host clocks (`claimed_at`), not by ticks' `now`: a tick that
+    has been sending for ten minutes made its latest claims just now."""
+    cut = _wall() - STALE_CLAIM
+    for a in Attempt.objects.filter(
+            Q(claimed_at__lt=cut) | Q(claimed_at__isnull=True, at__lt=now - STALE_CLAIM),
+            result="").select_related("delivery"):
         with transaction.atomic():
             if Attempt.objects.filter(pk=a.pk, result="").update(
                     result="no result recorded (the tick stopped)", ok=False):

@@ -56,6 +56,16 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     Kind.DOCTOR: ("threshold", "window_min", "duration_min", "min_count"),
 }
 
+# The longest e-mail address SMTP carries (RFC 5321, 4.5.3.1.3).
+MAX_ADDRESS = 254
+# The longest window or duration a rule may have: a year (and time arithmetic
+# on it stays within datetime's range).
+MAX_MINUTES = 366 * 24 * 60
+
+# Kinds that watch desks; the others watch edges (offline, health) or cases
+# (callback), whose scope is a site and an edge.
+DESK_KINDS = (Kind.NEGATIVE, Kind.LOYALTY, Kind.SILENCE, Kind.DOCTOR)
+
 # ISO weekdays (Monday 1) as `open_days` holds them.
 WEEKDAYS = "1234567"
 
@@ -120,6 +130,11 @@ class Rule(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def basis(self) -> str:
+        """What an alert of this rule is about: its kind, grouping and scope.  An
+        alert raised on another basis (the rule edited since) is ended."""
+        return "|".join((self.kind, self.per, self.site, self.edge, self.desk, self.code))
+
     def recipients(self) -> list[str]:
         return [a.strip() for a in re.split(r"[\s,;]+", self.emails) if a.strip()]
 
@@ -131,13 +146,21 @@ class Rule(models.Model):
             errors["edge"] = _("an edge identifier: a-z, 0-9 and -")
         if self.desk and not _DESK_RE.match(self.desk):
             errors["desk"] = _("a desk identifier: letters, digits, _ . -")
+        elif self.desk and self.kind not in DESK_KINDS:
+            errors["desk"] = _("this kind watches edges or cases, not desks: leave it empty")
         if self.code and not CODE_RE.match(self.code):
             errors["code"] = _("an alarm code: a-z and _")
+        if not self.name.isprintable():
+            errors["name"] = _("a name on one line, without control characters")
         for address in self.recipients():
             try:
                 validate_email(address)
             except ValidationError:
                 errors["emails"] = _("one plain address a line")
+            # RFC 5321, 4.5.3.1.3: a path is at most 256 octets with its brackets.
+            if len(address) > MAX_ADDRESS:
+                errors["emails"] = _("an address of at most %(n)d characters") % {
+                    "n": MAX_ADDRESS}
             # Control characters and quoting would reach the mail headers.
             if any(c in address for c in "\"'<>\\") or not address.isprintable():
                 errors["emails"] = _("one plain address a line")
@@ -157,6 +180,9 @@ class Rule(models.Model):
             errors["threshold"] = _("an index from -99 to 100")
         if self.kind in (Kind.NEGATIVE, Kind.LOYALTY, Kind.DOCTOR) and self.window_min < 1:
             errors["window_min"] = _("at least a minute")
+        for name in ("window_min", "duration_min"):
+            if getattr(self, name) > MAX_MINUTES:
+                errors[name] = _("at most a year (%(n)d minutes)") % {"n": MAX_MINUTES}
         if self.kind == Kind.NEGATIVE and self.threshold < 1:
             errors["threshold"] = _("at least 1")
         if self.share_pct is not None and not 1 <= self.share_pct <= 100:
@@ -187,6 +213,7 @@ class Episode(models.Model):
     opened_at = models.DateTimeField(null=True)  # null: holding, not long enough yet
     resolved_at = models.DateTimeField(null=True)
     value = models.CharField(max_length=200, blank=True, default="")
+    basis = models.CharField(max_length=300, blank=True, default="")  # Rule.basis()
 
     class Meta:
         constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
@@ -235,7 +262,10 @@ class Attempt(models.Model):
 
     delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="tries")
     n = models.PositiveIntegerField()
-    at = models.DateTimeField()
+    at = models.DateTimeField()  # the tick's time (`--now`)
+    # The host's clock when claimed: a claim without a result this much older
+    # than another host's clock was left by a tick that died (engine.STALE_CLAIM).
+    claimed_at = models.DateTimeField(null=True)
     result = models.CharField(max_length=200, blank=True, default="")
     ok = models.BooleanField(null=True)
 

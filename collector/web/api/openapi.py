@@ -86,16 +86,20 @@ def document(base_url: str) -> dict[str, Any]:
                 "description": "In the stable order (site, edge, seq, event_id); pass "
                                "`next_cursor` back as `cursor` for the next page (CSV: the "
                                "X-Next-Cursor header). Every event is on exactly one page "
-                               "of a pass, whatever arrives meanwhile.",
+                               "of a pass, whatever arrives meanwhile. A cursor carries its "
+                               "query's filters: `cursor` alone continues that query; a "
+                               "filter given with it must be the same (else 400).",
                 "parameters": [
                     _param("site", "only this site"), _param("edge", "only this edge"),
                     _param("desk", "only this desk"),
-                    _param("kind", "only these kinds, comma-separated (press,answer,...)"),
+                    _param("kind", "only these kinds, comma-separated: press, answer, "
+                                   "presence, abandoned, dropped, device_lost"),
                     _param("from", "events from this local day (a date) or instant (RFC "
                                    "3339 with offset)"),
                     _param("to", "events up to this local day, inclusive, or before this "
                                  "instant"),
-                    _param("cursor", "next_cursor of the page before"), _LIMIT, _TZ,
+                    _param("cursor", "next_cursor of the page before (with its filters)"),
+                    _LIMIT, _TZ,
                     _FORMAT],
                 "responses": {"200": {
                     "description": "a page of events",

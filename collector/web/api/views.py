@@ -126,6 +126,9 @@ def _param(request: HttpRequest, name: str, choices: Sequence[str] | None = None
         raise BadRequestError(f"{name} is one of {', '.join(choices)}")
     if len(value) > 200:
         raise BadRequestError(f"{name} is too long")
+    if not value.isprintable():
+        # PostgreSQL refuses a NUL in text: that is the request's fault, not an outage.
+        raise BadRequestError(f"{name} holds control characters")
     return value
 
 
@@ -188,25 +191,63 @@ def _limit(request: HttpRequest) -> int:
     return int(text)
 
 
-def encode_cursor(key: Sequence[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
+# The filters of /events a cursor carries: its next page is of the same query
+# whether or not the client repeats them.
+CURSOR_FILTERS = ("site", "edge", "desk", "kind", "from", "to", "tz")
+# The event kinds of the contract (edge/contract/schemas/event.schema.json).
+EVENT_KINDS = ("press", "answer", "presence", "abandoned", "dropped", "device_lost")
 
 
-def decode_cursor(text: str) -> tuple[str, str, int, str]:
+def encode_cursor(key: Sequence[Any], filters: dict[str, str]) -> str:
+    doc = {"k": list(key), "f": filters}
+    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()
+                                    ).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[tuple[str, str, int, str], dict[str, str]]:
+    """(the key of the last event served, the filters of its query).  Raises
+    BadRequestError for anything this API did not give."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        site, edge, seq, event_id = raw
+        key, filters = (raw["k"], raw["f"]) if isinstance(raw, dict) else (raw, {})
+        site, edge, seq, event_id = key
         if not (isinstance(site, str) and isinstance(edge, str) and isinstance(event_id, str)
                 and isinstance(seq, int) and not isinstance(seq, bool)):
             raise TypeError
-        # What the databases can hold: a BIGINT seq, text that encodes as UTF-8.
+        if not (isinstance(filters, dict) and set(filters) <= set(CURSOR_FILTERS) and all(
+                isinstance(v, str) and v.isprintable() and len(v) <= 200
+                for v in filters.values())):
+            raise TypeError
+        # What the databases can hold: a BIGINT seq, text that encodes as UTF-8
+        # and holds no NUL.
         if not -2**63 <= seq < 2**63:
             raise ValueError
         for text_value in (site, edge, event_id):
             text_value.encode()
-    except (ValueError, TypeError, binascii.Error, UnicodeError):
+            if "\x00" in text_value:
+                raise ValueError
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeError):
         raise BadRequestError("cursor is not one this API gave") from None
-    return site, edge, seq, event_id
+    return (site, edge, seq, event_id), filters
+
+
+def _with_cursor(request: HttpRequest) -> tuple[str, str, int, str] | None:
+    """The cursor's key, with its query's filters put into `request.GET` (a
+    filter given again must be the same: a cursor continues its own query)."""
+    cursor = _param(request, "cursor")
+    if cursor is None:
+        return None
+    key, filters = decode_cursor(cursor)
+    params = request.GET.copy()
+    for name in CURSOR_FILTERS:
+        given = params.get(name) or None
+        if given is not None and given != filters.get(name):
+            raise BadRequestError(f"{name} differs from the query the cursor continues: "
+                                  "repeat its filters, or leave them out")
+        if name in filters:
+            params[name] = filters[name]
+    request.GET = params  # type: ignore[assignment]  # a copy is mutable; nothing writes it after
+    return key
 
 
 # -- output -------------------------------------------------------------------------------
@@ -300,21 +341,24 @@ def _event_csv(cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> Iterable[l
 @api_view
 def events(request: HttpRequest, token: ApiToken) -> HttpResponse:
     fmt = _format(request)
+    after = _with_cursor(request)
     tz = _tz(request)
     kinds = [k for k in (_param(request, "kind") or "").split(",") if k]
-    cursor = _param(request, "cursor")
+    if not set(kinds) <= set(EVENT_KINDS):
+        raise BadRequestError(f"kind is one or more of {', '.join(EVENT_KINDS)}")
     limit = _limit(request)
     cols, rows = event_page(
         site=_param(request, "site"), edge=_param(request, "edge"),
         desk=_param(request, "desk"), kinds=kinds,
         start_ms=_instant(request, "from", tz, end=False),
         end_ms=_instant(request, "to", tz, end=True),
-        after=decode_cursor(cursor) if cursor else None, limit=limit,
+        after=after, limit=limit,
         personal=token.personal_data)
     more = len(rows) > limit
     rows = rows[:limit]
     key = [cols.index(c) for c in _ORDER]
-    next_cursor = encode_cursor([rows[-1][i] for i in key]) if more else None
+    filters = {n: v for n in CURSOR_FILTERS if (v := _param(request, n)) is not None}
+    next_cursor = encode_cursor([rows[-1][i] for i in key], filters) if more else None
     if token.personal_data:
         _audit_personal(token, cols, rows)
     if fmt == "csv":
