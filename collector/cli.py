@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,14 @@ from edge.contract.toml import ConfigError
 __all__ = ["broker_acl", "main", "send_command"]
 
 DEFAULT_CONFIG = Path("/etc/feedback-collector/collector.toml")
+# The web app's settings read the config this names (collector/web/settings.py):
+# set, it is every command's default too, so a shell or unit that exports it
+# runs `feedback-collector web tick` without --config.
+CONFIG_ENV = "FEEDBACK_COLLECTOR_CONFIG"
+
+
+def default_config() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 EXIT_USAGE = 2
 # Patients one doctor served in one imported period: a bound a real count never reaches,
 # well inside the database's 64-bit integers (and a double's exact range) when summed.
@@ -88,7 +97,12 @@ def _emit(args: argparse.Namespace, header: list[str], rows: list[list[Any]]) ->
 # -- run ---------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from collector.intake import Intake  # noqa: PLC0415 - keep reports light
+    try:
+        from collector.intake import Intake  # noqa: PLC0415 - keep reports light
+    except ImportError as e:
+        print(f"feedback-collector run: {e.name} is not installed; install the collector's "
+              "extra: pip install '.[collector]' (or '.[web]', '.[postgres]')", file=sys.stderr)
+        return EXIT_USAGE
 
     cfg = _cfg(args)
     logging.basicConfig(level=getattr(logging, args.log_level),
@@ -418,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        sp.add_argument("--config", type=Path, default=default_config())
         sp.set_defaults(func=func)
         return sp
 
@@ -466,7 +480,7 @@ def _parser() -> argparse.ArgumentParser:
     acl.set_defaults(func=_cmd_broker_acl)
     from collector.web.cli import add_parser as add_web  # noqa: PLC0415 - Django stays unloaded
 
-    add_web(sub, DEFAULT_CONFIG)
+    add_web(sub, default_config())
     return p
 
 

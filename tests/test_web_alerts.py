@@ -272,6 +272,13 @@ def test_the_quality_manager_manages_rules_and_sees_alerts_others_do_not(
                          page)
     assert checked == list("12345")
     assert "Воскресенье" in page  # Django's own day names, in her language
+    # Who saved which rule is in the audit: the fields, never an address or a URL.
+    audit = app.query("SELECT username, action, detail FROM feedback_auditentry WHERE "
+                      "action LIKE 'alert_rule%%' ORDER BY id")
+    assert [(u, a) for u, a, _ in audit] == [("quality", "alert_rule_saved")] * 2
+    assert audit[0][2].startswith("rule 1 added: name, kind, ")
+    assert "webhook_url" in audit[0][2]
+    assert not any(QM in d or "hooks.example" in d or SECRET in d for _, _, d in audit)
     assert "Site unhappy" in app.cli("alert-rule", "list")
     app.cli("alert-rule", "disable", "1")
     ((enabled, secret),) = app.query("SELECT enabled, webhook_secret FROM alerts_rule "

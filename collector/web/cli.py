@@ -62,6 +62,19 @@ def _setup(config: Path) -> None:
     django.setup()
 
 
+def _instant(text: str) -> datetime:
+    """--now: an aware time (a naive one would be taken for UTC or local time at
+    random, step by step)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time like 2026-12-01T10:00:00+01:00") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: add Z or +01:00")
+    return when
+
+
 def tick(now: datetime) -> dict[str, int]:
     """Open new cases, send time-limit warnings, erase expired personal data,
     bring the dashboards' press counts up to date (days computed), so a page
@@ -167,7 +180,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
         return alerts_cli.cmd(args)
     if args.web_command == "tick":
-        now = datetime.fromisoformat(args.now) if args.now else timezone.now()
+        now = args.now or timezone.now()
         done = tick(now)
         print(", ".join(f"{name} {n if n >= 0 else 'FAILED (see the log)'}"
                         for name, n in done.items()))
@@ -289,9 +302,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     alerts_cli.add_parser(wsub, again)
     tk = wsub.add_parser("tick", parents=[again],
-                         help="time-limit warnings and erasure, and the dashboards' press "
-                         "counts, once")
-    tk.add_argument("--now", help="the time to act as of (ISO 8601 with offset), for tests")
+                         help="once: open callback cases, time-limit warnings, erasure, "
+                         "the dashboards' press counts, alerts (evaluated and delivered); "
+                         "prints how many each step did")
+    tk.add_argument("--now", type=_instant, metavar="TIME",
+                    help="act as of this time (ISO 8601 with its offset, e.g. "
+                    "2026-12-01T10:00:00+01:00); for tests only, never against a "
+                    "database a running `serve` or timer ticks on the real clock")
     tok = wsub.add_parser("token", parents=[again], help="read-API tokens: create, revoke, list")
     toks = tok.add_subparsers(dest="action", required=True)
     mk = toks.add_parser("create", parents=[again], help="a new token, printed once")

@@ -135,6 +135,30 @@ class Rule(models.Model):
         alert raised on another basis (the rule edited since) is ended."""
         return "|".join((self.kind, self.per, self.site, self.edge, self.desk, self.code))
 
+    def describe(self) -> str:
+        """What the rule watches, in the words of the CLI's `list` (English)."""
+        per = f"per {self.per}: "
+        held = f" for {self.duration_min} min"
+        texts: dict[str, str] = {
+            Kind.NEGATIVE: per + (f"at least {self.threshold} bad" if self.share_pct is None
+                                  else f"{self.share_pct}% bad of at least {self.threshold}")
+            + f" in {self.window_min} min",
+            Kind.LOYALTY: per + f"index below {self.threshold} over {self.window_min} min "
+            f"(at least {self.min_count} presses)" + held,
+            Kind.DOCTOR: f"a doctor's index below {self.threshold} over {self.window_min} "
+            f"min (at least {self.min_count} answers)" + held,
+            Kind.SILENCE: f"no press at a desk for {self.duration_min} min, open "
+            f"{self.open_from:%H:%M}-{self.open_to:%H:%M} on days {self.open_days}"
+            if self.open_from and self.open_to else "no opening hours",
+            Kind.OFFLINE: "an edge offline or silent" + held,
+            Kind.HEALTH: f"edge alarm {self.code or 'of any code'}" + held,
+            Kind.CALLBACK: "a callback case past its [web.limits]",
+        }
+        text = texts.get(self.kind, self.kind)
+        quiet = (f"; quiet {self.quiet_start:%H:%M}-{self.quiet_end:%H:%M}"
+                 if self.quiet_start and self.quiet_end else "")
+        return text + quiet
+
     def recipients(self) -> list[str]:
         return [a.strip() for a in re.split(r"[\s,;]+", self.emails) if a.strip()]
 

@@ -10,12 +10,14 @@ from django import forms
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.utils.dates import WEEKDAYS as DAY_NAMES
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from collector.web.alerts.models import KIND_FIELDS, WEEKDAYS, Episode, Kind, Rule
+from collector.web.cases import audit, mail_configured
 from collector.web.roles import MANAGE, role_required
 
 
@@ -75,8 +77,15 @@ def rule_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
     rule = get_object_or_404(Rule, pk=pk) if pk is not None else None
     form = RuleForm(request.POST or None, instance=rule)
     if request.method == "POST" and form.is_valid():
-        form.save()
+        saved = form.save()
+        # Which fields changed, never their values (addresses, a webhook's URL).
+        audit(request.user, "alert_rule_saved", None,  # type: ignore[arg-type]  # role_required: a User
+              f"rule {saved.pk} {'changed' if rule else 'added'}: "
+              f"{', '.join(form.changed_data) or 'nothing'}", now=timezone.now())
         messages.success(request, _("The rule is saved."))
+        if saved.recipients() and not mail_configured():
+            messages.warning(request, _("No [web.smtp] is configured: this rule's e-mails "
+                                        "are given up at once until one is."))
         return redirect("alerts:rules")
     return render(request, "alerts/rule_edit.html", {"form": form, "rule": rule})
 
@@ -86,6 +95,8 @@ def rule_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 def rule_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     rule = get_object_or_404(Rule, pk=pk)
     Rule.objects.filter(pk=pk).update(enabled=not rule.enabled)
+    audit(request.user, f"alert_rule_{'disabled' if rule.enabled else 'enabled'}",  # type: ignore[arg-type]  # role_required: a User
+          None, f"rule {pk}", now=timezone.now())
     return redirect("alerts:rules")
 
 

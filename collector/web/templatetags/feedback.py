@@ -16,6 +16,9 @@ ACTIONS = {
     "name_set": _("named an identifier"), "api_token_created": _("created an API token"),
     "api_token_revoked": _("revoked an API token"),
     "api_personal_data": _("an API token read personal data"),
+    "alert_rule_saved": _("saved an alert rule"),
+    "alert_rule_enabled": _("enabled an alert rule"),
+    "alert_rule_disabled": _("disabled an alert rule"),
 }
 
 
