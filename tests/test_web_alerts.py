@@ -95,6 +95,10 @@ def test_an_afternoon_of_bad_presses_alerts_once_and_resolves_once(
     assert second.subject.strip().startswith("Снято:"), "not in Russian"
     assert done[0]["alert_id"] in first.body
     assert done[1]["alert_id"] in second.body
+    # What was found, in her language too; the webhook keeps the English value.
+    assert "3 плохих из 6 нажатий за 30 мин" in first.body, "the value not in Russian"
+    assert "Сработало правило «Desk 1 unhappy»: clinic-3/desk-1." in first.body
+    assert opened[0]["value"] == "3 bad of 6 in 30 min"
     no_personal_data(smtp, hook)
     ((n,),) = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
     assert n == 1

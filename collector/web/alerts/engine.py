@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -69,8 +69,10 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    value: str
+    value: str  # in English, as webhooks carry it
     since: datetime | None = None  # None: from when a tick first saw it
+    # The same as figures, for people in their language (Episode.describe).
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def _ms(t: datetime) -> int:
@@ -126,7 +128,8 @@ def _negative(rule: Rule, now: datetime) -> dict[str, Finding]:
         holds = bad >= rule.threshold if rule.share_pct is None else \
             total >= rule.threshold and bad * 100 >= rule.share_pct * total
         if holds:
-            out[group] = Finding(f"{bad} bad of {total} in {rule.window_min} min")
+            out[group] = Finding(f"{bad} bad of {total} in {rule.window_min} min",
+                                 facts={"bad": bad, "total": total, "window": rule.window_min})
     return out
 
 
@@ -145,7 +148,9 @@ def _index_below(rule: Rule, tally: dict[str, dict[str, int]], plus: str, minus:
             continue
         index = (counts.get(plus, 0) - counts.get(minus, 0)) * 100 / total
         if index < rule.threshold:
-            out[group] = Finding(f"index {index:.1f} of {total} {noun} in {rule.window_min} min")
+            out[group] = Finding(
+                f"index {index:.1f} of {total} {noun} in {rule.window_min} min",
+                facts={"index": round(index, 1), "total": total, "window": rule.window_min})
     return out
 
 
@@ -180,6 +185,7 @@ def _offline(rule: Rule, now: datetime) -> dict[str, Finding]:
         silent = now - _at(seen) >= timedelta(minutes=rule.duration_min)
         if r["state"] == "offline" or silent:
             out[r["edge"]] = Finding(f"{r['state']}, silent since {_at(seen):%Y-%m-%d %H:%M} UTC",
+                                     facts={"state": r["state"], "seen": _at(seen).isoformat()},
                                      since=_at(seen))
     return out
 
@@ -193,7 +199,7 @@ def _health(rule: Rule, now: datetime) -> dict[str, Finding]:
             code = alarm.split(":", 1)[0].strip()
             code = code if CODE_RE.match(code) else "alarm"
             if not rule.code or rule.code == code:
-                out[f"{r['edge']} {code}"] = Finding(code)
+                out[f"{r['edge']} {code}"] = Finding(code, facts={"code": code})
     return out
 
 
@@ -238,7 +244,8 @@ def _silence(rule: Rule, now: datetime) -> dict[str, Finding]:
     for key, t in last.items():
         since = max(_at(t), opened)
         if now - since >= timedelta(minutes=rule.duration_min):
-            out[key] = Finding(f"no presses since {since.astimezone(_zone()):%H:%M}", since)
+            out[key] = Finding(f"no presses since {since.astimezone(_zone()):%H:%M}", since,
+                               facts={"since": since.isoformat()})
     return out
 
 
@@ -251,7 +258,9 @@ def _callback(rule: Rule, now: datetime) -> dict[str, Finding]:
                 status=Status.CLOSED).values_list("pk", "site", "edge", "status_since"):
             if _in_scope(rule, site, edge):
                 out[f"case #{pk}"] = Finding(f"{status} for over {round(seconds / 3600, 1)} h",
-                                             since + timedelta(seconds=seconds))
+                                             since + timedelta(seconds=seconds),
+                                             facts={"status": status,
+                                                    "hours": round(seconds / 3600, 1)})
     return out
 
 
@@ -304,12 +313,13 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
             try:
                 with transaction.atomic():
                     ep = Episode.objects.create(rule=rule, subject=subject, since=f.since or now,
-                                                value=f.value[:200], basis=basis)
+                                                value=f.value[:200], basis=basis,
+                                                facts=f.facts)
             except IntegrityError:
                 continue  # another tick opened it just now; it goes on from there
         elif ep.value != f.value[:200]:
-            Episode.objects.filter(pk=ep.pk).update(value=f.value[:200])
-            ep.value = f.value[:200]
+            Episode.objects.filter(pk=ep.pk).update(value=f.value[:200], facts=f.facts)
+            ep.value, ep.facts = f.value[:200], f.facts
         if ep.opened_at is None and now - ep.since >= _duration(rule):
             changed += _mark(ep, "opened_at", DeliveryKind.OPENED, now)
     for subject, ep in current.items():

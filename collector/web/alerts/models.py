@@ -16,11 +16,14 @@ from __future__ import annotations
 import re
 import urllib.parse
 import uuid
+from datetime import datetime
 from typing import Any, ClassVar
+from zoneinfo import ZoneInfo
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import models
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 # Site, edge and desk identifiers as the contract allows them (edge/contract/ids.py).
@@ -238,12 +241,54 @@ class Episode(models.Model):
     resolved_at = models.DateTimeField(null=True)
     value = models.CharField(max_length=200, blank=True, default="")
     basis = models.CharField(max_length=300, blank=True, default="")  # Rule.basis()
+    # `value`'s figures (engine.Finding.facts), for describe() in any language.
+    facts = models.JSONField(default=dict, blank=True)
 
     class Meta:
         constraints: ClassVar[list[Any]] = [models.UniqueConstraint(
             fields=["rule", "subject"], condition=models.Q(resolved_at__isnull=True),
             name="one_open_episode")]
         ordering: ClassVar[list[str]] = ["-since", "-id"]
+
+
+    def describe(self) -> str:
+        """What was found, in the active language (pages; e-mails in the
+        recipient's); `value` (English) when the figures are not there."""
+        f = self.facts or {}
+        try:
+            return _describe(self.rule.kind, f)
+        except (KeyError, TypeError, ValueError):
+            return self.value
+
+
+def _local(iso: str) -> str:
+    from django.conf import settings  # noqa: PLC0415 - the zone of the reports
+
+    when = datetime.fromisoformat(iso).astimezone(ZoneInfo(settings.CONFIG.tz))
+    return f"{when:%Y-%m-%d %H:%M}"
+
+
+def _describe(kind: str, f: dict[str, Any]) -> str:
+    from collector.web.models import Status  # noqa: PLC0415 - the case statuses' labels
+
+    if kind == Kind.NEGATIVE:
+        return gettext("%(bad)d bad of %(total)d presses in %(window)d min") % f
+    if kind == Kind.LOYALTY:
+        return gettext("index %(index).1f of %(total)d presses in %(window)d min") % f
+    if kind == Kind.DOCTOR:
+        return gettext("index %(index).1f of %(total)d answers in %(window)d min") % f
+    if kind == Kind.OFFLINE:
+        text = gettext("offline since %(seen)s") if f["state"] == "offline" else \
+            gettext("silent since %(seen)s")
+        return text % {"seen": _local(f["seen"])}
+    if kind == Kind.HEALTH:
+        return str(f["code"])
+    if kind == Kind.SILENCE:
+        return gettext("no presses since %(since)s") % {"since": _local(f["since"])}
+    if kind == Kind.CALLBACK:
+        return gettext("%(status)s for over %(hours)s h") % {
+            "status": dict(Status.choices)[f["status"]], "hours": f["hours"]}
+    raise KeyError(kind)
 
 
 class DeliveryKind(models.TextChoices):
