@@ -150,8 +150,10 @@ class TerminalFirmware:
     def answer(self, doctor: str, q1: str, *, q2: str | None = None, phone: str | None = None,
                comment: str | None = None, lang: str = "en", force: bool = False) -> int:
         if not force:
-            if (q2 is not None) != (q1 == "no"):
+            if q2 is not None and q1 != "no":
                 raise ValueError("q2 only after q1 = no")
+            if q2 is None and q1 == "no":
+                raise ValueError("q1 = no needs q2 (may we call you?): yes or no")
             if q2 != "yes" and (phone or comment):
                 raise ValueError("phone and comment only after q2 = yes")
         return self._record("answer", {"doctor": doctor, "q1": q1, "q2": q2, "phone": phone,

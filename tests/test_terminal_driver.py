@@ -385,3 +385,15 @@ def test_the_firmware_answers_who_with_hello_and_keeps_its_record_in_flight(
     fw.receive(encode_frame(FrameType.ACK, 2, {"ack": in_flight}))  # the old seq still holds
     assert fw.unacked == 0
 
+
+
+@pytest.mark.parametrize(("q1", "q2", "says"), [
+    ("no", None, "q1 = no needs q2"),
+    ("yes", "yes", "q2 only after q1 = no"),
+])
+def test_the_simulated_survey_names_the_rule_an_answer_breaks(
+        tmp_path: Path, q1: str, q2: str | None, says: str) -> None:
+    fw = TerminalFirmware("00C0FFEE0001", tmp_path / "flash", clock_ms=lambda: 1_000,
+                          send=lambda _frame: None)
+    with pytest.raises(ValueError, match=says):
+        fw.answer("dr-a", q1, q2=q2)

@@ -118,6 +118,7 @@ class _Quiet(WSGIRequestHandler):
 
 def cmd_web(args: argparse.Namespace) -> int:
     _setup(args.config)
+    from axes.utils import reset as axes_reset  # noqa: PLC0415
     from django.core.management import call_command  # noqa: PLC0415
     from django.utils import timezone  # noqa: PLC0415
 
@@ -164,11 +165,12 @@ def cmd_web(args: argparse.Namespace) -> int:
         user.set_password(password)
         user.save()
         # A new password also lifts a lockout after wrong passwords.
-        call_command("axes_reset_username", args.name, verbosity=0)
+        axes_reset(username=args.name)
         print(f"{args.name}: {args.role} ({'created' if made else 'updated'})")
         return 0
     if args.web_command == "unlock":
-        call_command("axes_reset_username", args.name, verbosity=0)
+        # The library's function: its management command prints "No attempts found."
+        axes_reset(username=args.name)
         print(f"{args.name}: failed logins forgotten; they may log in again")
         return 0
     if args.web_command == "token":
