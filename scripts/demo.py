@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -30,8 +32,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -125,6 +129,47 @@ class Signals:
         return self.received is not None
 
 
+# The demo's alert webhook: its secret signs every POST (README, "Alerts").
+HOOK_SECRET = "demo-hook-secret"  # noqa: S105 - the demo's own receiver checks it
+
+
+class Hooks:
+    """A webhook receiver in this process, standing in for the clinic's system:
+    keeps each alert whose signature is right."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                want = "sha256=" + hmac.new(HOOK_SECRET.encode(), body,
+                                            hashlib.sha256).hexdigest()
+                ok = hmac.compare_digest(self.headers.get("X-Feedback-Signature", ""), want)
+                if ok:
+                    with hooks.lock:
+                        hooks.got.append(json.loads(body))
+                self.send_response(204 if ok else 403)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def first(self, kind: str) -> dict[str, Any] | None:
+        with self.lock:
+            return next((d for d in self.got if d["kind"] == kind), None)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Demo:
     def __init__(self, run_dir: Path, signals: Signals) -> None:
         self.dir = run_dir
@@ -141,6 +186,8 @@ class Demo:
         self.collector_config = run_dir / "collector.toml"
         self.db = run_dir / "collector.sqlite"
         self.web_port = free_port()
+        self.metrics_port = free_port()
+        self.hooks = Hooks()
         self.rng = random.Random()
         self.tz = local_zone()
 
@@ -211,10 +258,15 @@ path = "{self.db}"
 [reports]
 tz = "{self.tz}"
 
+[metrics]
+listen = "127.0.0.1:{self.metrics_port}"
+
 [web]                       # no [web.smtp]: nothing is e-mailed in the demo
 allowed_hosts = ["127.0.0.1", "localhost"]
 base_url = "http://127.0.0.1:{self.web_port}"
+webhook_allow = ["127.0.0.1"]   # the demo's own webhook receiver
 """)
+        (run / "hook.secret").write_text(HOOK_SECRET + "\n")
         (run / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {run}/\nmax_queued_messages 0\nset_tcp_nodelay true\n"
@@ -262,7 +314,10 @@ base_url = "http://127.0.0.1:{self.web_port}"
             try:
                 self.stop("daemon")
             finally:
-                self.stop(*list(self.procs))
+                try:
+                    self.stop(*list(self.procs))
+                finally:
+                    self.hooks.close()
 
     def check_children(self) -> None:
         for name, p in self.procs.items():
@@ -471,6 +526,34 @@ base_url = "http://127.0.0.1:{self.web_port}"
         say(f"the quality manager's web app: http://127.0.0.1:{self.web_port}/ (users "
             f"{', '.join(u for u, _ in WEB_USERS)}; password {WEB_PASSWORD}); the patient who "
             "asked to be called back is case #1 in the callback queue")
+
+        say("an unhappy moment: two bad presses; the alert rule \"Reception unhappy\" (2 bad "
+            "in 30 minutes at a desk) tells the clinic's system by a signed webhook, "
+            "received here (the web app checks its rules every 5 s)")
+        cfg = ("--config", str(self.collector_config))
+        self.cli("collector.cli", "web", *cfg, "alert-rule", "add", "--name",
+                 "Reception unhappy", "--kind", "negative", "--threshold", "2",
+                 "--window-min", "30", "--webhook-url", self.hooks.url,
+                 "--webhook-secret-file", str(self.dir / "hook.secret"), show=False)
+        # Ten seconds on from the last presses, so these two are not taken for a
+        # burst (more than 5 in 10 s at a desk), which no report or rule counts.
+        self.pause(10)
+        for _ in range(2):
+            self.press("bad")
+            self.pause(0.3)
+        alert = self.wait_until(lambda: self.hooks.first("opened"), 30, "the alert's webhook")
+        print(f"  webhook {alert['kind']}: {alert['rule']['name']} at {alert['subject']}: "
+              f"{alert['value']} (alert {alert['alert_id']}, signature checked)", flush=True)
+        token = self.cli("collector.cli", "web", *cfg, "token", "create", "demo",
+                         show=False).strip()
+        say("other systems read the data through the API (the token is shown once), and "
+            "Prometheus the collector's metrics")
+        api = f"http://127.0.0.1:{self.web_port}/api/v1"
+        print(f"  curl -H 'Authorization: Bearer {token}' '{api}/events?kind=press&limit=5'\n"
+              f"  curl -H 'Authorization: Bearer {token}' "
+              f"'{api}/reports/loyalty?by=desk&period=day&format=csv'\n"
+              f"  curl -H 'Authorization: Bearer {token}' {api}/alerts\n"
+              f"  curl http://127.0.0.1:{self.metrics_port}/metrics", flush=True)
 
         if forever:
             venv = ROOT / ".venv" / "bin"

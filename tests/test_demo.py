@@ -144,6 +144,10 @@ def test_the_plain_run_shows_the_whole_thing_and_leaves_nothing_running(run_dir:
     fleet = out.split("$ feedback-collector fleet")[1]
     assert "demo-clinic/reception-1  online" in fleet
     assert "9/9" in fleet
+    # The alert reached the demo's webhook receiver, signed; the API and metrics are shown.
+    assert "webhook opened: Reception unhappy at demo-clinic/desk-1" in out, out[-3000:]
+    assert "signature checked" in out
+    assert "curl -H 'Authorization: Bearer fc_" in out
     # The phone number is for the callback list: no log holds it.
     for log in run_dir.glob("*.log"):
         assert PHONE not in log.read_text(errors="replace"), log
