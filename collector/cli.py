@@ -40,6 +40,8 @@ CONFIG_ENV = "FEEDBACK_COLLECTOR_CONFIG"
 
 def default_config() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
 EXIT_USAGE = 2
 # Patients one doctor served in one imported period: a bound a real count never reaches,
 # well inside the database's 64-bit integers (and a double's exact range) when summed.

@@ -21,10 +21,12 @@ quarantine reason's first word: `json`, `schema`, `size`, `invalid`,
 checked against the contract's grammar).  Nothing from a payload's free text.
 
 It is served by prometheus_client's WSGI app on wsgiref, a thread per
-connection (at most `MAX_CLIENTS`, each for at most `CONNECTION_S`): a client
-that sends a byte now and then holds its own thread only, never the scrapes.
-Figures from the database are read one scrape at a time, on the scrape side's
-own connection (intake's belongs to intake's thread).
+connection (at most `MAX_CLIENTS`, `MAX_PER_ADDRESS` from one address, each
+for at most `CONNECTION_S`): a client that sends a byte now and then holds its
+own thread only.  Figures from the database are read one scrape at a time on
+one thread with the scrape side's own connection (intake's belongs to
+intake's thread); a scrape that waits `READ_S` for them says the database is
+down.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import socket
 import socketserver
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -113,13 +116,22 @@ class DatabaseCollector(Collector):
         self._db: Database | None = None
         self._intake = intake
         # Scrapes come on threads of their own; the database connection (SQLite's
-        # is bound to its thread) is used on this one thread, a scrape at a time.
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, "metrics-db")
+        # is bound to its thread) is used on this one daemon thread, a scrape at a
+        # time; a scrape waits for it READ_S at most (a hung database: up 0).
+        self._reads: queue.Queue[concurrent.futures.Future[list[Metric]]] = queue.Queue()
+        threading.Thread(target=self._reader, name="metrics-db", daemon=True).start()
 
-    def _read(self) -> list[Metric]:
-        if self._db is None:
-            self._db = self._open()
-        return list(self._figures(self._db))
+    def _reader(self) -> None:
+        while True:
+            job = self._reads.get()
+            if not job.set_running_or_notify_cancel():
+                continue  # its scrape gave up waiting
+            try:
+                if self._db is None:
+                    self._db = self._open()
+                job.set_result(list(self._figures(self._db)))
+            except BaseException as e:  # noqa: BLE001 - handed to the scrape waiting for it
+                job.set_exception(e)
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("feedback_collector_database_errors", "database outages "
@@ -127,10 +139,14 @@ class DatabaseCollector(Collector):
                                   value=self._intake.db_errors)
         up = GaugeMetricFamily("feedback_collector_database_up", "1 if this scrape could read "
                                "the database; 0 and no figure from it if not")
+        job: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+        self._reads.put(job)
         try:
-            figures = self._reader.submit(self._read).result()
-        except DatabaseError as e:
-            log.warning("metrics: the database cannot be read: %s", e)
+            figures = job.result(timeout=READ_S)
+        except (DatabaseError, concurrent.futures.TimeoutError) as e:
+            job.cancel()
+            log.warning("metrics: the database cannot be read: %s",
+                        e if isinstance(e, DatabaseError) else f"no answer in {READ_S:.0f} s")
             up.add_metric([], 0.0)
             yield up
             return
@@ -217,11 +233,14 @@ def _alert_figures(db: Database) -> Iterable[Metric]:
     yield messages
 
 
-# Clients served at once (Prometheus needs one; the rest wait for nobody) and the
-# longest a connection may last, however slowly it sends (the socket timeout
-# is per read).
+# Clients served at once, and from one address (a few slow clients from one
+# place cannot take every slot from Prometheus'), and the longest a connection
+# may last, however slowly it sends (the socket timeout is per read).
 MAX_CLIENTS = 8
+MAX_PER_ADDRESS = 2
 CONNECTION_S = 15.0
+# The longest a scrape waits for the database's figures.
+READ_S = 10.0
 
 
 class _Quiet(WSGIRequestHandler):
@@ -271,10 +290,17 @@ def serve(cfg: CollectorConfig, intake: Intake) -> WSGIServer | None:
     class Server(socketserver.ThreadingMixIn, WSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
-        _slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        _lock = threading.Lock()
+        _clients: ClassVar[collections.Counter[str]] = collections.Counter()  # this server's only
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
+            address = str(client_address[0])
+            with self._lock:
+                full = (sum(self._clients.values()) >= MAX_CLIENTS
+                        or self._clients[address] >= MAX_PER_ADDRESS)
+                if not full:
+                    self._clients[address] += 1
+            if full:
                 self.shutdown_request(request)  # as many clients as it serves already
                 return
             super().process_request(request, client_address)
@@ -283,7 +309,8 @@ def serve(cfg: CollectorConfig, intake: Intake) -> WSGIServer | None:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                self._slots.release()
+                with self._lock:
+                    self._clients[str(client_address[0])] -= 1
 
     app = _only_metrics(cast(WSGIApplication, make_wsgi_app(registry)))
     try:

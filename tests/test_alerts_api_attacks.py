@@ -120,6 +120,24 @@ def test_a_tick_behind_the_last_one_neither_resolves_nor_reopens_an_alert(
     assert len(ids) == 1, said
 
 
+def test_a_tick_behind_one_that_resolved_an_alert_does_not_raise_it_again(
+        make_app: Callable[..., App], hook: Hook) -> None:
+    """The other half of a tick behind: one host resolved the alert at a later
+    time; a tick whose `now` is earlier still sees the condition, finds no open
+    episode and would raise a new alert for what is over."""
+    app = make_app()
+    app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
+             "--window-min", "30", "--webhook-url", hook.url)
+    t0 = base_time()
+    app.press(t0, desk="desk-1", label="bad")
+    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    app.tick(t0 + timedelta(minutes=2))
+    app.tick(t0 + timedelta(minutes=40))  # the presses have left the window: resolved
+    app.tick(t0 + timedelta(minutes=3))  # a host behind: the condition holds for it
+    assert [d["kind"] for d in hook.delivered()] == ["opened", "resolved"]
+    assert app.query("SELECT count(*) FROM alerts_episode") == [(1,)]
+
+
 # == Delivery: two ticks at once ==============================================================
 
 class _Held:
@@ -395,6 +413,10 @@ def test_a_resolved_does_not_go_where_its_opened_was_given_up(
     got = [doc["kind"] for doc in hook.delivered()]
     assert "resolved" not in got, (f"the receiver got {got} (2xx) for an alert whose "
                                    "'opened' never reached it")
+    # Given up with its reason on the alert's page.
+    assert app.query("SELECT a.result FROM alerts_attempt a JOIN alerts_delivery d ON "
+                     "d.id = a.delivery_id WHERE d.kind = 'resolved'") == [
+        ("not sent: its opening was given up",)]
 
 
 

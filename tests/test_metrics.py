@@ -220,6 +220,16 @@ def test_collector_webhook_allow_is_parsed() -> None:
     assert parse_collector_config(tomllib.loads(COLLECTOR)).web.webhook_networks == ()
 
 
+def test_the_alert_kinds_written_out_agree() -> None:
+    """Modules that must not load Django (the metrics, the CLI's parser) write the
+    rule kinds out; the web form's are checked against the CLI's in
+    test_web_alerts.py."""
+    from collector import metrics
+    from collector.web.alerts import cli as alerts_cli
+
+    assert metrics._ALERT_KINDS == alerts_cli.KINDS
+
+
 def test_collector_metrics_listen_is_parsed() -> None:
     assert parse_collector_config(tomllib.loads(COLLECTOR)).metrics is None
     cfg = parse_collector_config(tomllib.loads(COLLECTOR + '[metrics]\nlisten = "[::1]:9108"\n'))

@@ -98,7 +98,7 @@ def test_an_afternoon_of_bad_presses_alerts_once_and_resolves_once(
     # What was found, in her language too; the webhook keeps the English value.
     assert "3 плохих из 6 нажатий за 30 мин" in first.body, "the value not in Russian"
     assert "Сработало правило «Desk 1 unhappy»: clinic-3/desk-1." in first.body
-    assert opened[0]["value"] == "3 bad of 6 in 30 min"
+    assert opened[0]["value"] == "3 bad of 6 presses in 30 min"
     no_personal_data(smtp, hook)
     ((n,),) = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
     assert n == 1
@@ -257,6 +257,12 @@ def test_the_quality_manager_manages_rules_and_sees_alerts_others_do_not(
         "min_count": "10", "duration_min": "15", "emails": QM, "language": "en",
         "webhook_url": "https://hooks.example/feedback", "webhook_secret": SECRET})
     assert (status, location) == (302, "/alerts/rules/")
+    # The form offers the kinds the CLI and the metrics know (written out there).
+    from collector.web.alerts.cli import KINDS
+
+    form = qm.request("alerts/rules/new/")[2]
+    select = form[form.index('name="kind"'):form.index("</select>", form.index('name="kind"'))]
+    assert tuple(re.findall(r'<option value="(\w+)"', select)) == KINDS
     status, _, page = qm.request("alerts/rules/")
     assert status == 200
     assert "Site unhappy" in page

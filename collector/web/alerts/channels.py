@@ -4,7 +4,8 @@ A webhook is a JSON POST whose body is the same bytes on every retry (the
 alert id and kind make it idempotent for the receiver), signed with the
 rule's secret: `X-Feedback-Signature: sha256=<hex HMAC-SHA256 of the body>`,
 and `X-Feedback-Alert-Id`.  Neither the secret nor a recipient's address is
-ever logged; a failure is recorded by its type or HTTP status only.
+ever logged; a failure is recorded by its type or HTTP status, or, for a
+refused address, the address.
 
 A webhook reaches public addresses only, and the networks and host names of
 `[web] webhook_allow`: the quality manager types the URL, and the server must
@@ -72,12 +73,16 @@ class WebhookRefusedError(Exception):
 
 
 # IPv6 forms that carry an IPv4 address a gateway or relay may deliver to
-# (the low 32 bits): NAT64's well-known and local-use prefixes (RFC 6052, 8215),
-# SIIT's IPv4-translated (RFC 2765) and the deprecated IPv4-compatible (RFC 4291).
+# (the low 32 bits): NAT64's well-known prefix (RFC 6052), SIIT's
+# IPv4-translated (RFC 2765) and the deprecated IPv4-compatible (RFC 4291).
 _EMBEDDING: Final = tuple(ipaddress.IPv6Network(n) for n in (
-    "64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
-# Never public, though Python's is_global says so: site-local (RFC 3879).
-_NOT_PUBLIC: Final = (ipaddress.IPv6Network("fec0::/10"),)
+    "64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
+# Never public, though some Pythons' is_global says so (CVE-2024-4032, before
+# 3.11.10 and 3.12.4): site-local (RFC 3879), NAT64's local-use prefix (RFC
+# 8215: where it carries its IPv4 address depends on the network's prefix
+# length), IETF protocol assignments (RFC 6890).
+_NOT_PUBLIC: Final = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("64:ff9b:1::/48"),
+                      ipaddress.IPv6Network("2001::/23"), ipaddress.IPv4Network("192.0.0.0/24"))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,10 +90,10 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def _public(address: Address) -> bool:
     """A global address, judged by the IPv4 address an IPv6 form carries (mapped,
     6to4, Teredo, NAT64, translated, compatible), when it carries one."""
-    if isinstance(address, ipaddress.IPv4Address):
-        return address.is_global
     if any(address in net for net in _NOT_PUBLIC):
         return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return address.is_global
     carried = [a for a in (address.ipv4_mapped, address.sixtofour,
                            *(address.teredo or ())) if a is not None]
     if any(address in net for net in _EMBEDDING):

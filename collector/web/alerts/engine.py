@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
+from django.utils import translation
 
 from collector import queries, reports
 from collector.web.alerts import channels
@@ -51,6 +52,7 @@ from collector.web.alerts.models import (
     Per,
     Rule,
     State,
+    describe,
 )
 from collector.web.cases import mail_configured
 from collector.web.models import Case, Status, User
@@ -69,10 +71,12 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    value: str  # in English, as webhooks carry it
+    """What a condition found: figures (described in each reader's language by
+    `models.describe`; in English as the episode's `value`, which webhooks
+    carry) and, when it has one, when it began."""
+
+    facts: dict[str, Any]
     since: datetime | None = None  # None: from when a tick first saw it
-    # The same as figures, for people in their language (Episode.describe).
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def _ms(t: datetime) -> int:
@@ -128,17 +132,16 @@ def _negative(rule: Rule, now: datetime) -> dict[str, Finding]:
         holds = bad >= rule.threshold if rule.share_pct is None else \
             total >= rule.threshold and bad * 100 >= rule.share_pct * total
         if holds:
-            out[group] = Finding(f"{bad} bad of {total} in {rule.window_min} min",
-                                 facts={"bad": bad, "total": total, "window": rule.window_min})
+            out[group] = Finding({"bad": bad, "total": total, "window": rule.window_min})
     return out
 
 
 def _loyalty(rule: Rule, now: datetime) -> dict[str, Finding]:
-    return _index_below(rule, _press_tally(rule, now), "good", "bad", "presses")
+    return _index_below(rule, _press_tally(rule, now), "good", "bad")
 
 
-def _index_below(rule: Rule, tally: dict[str, dict[str, int]], plus: str, minus: str,
-                 noun: str) -> dict[str, Finding]:
+def _index_below(rule: Rule, tally: dict[str, dict[str, int]], plus: str, minus: str
+                 ) -> dict[str, Finding]:
     """Groups whose index (% `plus` - % `minus` of all counted) is below the
     rule's threshold, of at least `min_count`."""
     out = {}
@@ -148,9 +151,8 @@ def _index_below(rule: Rule, tally: dict[str, dict[str, int]], plus: str, minus:
             continue
         index = (counts.get(plus, 0) - counts.get(minus, 0)) * 100 / total
         if index < rule.threshold:
-            out[group] = Finding(
-                f"index {index:.1f} of {total} {noun} in {rule.window_min} min",
-                facts={"index": round(index, 1), "total": total, "window": rule.window_min})
+            out[group] = Finding({"index": round(index, 1), "total": total,
+                                  "window": rule.window_min})
     return out
 
 
@@ -165,8 +167,7 @@ def _doctor(rule: Rule, now: datetime) -> dict[str, Finding]:
                 not _in_scope(rule, r["site"], r["edge"], r["desk"]):
             continue
         tally[r["doctor"] or "(unknown)"][r["q1"]] += 1
-    return _index_below(rule, {f"doctor {d}": c for d, c in tally.items()}, "yes", "no",
-                        "answers")
+    return _index_below(rule, {f"doctor {d}": c for d, c in tally.items()}, "yes", "no")
 
 
 def _fleet(rule: Rule, now: datetime) -> list[dict[str, Any]]:
@@ -184,8 +185,7 @@ def _offline(rule: Rule, now: datetime) -> dict[str, Finding]:
             continue
         silent = now - _at(seen) >= timedelta(minutes=rule.duration_min)
         if r["state"] == "offline" or silent:
-            out[r["edge"]] = Finding(f"{r['state']}, silent since {_at(seen):%Y-%m-%d %H:%M} UTC",
-                                     facts={"state": r["state"], "seen": _at(seen).isoformat()},
+            out[r["edge"]] = Finding({"state": r["state"], "seen": _at(seen).isoformat()},
                                      since=_at(seen))
     return out
 
@@ -199,7 +199,7 @@ def _health(rule: Rule, now: datetime) -> dict[str, Finding]:
             code = alarm.split(":", 1)[0].strip()
             code = code if CODE_RE.match(code) else "alarm"
             if not rule.code or rule.code == code:
-                out[f"{r['edge']} {code}"] = Finding(code, facts={"code": code})
+                out[f"{r['edge']} {code}"] = Finding({"code": code})
     return out
 
 
@@ -244,8 +244,7 @@ def _silence(rule: Rule, now: datetime) -> dict[str, Finding]:
     for key, t in last.items():
         since = max(_at(t), opened)
         if now - since >= timedelta(minutes=rule.duration_min):
-            out[key] = Finding(f"no presses since {since.astimezone(_zone()):%H:%M}", since,
-                               facts={"since": since.isoformat()})
+            out[key] = Finding({"since": since.isoformat()}, since)
     return out
 
 
@@ -257,10 +256,9 @@ def _callback(rule: Rule, now: datetime) -> dict[str, Finding]:
                 status=status, status_since__lte=now - timedelta(seconds=seconds)).exclude(
                 status=Status.CLOSED).values_list("pk", "site", "edge", "status_since"):
             if _in_scope(rule, site, edge):
-                out[f"case #{pk}"] = Finding(f"{status} for over {round(seconds / 3600, 1)} h",
-                                             since + timedelta(seconds=seconds),
-                                             facts={"status": status,
-                                                    "hours": round(seconds / 3600, 1)})
+                out[f"case #{pk}"] = Finding({"status": status,
+                                              "hours": round(seconds / 3600, 1)},
+                                             since + timedelta(seconds=seconds))
     return out
 
 
@@ -294,6 +292,8 @@ def evaluate(now: datetime) -> int:
 def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
     changed = 0
     basis = rule.basis()
+    if Rule.objects.get(pk=rule.pk).basis() != basis:
+        return 0  # edited since this tick read it: the next tick evaluates it as it is
     current = {}
     for e in Episode.objects.filter(rule=rule, resolved_at__isnull=True):
         if e.basis and e.basis != basis:
@@ -303,6 +303,7 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
         else:
             current[e.subject] = e
     for subject, f in found.items():
+        value = _english(rule.kind, f.facts)
         ep = current.get(subject)
         if ep is not None and f.since is not None and f.since > ep.since:
             # It cleared and held again between two ticks (a press at a silent
@@ -310,22 +311,28 @@ def _apply(rule: Rule, found: dict[str, Finding], now: datetime) -> int:
             changed += _end(ep, now)
             ep = None
         if ep is None:
+            if Episode.objects.filter(rule=rule, subject=subject, resolved_at__gt=now).exists():
+                continue  # a tick ahead of this one has seen it end: not raised again
             try:
                 with transaction.atomic():
                     ep = Episode.objects.create(rule=rule, subject=subject, since=f.since or now,
-                                                value=f.value[:200], basis=basis,
-                                                facts=f.facts)
+                                                value=value, basis=basis, facts=f.facts)
             except IntegrityError:
                 continue  # another tick opened it just now; it goes on from there
-        elif ep.value != f.value[:200]:
-            Episode.objects.filter(pk=ep.pk).update(value=f.value[:200], facts=f.facts)
-            ep.value, ep.facts = f.value[:200], f.facts
+        elif ep.facts != f.facts:
+            Episode.objects.filter(pk=ep.pk).update(value=value, facts=f.facts)
+            ep.value, ep.facts = value, f.facts
         if ep.opened_at is None and now - ep.since >= _duration(rule):
             changed += _mark(ep, "opened_at", DeliveryKind.OPENED, now)
     for subject, ep in current.items():
         if subject not in found:
             changed += _end(ep, now)
     return changed
+
+
+def _english(kind: str, facts: dict[str, Any]) -> str:
+    with translation.override("en"):
+        return describe(kind, facts)[:200]
 
 
 def _end(ep: Episode, now: datetime) -> int:
@@ -417,8 +424,12 @@ def deliver(now: datetime) -> int:
             if State.FAILED in opened:
                 # The receiver never heard of this alert: a resolution alone would
                 # tell it of an alert id it cannot know.
-                Delivery.objects.filter(pk=d.pk, state=State.PENDING).update(
-                    state=State.FAILED)
+                with transaction.atomic():
+                    if Delivery.objects.filter(pk=d.pk, state=State.PENDING).update(
+                            state=State.FAILED):
+                        Attempt.objects.create(delivery=d, n=d.attempts + 1, at=now,
+                                               result="not sent: its opening was given up",
+                                               ok=False)
                 continue
         sent += _try(d, now)
     return sent
@@ -488,8 +499,9 @@ def _release_stale_claims(now: datetime) -> None:
             if Attempt.objects.filter(pk=a.pk, result="").update(
                     result="no result recorded (the tick stopped)", ok=False):
                 Delivery.objects.filter(pk=a.delivery_id, state=State.PENDING,
-                                        attempts__lt=a.n).update(attempts=a.n,
-                                                                 next_attempt_at=now)
+                                        attempts__lt=a.n).update(
+                    attempts=a.n, next_attempt_at=now,
+                    state=State.FAILED if a.n >= MAX_ATTEMPTS else State.PENDING)
 
 
 def run(now: datetime) -> int:

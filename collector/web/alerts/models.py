@@ -7,8 +7,9 @@ episode has one `Delivery` per channel and kind (opened, resolved), and each
 try of a delivery is an `Attempt`, written (claimed) before the message goes
 out: two ticks at once never send the same attempt twice.
 
-Nothing here holds personal data: subjects are site, desk and edge
-identifiers, values are counts, states and alarm codes.
+Nothing here holds a patient's personal data: subjects are site, desk, edge
+and doctor identifiers and case numbers, values and facts are counts,
+indexes, states, times and alarm codes.
 """
 
 from __future__ import annotations
@@ -134,9 +135,12 @@ class Rule(models.Model):
         return self.name
 
     def basis(self) -> str:
-        """What an alert of this rule is about: its kind, grouping and scope.  An
-        alert raised on another basis (the rule edited since) is ended."""
-        return "|".join((self.kind, self.per, self.site, self.edge, self.desk, self.code))
+        """What an alert of this rule is about: its kind, and the grouping, scope
+        and alarm code its kind reads.  An alert raised on another basis (the
+        rule edited since) is ended."""
+        reads = KIND_FIELDS.get(self.kind, ())
+        return "|".join((self.kind, self.per if "per" in reads else "", self.site, self.edge,
+                         self.desk, self.code if "code" in reads else ""))
 
     def describe(self) -> str:
         """What the rule watches, in the words of the CLI's `list` (English)."""
@@ -254,9 +258,10 @@ class Episode(models.Model):
     def describe(self) -> str:
         """What was found, in the active language (pages; e-mails in the
         recipient's); `value` (English) when the figures are not there."""
-        f = self.facts or {}
+        # The kind it was raised as (the rule may have been edited since).
+        kind = self.basis.split("|", 1)[0] if self.basis else self.rule.kind
         try:
-            return _describe(self.rule.kind, f)
+            return describe(kind, self.facts or {})
         except (KeyError, TypeError, ValueError):
             return self.value
 
@@ -268,7 +273,10 @@ def _local(iso: str) -> str:
     return f"{when:%Y-%m-%d %H:%M}"
 
 
-def _describe(kind: str, f: dict[str, Any]) -> str:
+def describe(kind: str, f: dict[str, Any]) -> str:
+    """An episode's figures (engine.Finding.facts) for a reader, in the active
+    language.  Raises KeyError, TypeError or ValueError for figures of another
+    shape."""
     from collector.web.models import Status  # noqa: PLC0415 - the case statuses' labels
 
     if kind == Kind.NEGATIVE:

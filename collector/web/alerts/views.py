@@ -67,6 +67,13 @@ class RuleForm(forms.ModelForm):  # type: ignore[type-arg]  # no runtime generic
         return secret or (self.instance.webhook_secret if self.instance.pk else "")
 
 
+def _changed(form: RuleForm) -> list[str]:
+    """The fields a save changed; the secret only when one was typed (an empty
+    field keeps it, though the form counts it as changed)."""
+    return [f for f in form.changed_data
+            if f != "webhook_secret" or form.data.get("webhook_secret")]
+
+
 @role_required(*MANAGE)
 def rules(request: HttpRequest) -> HttpResponse:
     return render(request, "alerts/rules.html", {"rules": Rule.objects.all()})
@@ -81,7 +88,7 @@ def rule_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
         # Which fields changed, never their values (addresses, a webhook's URL).
         audit(request.user, "alert_rule_saved", None,  # type: ignore[arg-type]  # role_required: a User
               f"rule {saved.pk} {'changed' if rule else 'added'}: "
-              f"{', '.join(form.changed_data) or 'nothing'}", now=timezone.now())
+              f"{', '.join(_changed(form)) or 'nothing'}", now=timezone.now())
         messages.success(request, _("The rule is saved."))
         if saved.recipients() and not mail_configured():
             messages.warning(request, _("No [web.smtp] is configured: this rule's e-mails "

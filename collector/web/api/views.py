@@ -43,6 +43,7 @@ from collector.web.api.models import DEFAULT_BURST, DEFAULT_RATE_PER_S, ApiToken
 from collector.web.dashboards import read
 from collector.web.models import AuditEntry, User
 from collector.web.roles import MANAGE, role_required
+from edge.contract.payloads import load_schema
 from edge.contract.timefmt import WALL_RANGE, check_zone, format_ms
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,10 @@ def _limit(request: HttpRequest) -> int:
 # The filters of /events a cursor carries: its next page is of the same query
 # whether or not the client repeats them.
 CURSOR_FILTERS = ("site", "edge", "desk", "kind", "from", "to", "tz")
-# The event kinds of the contract (edge/contract/schemas/event.schema.json).
-EVENT_KINDS = ("press", "answer", "presence", "abandoned", "dropped", "device_lost")
+# base64 of the JSON of a key and seven filters of at most 200 characters each.
+MAX_CURSOR = 4096
+# The event kinds of the contract.
+EVENT_KINDS = tuple(load_schema("event")["properties"]["kind"]["enum"])
 
 
 def encode_cursor(key: Sequence[Any], filters: dict[str, str]) -> str:
@@ -204,19 +207,21 @@ def encode_cursor(key: Sequence[Any], filters: dict[str, str]) -> str:
                                     ).decode().rstrip("=")
 
 
-def decode_cursor(text: str) -> tuple[tuple[str, str, int, str], dict[str, str]]:
-    """(the key of the last event served, the filters of its query).  Raises
-    BadRequestError for anything this API did not give."""
+def decode_cursor(text: str) -> tuple[tuple[str, str, int, str], dict[str, str] | None]:
+    """(the key of the last event served, the filters of its query; None for a
+    cursor of the first form, a key alone, whose client repeats its filters).
+    Raises BadRequestError for anything this API did not give."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        key, filters = (raw["k"], raw["f"]) if isinstance(raw, dict) else (raw, {})
+        key, filters = (raw["k"], raw["f"]) if isinstance(raw, dict) else (raw, None)
         site, edge, seq, event_id = key
         if not (isinstance(site, str) and isinstance(edge, str) and isinstance(event_id, str)
                 and isinstance(seq, int) and not isinstance(seq, bool)):
             raise TypeError
-        if not (isinstance(filters, dict) and set(filters) <= set(CURSOR_FILTERS) and all(
-                isinstance(v, str) and v.isprintable() and len(v) <= 200
-                for v in filters.values())):
+        if filters is not None and not (
+                isinstance(filters, dict) and set(filters) <= set(CURSOR_FILTERS) and all(
+                    isinstance(v, str) and v.isprintable() and len(v) <= 200
+                    for v in filters.values())):
             raise TypeError
         # What the databases can hold: a BIGINT seq, text that encodes as UTF-8
         # and holds no NUL.
@@ -234,10 +239,15 @@ def decode_cursor(text: str) -> tuple[tuple[str, str, int, str], dict[str, str]]
 def _with_cursor(request: HttpRequest) -> tuple[str, str, int, str] | None:
     """The cursor's key, with its query's filters put into `request.GET` (a
     filter given again must be the same: a cursor continues its own query)."""
-    cursor = _param(request, "cursor")
+    cursor = request.GET.get("cursor") or None
     if cursor is None:
         return None
+    # Longer than other parameters: the key and up to seven filters of 200.
+    if len(cursor) > MAX_CURSOR or not cursor.isprintable():
+        raise BadRequestError("cursor is not one this API gave")
     key, filters = decode_cursor(cursor)
+    if filters is None:
+        return key
     params = request.GET.copy()
     for name in CURSOR_FILTERS:
         given = params.get(name) or None
