@@ -122,6 +122,13 @@ class App:
         self.ingest([press_event(n, desk=desk, label=label, score=score,
                                  wall_ns=int(at.timestamp()) * 10**9, boot_id="boot-p")])
 
+    def two_bad_presses(self) -> datetime:
+        """Bad presses at desk-1 at `base_time()` and a minute later; returns the first's time."""
+        t0 = base_time()
+        self.press(t0, desk="desk-1", label="bad")
+        self.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+        return t0
+
     def answer(self, at: datetime, *, q1: str = "no", doctor: str = "dr-petrov") -> None:
         """A survey answer; with Q1 "no" a callback request with a phone and a
         comment (which no alert may carry)."""

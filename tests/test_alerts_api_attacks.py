@@ -104,9 +104,7 @@ def test_a_tick_behind_the_last_one_neither_resolves_nor_reopens_an_alert(
     app = make_app()
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", hook.url)
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))
     app.tick(t0 + timedelta(seconds=30))  # a host whose clock is 90 s behind
     app.tick(t0 + timedelta(minutes=3))
@@ -128,9 +126,7 @@ def test_a_tick_behind_one_that_resolved_an_alert_does_not_raise_it_again(
     app = make_app()
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", hook.url)
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))
     app.tick(t0 + timedelta(minutes=40))  # the presses have left the window: resolved
     app.tick(t0 + timedelta(minutes=3))  # a host behind: the condition holds for it
@@ -203,9 +199,7 @@ def test_a_long_tick_s_fresh_claim_is_not_taken_for_a_dead_one(
     app = make_app()
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "60", "--webhook-url", held.url)
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     a = subprocess.Popen([sys.executable, "-m", "collector.cli", "web", "--config",
                           str(app.config), "tick", "--now",
                           (t0 + timedelta(minutes=2)).isoformat()],
@@ -233,9 +227,7 @@ def test_a_dead_ticks_claim_is_released_and_its_message_sent_once(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "60", "--webhook-url", hook.url)
     hook.statuses = [500]
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))  # try 1: 500
     ((delivery,),) = app.query("SELECT id FROM alerts_delivery")
     # Try 2, claimed eleven minutes ago by a tick that died before sending.
@@ -332,9 +324,7 @@ def test_a_rule_name_with_a_line_break_is_refused_or_its_mail_still_goes_out(
                   "--window-min", "30", "--email", QM)
     if r.returncode != 0:
         return  # refused when saved: fine
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))
     tries = [str(x) for (x,) in app.query("SELECT result FROM alerts_attempt")]
     assert len(smtp.to(QM)) == 1, (f"rule {name!r} was saved, but its alert mail was not "
@@ -372,9 +362,7 @@ def test_a_long_valid_address_does_not_stop_its_rule_on_postgresql(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--email", longest, "--email", QM,
              "--webhook-url", hook.url)
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))
     raised = app.query("SELECT count(*) FROM alerts_episode WHERE opened_at IS NOT NULL")
     said = (f"alerts raised: {raised[0][0]}, webhooks: {len(hook.delivered())}, "
@@ -403,9 +391,7 @@ def test_a_resolved_does_not_go_where_its_opened_was_given_up(
     app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
              "--window-min", "30", "--webhook-url", hook.url)
     hook.statuses = [500] * 12
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     for k in range(12):  # opened's tries 1..12; the condition clears at the second tick
         app.tick(t0 + timedelta(minutes=2) + timedelta(hours=2 * k))
     states = {(str(k), str(s)) for k, s in app.query("SELECT kind, state FROM alerts_delivery")}
@@ -512,9 +498,7 @@ def test_changing_a_rules_kind_ends_its_open_alerts(
     app = make_app()
     rule = app.rule("--name", "Desk 1", "--kind", "negative", "--threshold", "2",
                     "--window-min", "30", "--webhook-url", hook.url)
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     app.tick(t0 + timedelta(minutes=2))
     assert [d["rule"]["kind"] for d in hook.delivered()] == ["negative"]
     log = tmp_path / "web.log"
@@ -553,9 +537,7 @@ def test_a_window_the_rule_form_accepts_can_be_evaluated(
                   "--window-min", "2000000000", "--webhook-url", hook.url)
     if r.returncode != 0:
         return  # refused when saved: fine
-    t0 = base_time()
-    app.press(t0, desk="desk-1", label="bad")
-    app.press(t0 + timedelta(minutes=1), desk="desk-1", label="bad")
+    t0 = app.two_bad_presses()
     out = _tick(app, t0 + timedelta(minutes=2))
     assert [d["kind"] for d in hook.delivered()] == ["opened"], (
         f"a saved rule raised nothing: tick said {out.stdout.strip()!r}, log "
