@@ -245,7 +245,7 @@ class Episode(models.Model):
     resolved_at = models.DateTimeField(null=True)
     value = models.CharField(max_length=200, blank=True, default="")
     basis = models.CharField(max_length=300, blank=True, default="")  # Rule.basis()
-    # `value`'s figures (engine.Finding.facts), for describe() in any language.
+    # `value`'s figures (conditions.Finding.facts), for describe() in any language.
     facts = models.JSONField(default=dict, blank=True)
 
     class Meta:
@@ -274,7 +274,7 @@ def _local(iso: str) -> str:
 
 
 def describe(kind: str, f: dict[str, Any]) -> str:
-    """An episode's figures (engine.Finding.facts) for a reader, in the active
+    """An episode's figures (conditions.Finding.facts) for a reader, in the active
     language.  Raises KeyError, TypeError or ValueError for figures of another
     shape."""
     from collector.web.models import Status  # noqa: PLC0415 - the case statuses' labels

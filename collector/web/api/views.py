@@ -13,16 +13,12 @@ the values.  The stored payload (which holds them too) is never served.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import date, datetime, timedelta
+from datetime import date
 from functools import wraps
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from django import forms
 from django.conf import settings
@@ -40,18 +36,29 @@ from collector import queries, reports, rollup
 from collector.db import EVENT_COLS, Database, DatabaseError
 from collector.web.api import openapi, tokens
 from collector.web.api.models import DEFAULT_BURST, DEFAULT_RATE_PER_S, ApiToken
+from collector.web.api.params import (
+    CURSOR_FILTERS,
+    DEFAULT_LIMIT,
+    EVENT_KINDS,
+    BadRequestError,
+    day_param,
+    encode_cursor,
+    instant_param,
+    limit_param,
+    output_format,
+    param,
+    with_cursor,
+    zone_param,
+)
 from collector.web.dashboards import read
 from collector.web.models import AuditEntry, User
 from collector.web.roles import MANAGE, role_required
-from edge.contract.payloads import load_schema
-from edge.contract.timefmt import WALL_RANGE, check_zone, format_ms
+from edge.contract.timefmt import format_ms
 
 log = logging.getLogger(__name__)
 
 ApiView = Callable[..., HttpResponse]
 
-DEFAULT_LIMIT = 1000
-MAX_LIMIT = 10_000
 # More periods than any report needs (27 years of days); the CLI has no bound,
 # an endpoint anyone with a token can call needs one.
 MAX_PERIODS = 10_000
@@ -73,10 +80,6 @@ def error(status: int, message: str, **headers: str) -> JsonResponse:
     for k, v in headers.items():
         response[k.replace("_", "-")] = v
     return response
-
-
-class BadRequestError(ValueError):
-    """A query parameter out of its grammar or range: 400 with the text."""
 
 
 def api_view(view: ApiView) -> ApiView:
@@ -114,150 +117,6 @@ def api_view(view: ApiView) -> ApiView:
             return error(503, "the collector's database cannot be reached; try again",
                          Retry_After="30")
     return wrapper
-
-
-# -- parameters ---------------------------------------------------------------------------
-
-def _param(request: HttpRequest, name: str, choices: Sequence[str] | None = None,
-           default: str | None = None) -> str | None:
-    value = request.GET.get(name)
-    if value is None or value == "":
-        return default
-    if choices is not None and value not in choices:
-        raise BadRequestError(f"{name} is one of {', '.join(choices)}")
-    if len(value) > 200:
-        raise BadRequestError(f"{name} is too long")
-    if not value.isprintable():
-        # PostgreSQL refuses a NUL in text: that is the request's fault, not an outage.
-        raise BadRequestError(f"{name} holds control characters")
-    return value
-
-
-def _format(request: HttpRequest) -> str:
-    return _param(request, "format", ("json", "csv"), "json") or "json"
-
-
-def _tz(request: HttpRequest) -> str:
-    name = _param(request, "tz")
-    if name is None:
-        return str(settings.CONFIG.tz)
-    try:
-        return check_zone(name)
-    except ValueError as e:
-        raise BadRequestError(f"tz: {e}") from None
-
-
-def _day(request: HttpRequest, name: str) -> date | None:
-    text = _param(request, name)
-    if text is None:
-        return None
-    try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        raise BadRequestError(f"{name} is a date like 2026-11-01") from None
-    lo, hi = WALL_RANGE
-    if not lo <= day <= hi:
-        raise BadRequestError(f"{name} must be within {lo}..{hi}")
-    return day
-
-
-def _instant(request: HttpRequest, name: str, tz: str, *, end: bool) -> int | None:
-    """`from`/`to` of /events as milliseconds: a date is a local day of `tz`
-    (`to` inclusive: up to the next day's start), a time has its UTC offset."""
-    text = _param(request, name)
-    if text is None:
-        return None
-    if len(text) == 10:
-        day = _day(request, name)
-        assert day is not None  # noqa: S101 - the text is there
-        day += timedelta(days=1) if end else timedelta()
-        start = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(tz))
-        return int(start.timestamp() * 1000)
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequestError(f"{name} is a date (2026-11-01) or a time with its offset "
-                         "(2026-11-01T08:00:00+01:00)") from None
-    if when.tzinfo is None:
-        raise BadRequestError(f"{name}: a time needs its UTC offset (Z or +01:00)")
-    return int(when.timestamp() * 1000)
-
-
-def _limit(request: HttpRequest) -> int:
-    text = _param(request, "limit")
-    if text is None:
-        return DEFAULT_LIMIT
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
-        raise BadRequestError(f"limit is 1 to {MAX_LIMIT}")
-    return int(text)
-
-
-# The filters of /events a cursor carries: its next page is of the same query
-# whether or not the client repeats them.
-CURSOR_FILTERS = ("site", "edge", "desk", "kind", "from", "to", "tz")
-# base64 of the JSON of a key and seven filters of at most 200 characters each.
-MAX_CURSOR = 4096
-# The event kinds of the contract.
-EVENT_KINDS = tuple(load_schema("event")["properties"]["kind"]["enum"])
-
-
-def encode_cursor(key: Sequence[Any], filters: dict[str, str]) -> str:
-    doc = {"k": list(key), "f": filters}
-    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()
-                                    ).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> tuple[tuple[str, str, int, str], dict[str, str] | None]:
-    """(the key of the last event served, the filters of its query; None for a
-    cursor of the first form, a key alone, whose client repeats its filters).
-    Raises BadRequestError for anything this API did not give."""
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        key, filters = (raw["k"], raw["f"]) if isinstance(raw, dict) else (raw, None)
-        site, edge, seq, event_id = key
-        if not (isinstance(site, str) and isinstance(edge, str) and isinstance(event_id, str)
-                and isinstance(seq, int) and not isinstance(seq, bool)):
-            raise TypeError
-        if filters is not None and not (
-                isinstance(filters, dict) and set(filters) <= set(CURSOR_FILTERS) and all(
-                    isinstance(v, str) and v.isprintable() and len(v) <= 200
-                    for v in filters.values())):
-            raise TypeError
-        # What the databases can hold: a BIGINT seq, text that encodes as UTF-8
-        # and holds no NUL.
-        if not -2**63 <= seq < 2**63:
-            raise ValueError
-        for text_value in (site, edge, event_id):
-            text_value.encode()
-            if "\x00" in text_value:
-                raise ValueError
-    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeError):
-        raise BadRequestError("cursor is not one this API gave") from None
-    return (site, edge, seq, event_id), filters
-
-
-def _with_cursor(request: HttpRequest) -> tuple[str, str, int, str] | None:
-    """The cursor's key, with its query's filters put into `request.GET` (a
-    filter given again must be the same: a cursor continues its own query)."""
-    cursor = request.GET.get("cursor") or None
-    if cursor is None:
-        return None
-    # Longer than other parameters: the key and up to seven filters of 200.
-    if len(cursor) > MAX_CURSOR or not cursor.isprintable():
-        raise BadRequestError("cursor is not one this API gave")
-    key, filters = decode_cursor(cursor)
-    if filters is None:
-        return key
-    params = request.GET.copy()
-    for name in CURSOR_FILTERS:
-        given = params.get(name) or None
-        if given is not None and given != filters.get(name):
-            raise BadRequestError(f"{name} differs from the query the cursor continues: "
-                                  "repeat its filters, or leave them out")
-        if name in filters:
-            params[name] = filters[name]
-    request.GET = params  # type: ignore[assignment]  # a copy is mutable; nothing writes it after
-    return key
 
 
 # -- output -------------------------------------------------------------------------------
@@ -350,24 +209,24 @@ def _event_csv(cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> Iterable[l
 
 @api_view
 def events(request: HttpRequest, token: ApiToken) -> HttpResponse:
-    fmt = _format(request)
-    after = _with_cursor(request)
-    tz = _tz(request)
-    kinds = [k for k in (_param(request, "kind") or "").split(",") if k]
+    fmt = output_format(request)
+    after = with_cursor(request)
+    tz = zone_param(request)
+    kinds = [k for k in (param(request, "kind") or "").split(",") if k]
     if not set(kinds) <= set(EVENT_KINDS):
         raise BadRequestError(f"kind is one or more of {', '.join(EVENT_KINDS)}")
-    limit = _limit(request)
+    limit = limit_param(request)
     cols, rows = event_page(
-        site=_param(request, "site"), edge=_param(request, "edge"),
-        desk=_param(request, "desk"), kinds=kinds,
-        start_ms=_instant(request, "from", tz, end=False),
-        end_ms=_instant(request, "to", tz, end=True),
+        site=param(request, "site"), edge=param(request, "edge"),
+        desk=param(request, "desk"), kinds=kinds,
+        start_ms=instant_param(request, "from", tz, end=False),
+        end_ms=instant_param(request, "to", tz, end=True),
         after=after, limit=limit,
         personal=token.personal_data)
     more = len(rows) > limit
     rows = rows[:limit]
     key = [cols.index(c) for c in _ORDER]
-    filters = {n: v for n in CURSOR_FILTERS if (v := _param(request, n)) is not None}
+    filters = {n: v for n in CURSOR_FILTERS if (v := param(request, n)) is not None}
     next_cursor = encode_cursor([rows[-1][i] for i in key], filters) if more else None
     if token.personal_data:
         _audit_personal(token, cols, rows)
@@ -404,10 +263,10 @@ def _report(request: HttpRequest, what: str) -> tuple[list[str], list[list[Any]]
                                                       dict[str, Any]]:
     """The header and rows `feedback-collector report WHAT --csv` writes (its
     `as_list`), and the JSON's description of them."""
-    period = _param(request, "period", reports.PERIODS, "week") or "week"
-    by = _param(request, "by", GROUPINGS, "operator") or "operator"
-    tz = _tz(request)
-    start, end = _day(request, "from"), _day(request, "to")
+    period = param(request, "period", reports.PERIODS, "week") or "week"
+    by = param(request, "by", GROUPINGS, "operator") or "operator"
+    tz = zone_param(request)
+    start, end = day_param(request, "from"), day_param(request, "to")
     if (start is None) != (end is None) or (start and end and end < start):
         raise BadRequestError("give from and to together, to not before from")
     if start is not None and end is not None and \
@@ -415,7 +274,7 @@ def _report(request: HttpRequest, what: str) -> tuple[list[str], list[list[Any]]
              len(reports.periods(start, end, period)) > MAX_PERIODS):
         raise BadRequestError(f"more than {MAX_PERIODS} periods: a longer period or a shorter "
                          "range")
-    burst = _param(request, "include_burst", ("true", "false"), "false") == "true"
+    burst = param(request, "include_burst", ("true", "false"), "false") == "true"
     meta: dict[str, Any] = {"report": what, "period": period, "tz": tz,
                             "from": start.isoformat() if start else None,
                             "to": end.isoformat() if end else None}
@@ -476,7 +335,7 @@ def _figure(value: Any) -> Any:
 def report(request: HttpRequest, token: ApiToken, what: str) -> HttpResponse:
     if what not in REPORTS:
         return error(404, f"reports are {', '.join(REPORTS)}")
-    fmt = _format(request)
+    fmt = output_format(request)
     header, rows, meta = _report(request, what)
     if fmt == "csv":
         return csv_response(header, rows, f"{what}.csv")
@@ -501,8 +360,8 @@ def alerts(request: HttpRequest, token: ApiToken) -> HttpResponse:
     from collector.web.alerts.models import Episode  # noqa: PLC0415
 
     del token
-    limit = _limit(request)
-    after = _param(request, "after")
+    limit = limit_param(request)
+    after = param(request, "after")
     if after is not None and not (after.isascii() and after.isdigit() and len(after) < 19):
         raise BadRequestError("after is an alert's id")
     rows = list(Episode.objects.filter(opened_at__isnull=False, pk__gt=int(after or 0))
