@@ -126,7 +126,8 @@ def load_collector_config(path: Path) -> CollectorConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError("(file)", str(path), f"cannot be read: {e.strerror}") from None
+        raise ConfigError("(file)", str(path), f"cannot be read: {e.strerror} (give --config, "
+                          "or name the file in FEEDBACK_COLLECTOR_CONFIG)") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError("(syntax)", str(path), f"is not valid TOML: {e}") from None
     return parse_collector_config(data, str(path), path.parent)

@@ -67,6 +67,8 @@ _ITEM_KINDS = ("event", "status", "devices", "health", "timesync", "quarantine")
 # loaded PostgreSQL.
 _COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0)
+# Quarantine reasons' first words (collector/intake.py, collector/store.py).
+_QUARANTINE_REASONS = ("json", "schema", "size", "invalid", "topic", "store")
 # Alert rule kinds and delivery states as the web app's models name them
 # (collector/web/alerts/models.py: Kind, State); every one is exported, at 0
 # when none, so that a rule on a series sees it resolve.
@@ -159,9 +161,14 @@ class DatabaseCollector(Collector):
         quarantined = CounterMetricFamily(
             "feedback_collector_quarantined", "messages quarantined, by the reason's first word "
             "(whole database, every instance)", labels=["reason"])
-        for name, n in sorted(counts.items()):
+        # Every reason from the start, at 0: increase() and rules on a series need
+        # it before the first quarantine.
+        reasons = dict.fromkeys(_QUARANTINE_REASONS, 0)
+        for name, n in counts.items():
             if name.startswith("quarantined:"):
-                quarantined.add_metric([name.partition(":")[2]], float(n))
+                reasons[name.partition(":")[2]] = int(n)
+        for reason, n in sorted(reasons.items()):
+            quarantined.add_metric([reason], float(n))
         yield quarantined
         yield CounterMetricFamily("feedback_collector_duplicates", "messages already stored "
                                   "that came again (whole database, every instance)",

@@ -374,7 +374,7 @@ def test_a_webhook_to_a_private_address_is_refused_when_saved_and_when_sent(
     with pytest.raises(AssertionError) as e:
         app.rule("--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
                  "--webhook-url", url)
-    assert "webhook_url:" in str(e.value)
+    assert "--webhook-url:" in str(e.value)
     assert "is not a public address" in str(e.value)
     # Saved while the administrator allowed loopback, then no longer allowed.
     allowing = make_app(webhook_allow=("127.0.0.1", "::1", "169.254.0.0/16", "10.0.0.0/8"))

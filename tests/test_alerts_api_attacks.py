@@ -355,7 +355,7 @@ def test_a_long_valid_address_does_not_stop_its_rule_on_postgresql(
     r = _add_rule(app, "--name", "Desk 1 unhappy", "--kind", "negative", "--threshold", "2",
                   "--email", too_long, "--webhook-url", hook.url)
     assert r.returncode == 2
-    assert "emails: an address of at most 254 characters" in r.stderr
+    assert "--email: an address of at most 254 characters" in r.stderr
     # The longest SMTP carries (RFC 5321) is kept and raised with the rest.
     longest = "a" * 64 + "@" + ".".join(["b" * 63] * 2) + "." + "c" * 57 + ".com"
     assert len(longest) == 254

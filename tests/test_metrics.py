@@ -248,6 +248,9 @@ def test_collector_metrics_count_events_quarantine_and_watermarks(
     m = wait_for(lambda: _try_scrape(url, proc), 20, "the collector's /metrics")
     assert value(m, "feedback_collector_database_up") == 1
     assert value(m, "feedback_collector_events_stored_total", kind="press") is None
+    # Every quarantine reason is there from the start, at 0.
+    for reason in ("json", "schema", "size", "invalid", "topic", "store"):
+        assert value(m, "feedback_collector_quarantined_total", reason=reason) == 0
     assert _get(f"http://127.0.0.1:{port}/")[0] == 404  # only /metrics
 
     n = 25

@@ -215,14 +215,14 @@ def test_a_doctor_index_below_the_threshold_alerts_for_that_doctor_only(
 
 
 @pytest.mark.parametrize(("args", "field"), [
-    (["--kind", "silence", "--open", "18:00-08:00"], "open_to"),
-    (["--kind", "silence", "--open", "08:00-18:00", "--days", "1238"], "open_days"),
-    (["--kind", "silence", "--open", "08:00-18:00", "--days", "11"], "open_days"),
-    (["--kind", "silence", "--open", "08:00-18:00", "--days", ""], "open_days"),
-    (["--kind", "silence"], "open_from"),
-    (["--kind", "loyalty", "--threshold", "-100"], "threshold"),
-    (["--kind", "doctor", "--threshold", "101"], "threshold"),
-    (["--kind", "doctor", "--window-min", "0"], "window_min"),
+    (["--kind", "silence", "--open", "18:00-08:00"], "--open"),
+    (["--kind", "silence", "--open", "08:00-18:00", "--days", "1238"], "--days"),
+    (["--kind", "silence", "--open", "08:00-18:00", "--days", "11"], "--days"),
+    (["--kind", "silence", "--open", "08:00-18:00", "--days", ""], "--days"),
+    (["--kind", "silence"], "--open"),
+    (["--kind", "loyalty", "--threshold", "-100"], "--threshold"),
+    (["--kind", "doctor", "--threshold", "101"], "--threshold"),
+    (["--kind", "doctor", "--window-min", "0"], "--window-min"),
 ])
 def test_a_rule_that_cannot_hold_as_meant_is_refused_with_its_field(
         make_app: Callable[..., App], args: list[str], field: str) -> None:

@@ -201,6 +201,9 @@ def test_paging_over_100000_events_returns_each_exactly_once_while_more_arrive(
     assert other.status == 400
     assert "cursor" in other.json()["error"]
     assert get(app.base, "/api/v1/events?kind=bogus", token).status == 400
+    unescaped = get(app.base, "/api/v1/events?from=2026-11-30T11:59:11+03:00", token)
+    assert unescaped.status == 400
+    assert "%2B" in unescaped.json()["error"]
     # Every filter at a realistic length: the cursor grows past other parameters' 200.
     every = ("site=clinic-4&edge=desk-a&kind=answer,press&from=2020-01-01T00:00:00%2B03:00"
              "&to=2099-12-31T23:59:59%2B03:00&tz=America/Argentina/Buenos_Aires")

@@ -72,6 +72,8 @@ def test_the_config_named_by_the_environment_is_every_commands_default(
                        text=True, check=False, timeout=120)
     assert r.returncode == 2
     assert "none.toml" in r.stderr
+    assert "FEEDBACK_COLLECTOR_CONFIG" in r.stderr  # how to name one
+    assert web_cli(config, "token", "list").startswith("no tokens")
 
 
 @pytest.mark.parametrize(("now", "says"), [
@@ -94,15 +96,15 @@ def test_alert_rule_add_says_what_it_saved_ignores_aloud_and_is_audited(
              "--email", "quality@clinic.example")
     assert r.returncode == 0, r.stderr
     rule = int(r.stdout.strip())
-    assert "--threshold is not read by a offline rule" in r.stderr
-    assert "--code is not read by a offline rule" in r.stderr
+    assert "--threshold is not read by an offline rule" in r.stderr
+    assert "--code is not read by an offline rule" in r.stderr
     # No [web.smtp] in this config: said when the rule is saved.
     assert "no [web.smtp]" in r.stderr
     assert f"rule {rule}: offline, an edge offline or silent for 20 min" in r.stderr
     r = _run(config, "alert-rule", "add", "--name", "Desk 9's edge", "--kind", "offline",
              "--desk", "desk-9", "--email", "quality@clinic.example")
     assert r.returncode == 2
-    assert "desk: this kind watches edges or cases, not desks" in r.stderr
+    assert "--desk: this kind watches edges or cases, not desks" in r.stderr
     r = _run(config, "alert-rule", "add", "--name", "x", "--kind", "silence", "--open", "8-18",
              "--email", "quality@clinic.example")
     assert r.returncode == 2

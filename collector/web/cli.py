@@ -93,7 +93,7 @@ def tick(now: datetime) -> dict[str, int]:
                           ("warnings sent", cases.check_limits),
                           ("cases erased", cases.erase_personal_data),
                           ("days of press counts computed", press_counts),
-                          ("alerts", alerts.run))
+                          ("alert messages sent", alerts.run))
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -216,7 +216,10 @@ def _token(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.name}: revoked")
         return 0
-    for t in ApiToken.objects.order_by("name", "-created_at"):
+    listed = ApiToken.objects.order_by("name", "-created_at")
+    if not listed:
+        print("no tokens: `feedback-collector web token create NAME` makes one")
+    for t in listed:
         state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "live"
         used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
         print(f"{t.name}\t{t.prefix}\tpersonal data: {'yes' if t.personal_data else 'no'}\t"
@@ -299,7 +302,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     serve = wsub.add_parser("serve", parents=[again], help="serve the app (one process, threads)")
     serve.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free)")
     serve.add_argument("--tick-s", type=float, default=60.0,
-                       help="seconds between time-limit checks")
+                       help="seconds between ticks (cases, warnings, erasure, counts, "
+                       "alerts), default 60")
     from collector.web.alerts import cli as alerts_cli  # noqa: PLC0415 - Django-free at import
 
     alerts_cli.add_parser(wsub, again)

@@ -48,6 +48,17 @@ _KIND_OPTIONS = {"per": "per", "threshold": "threshold", "window_min": "window-m
                  "open_days": "days", "desk": "desk"}
 
 
+# The model's fields as `add`'s options, for its error messages.
+_OPTION_OF = {"name": "--name", "kind": "--kind", "site": "--site", "edge": "--edge",
+              "desk": "--desk", "per": "--per", "threshold": "--threshold",
+              "window_min": "--window-min", "share_pct": "--share-pct",
+              "min_count": "--min-count", "duration_min": "--duration-min", "code": "--code",
+              "open_from": "--open", "open_to": "--open", "open_days": "--days",
+              "emails": "--email", "language": "--language", "webhook_url": "--webhook-url",
+              "webhook_secret": "--webhook-secret-file", "quiet_start": "--quiet",
+              "quiet_end": "--quiet"}
+
+
 def add_parser(wsub: argparse._SubParsersAction[argparse.ArgumentParser],
                again: argparse.ArgumentParser) -> None:
     ar = wsub.add_parser("alert-rule", parents=[again],
@@ -81,8 +92,8 @@ def add_parser(wsub: argparse._SubParsersAction[argparse.ArgumentParser],
     add.add_argument("--duration-min", type=int,
                      help="minutes the condition must hold before it is an alert, "
                      "default 15")
-    add.add_argument("--code", help="health: an alarm code (device_missing, disk_low ...); "
-                     "default any")
+    add.add_argument("--code", help="health: an alarm code of README's Alarms table "
+                     "(device_missing, disk_full, broker_unreachable ...); default any")
     add.add_argument("--open", type=_span, metavar="HH:MM-HH:MM",
                      help="silence: opening hours, local time")
     add.add_argument("--days", help="silence: days open, ISO weekdays (12345 is Monday to "
@@ -113,9 +124,11 @@ def cmd(args: argparse.Namespace) -> int:
 
     if args.alert_command == "list":
         print("id\tkind\tstate\tsite/edge/desk\tchannels\tname\twatches")
-        for r in Rule.objects.all():
+        for r in Rule.objects.order_by("pk"):
             where = f"{r.site or '*'}/{r.edge or '*'}/{r.desk or '*'}"
-            chans = [f"{len(r.recipients())} e-mail"] + (["webhook"] if r.webhook_url else [])
+            n = len(r.recipients())
+            chans = ([f"{n} e-mail{'s' if n > 1 else ''}"] if n else []) + \
+                (["webhook"] if r.webhook_url else [])
             print(f"{r.pk}\t{r.kind}\t{'enabled' if r.enabled else 'disabled'}\t{where}\t"
                   f"{', '.join(chans)}\t{r.name}\t{r.describe()}")
         return 0
@@ -139,13 +152,16 @@ def cmd(args: argparse.Namespace) -> int:
     reads = {*KIND_FIELDS[args.kind], "desk", *(("open",) if args.kind == "silence" else ())}
     for field, value in [*given.items(), ("open", args.open)]:
         if value is not None and field not in reads:
+            article = "an" if args.kind[0] in "aeiou" else "a"
             print(f"feedback-collector web alert-rule: --{_KIND_OPTIONS[field]} is not "
-                  f"read by a {args.kind} rule (ignored)", file=sys.stderr)
+                  f"read by {article} {args.kind} rule (ignored)", file=sys.stderr)
+            given[field] = None  # ignored means not checked either
+    opening = args.open if "open" in reads else None
     rule = Rule(name=args.name, kind=args.kind, enabled=not args.disabled, site=args.site,
                 edge=args.edge, emails="\n".join(args.email), language=args.language,
                 webhook_url=args.webhook_url, webhook_secret=secret,
-                open_from=args.open[0] if args.open else None,
-                open_to=args.open[1] if args.open else None,
+                open_from=opening[0] if opening else None,
+                open_to=opening[1] if opening else None,
                 quiet_start=args.quiet[0] if args.quiet else None,
                 quiet_end=args.quiet[1] if args.quiet else None,
                 **{k: v for k, v in given.items() if v is not None})
@@ -153,8 +169,8 @@ def cmd(args: argparse.Namespace) -> int:
         rule.full_clean()
     except ValidationError as e:
         for field, errs in e.message_dict.items():
-            print(f"feedback-collector web alert-rule: {field}: {'; '.join(errs)}",
-                  file=sys.stderr)
+            print(f"feedback-collector web alert-rule: {_OPTION_OF.get(field, field)}: "
+                  f"{'; '.join(errs)}", file=sys.stderr)
         return 2
     rule.save()
     audit(None, "alert_rule_saved", None, f"rule {rule.pk} added ({rule.kind})",

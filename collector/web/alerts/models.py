@@ -270,7 +270,7 @@ def _local(iso: str) -> str:
     from django.conf import settings  # noqa: PLC0415 - the zone of the reports
 
     when = datetime.fromisoformat(iso).astimezone(ZoneInfo(settings.CONFIG.tz))
-    return f"{when:%Y-%m-%d %H:%M}"
+    return f"{when:%Y-%m-%d %H:%M %Z}"
 
 
 def describe(kind: str, f: dict[str, Any]) -> str:

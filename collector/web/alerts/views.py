@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.dates import WEEKDAYS as DAY_NAMES
+from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
@@ -23,12 +24,13 @@ from collector.web.roles import MANAGE, role_required
 
 class RuleForm(forms.ModelForm):  # type: ignore[type-arg]  # no runtime generics (no django-stubs-ext)
     webhook_secret = forms.CharField(
-        label=gettext_lazy("webhook secret"), required=False, max_length=200,
+        label=capfirst(gettext_lazy("webhook secret")), required=False, max_length=200,
         widget=forms.PasswordInput(render_value=False),
         help_text=gettext_lazy("kept as it is when left empty"))
 
     open_days = forms.MultipleChoiceField(
-        label=gettext_lazy("open on"), required=False, widget=forms.CheckboxSelectMultiple,
+        label=capfirst(gettext_lazy("open on")), required=False,
+        widget=forms.CheckboxSelectMultiple,
         # Django's own translated day names (django.utils.dates: 0 is Monday).
         choices=[(d, DAY_NAMES[int(d) - 1]) for d in WEEKDAYS])
 

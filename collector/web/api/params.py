@@ -89,8 +89,10 @@ def instant_param(request: HttpRequest, name: str, tz: str, *, end: bool) -> int
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
+        # A "+" left unescaped in a query string arrives as a space.
+        hint = "; write its + as %2B in a URL" if " " in text else ""
         raise BadRequestError(f"{name} is a date (2026-11-01) or a time with its offset "
-                         "(2026-11-01T08:00:00+01:00)") from None
+                              f"(2026-11-01T08:00:00+01:00){hint}") from None
     if when.tzinfo is None:
         raise BadRequestError(f"{name}: a time needs its UTC offset (Z or +01:00)")
     return int(when.timestamp() * 1000)
