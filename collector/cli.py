@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from collector import __version__, queries, reports, store
-from collector.config import CollectorConfig, load_collector_config
+from collector.config import CONFIG_ENV, CollectorConfig, load_collector_config
 from collector.db import Database, DatabaseError, open_database
 from collector.queries import fleet_rows
 from edge.contract import topics
@@ -32,12 +32,11 @@ from edge.contract.toml import ConfigError
 __all__ = ["broker_acl", "main", "send_command"]
 
 DEFAULT_CONFIG = Path("/etc/feedback-collector/collector.toml")
-# The web app's settings read the config this names (collector/web/settings.py):
-# set, it is every command's default too, so a shell or unit that exports it
-# runs `feedback-collector web tick` without --config.
-CONFIG_ENV = "FEEDBACK_COLLECTOR_CONFIG"
 
 
+# Set, the variable the web app's settings read is every command's default too,
+# so a shell or unit that exports it runs `feedback-collector web tick` without
+# --config.
 def default_config() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 

@@ -42,6 +42,10 @@ from edge.contract.ids import NAME_RE
 from edge.contract.timefmt import check_zone
 from edge.contract.toml import ConfigError, Table
 
+# The variable naming collector.toml: the web app's settings read it, and every
+# command takes it as its --config default (collector/cli.py).
+CONFIG_ENV = "FEEDBACK_COLLECTOR_CONFIG"
+
 __all__ = ["CollectorConfig", "MetricsConfig", "load_collector_config",
            "parse_collector_config"]
 
@@ -127,7 +131,7 @@ def load_collector_config(path: Path) -> CollectorConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError("(file)", str(path), f"cannot be read: {e.strerror} (give --config, "
-                          "or name the file in FEEDBACK_COLLECTOR_CONFIG)") from None
+                          f"or name the file in {CONFIG_ENV})") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError("(syntax)", str(path), f"is not valid TOML: {e}") from None
     return parse_collector_config(data, str(path), path.parent)

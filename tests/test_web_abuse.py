@@ -157,9 +157,6 @@ class Session(HttpSession):
         return self.request("login/", {"csrfmiddlewaretoken": self.csrf(), "username": user,
                                        "password": password})
 
-    def post(self, path: str, data: dict[str, str]) -> tuple[int, str, str]:
-        return self.request(path, {"csrfmiddlewaretoken": self.csrf(), **data})
-
 
 @dataclass
 class App:

@@ -42,7 +42,7 @@ def _setup(config: Path) -> None:
     """Django configured from `config`; a config mistake or a missing `web` extra
     ends the command with one line saying what to do (exit 2), as the collector's
     other commands do."""
-    from collector.config import load_collector_config  # noqa: PLC0415
+    from collector.config import CONFIG_ENV, load_collector_config  # noqa: PLC0415
     from edge.contract.toml import ConfigError  # noqa: PLC0415
 
     try:
@@ -50,7 +50,7 @@ def _setup(config: Path) -> None:
     except ConfigError as e:
         print(f"feedback-collector: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    os.environ["FEEDBACK_COLLECTOR_CONFIG"] = str(config.resolve())
+    os.environ[CONFIG_ENV] = str(config.resolve())
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "collector.web.settings")
     try:
         import django  # noqa: PLC0415 - the collector's other commands never load Django

@@ -13,15 +13,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from collector.config import CollectorConfig, load_collector_config
-
-_CONFIG_ENV = "FEEDBACK_COLLECTOR_CONFIG"
+from collector.config import CONFIG_ENV, CollectorConfig, load_collector_config
 
 
 def _config() -> CollectorConfig:
-    path = os.environ.get(_CONFIG_ENV)
+    path = os.environ.get(CONFIG_ENV)
     if not path:
-        raise RuntimeError(f"{_CONFIG_ENV} names no collector.toml: run the app through "
+        raise RuntimeError(f"{CONFIG_ENV} names no collector.toml: run the app through "
                            "`feedback-collector web ... --config collector.toml`")
     return load_collector_config(Path(path))
 
